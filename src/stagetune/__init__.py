@@ -1,0 +1,3 @@
+"""stagetune: staged hyperparameter search for PyTorch speech models on Kaldi data."""
+
+__version__ = "0.1.0"

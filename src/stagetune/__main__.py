@@ -1,0 +1,5 @@
+import sys
+
+from stagetune.cli import main
+
+sys.exit(main())

@@ -1,0 +1,62 @@
+"""``stagetune evaluate MODEL_PT DATA_DIR``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from stagetune.cli._common import add_threads_argument, set_threads
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="decode a data dir with a trained model and report its error rate",
+        description="Decode DATA_DIR with MODEL_PT; print the token (CTC) or frame error rate "
+        "with substitutions, deletions and insertions.",
+    )
+    p.add_argument("model", metavar="MODEL_PT")
+    p.add_argument("data_dir", metavar="DATA_DIR")
+    p.add_argument("--out", metavar="FILE", help="write hypotheses in Kaldi text format here")
+    p.add_argument("--beam-width", type=int, default=0, metavar="N", help="CTC prefix beam search width (0: greedy)")
+    p.add_argument("--batch-size", type=int, default=32, metavar="N")
+    p.add_argument("--json", action="store_true", help="print the counts as JSON")
+    add_threads_argument(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from stagetune.errors import UsageError
+
+    if args.beam_width < 0 or args.batch_size < 1:
+        raise UsageError("--beam-width must be >= 0 and --batch-size >= 1")
+    set_threads(args.threads)
+    from stagetune.evaluate import evaluate_model
+    from stagetune.training import resolve_device
+
+    result = evaluate_model(
+        args.model,
+        args.data_dir,
+        device=resolve_device(args.device),
+        beam_width=args.beam_width,
+        batch_size=args.batch_size,
+    )
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(result.text())
+        tmp.replace(out)
+    name = "TER" if result.task == "ctc" else "FER"
+    if args.json:
+        print(json.dumps({"metric": name, "rate": result.counts.rate, **result.counts.as_dict()}))
+    else:
+        c = result.counts
+        print(
+            f"{name} {c.rate:.2%} (S={c.substitutions} D={c.deletions} I={c.insertions} "
+            f"N={c.ref_length}) on {c.utterances} utterances of {args.data_dir}"
+        )
+    return 0

@@ -1,0 +1,68 @@
+"""``stagetune train TRAIN_DIR [DEV_DIR] MODEL_DIR``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from stagetune.cli._common import add_threads_argument, set_threads
+
+__all__ = ["add_parser", "run"]
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train an acoustic model (resumes from MODEL_DIR's checkpoint when rerun)",
+        description="Train an acoustic model on a Kaldi data dir with the configuration from "
+        "--read-ini/--set. Rerunning the same command resumes from the last checkpoint.",
+    )
+    p.add_argument("dirs", nargs="+", metavar="DIR", help="TRAIN_DIR [DEV_DIR] MODEL_DIR")
+    p.add_argument(
+        "--dev-proportion",
+        type=float,
+        default=None,
+        metavar="P",
+        help="without DEV_DIR: hold out this proportion of TRAIN_DIR (by utterance id; default 0.1)",
+    )
+    p.add_argument("--init-from", metavar="MODEL_PT", help="initialise from another model's weights")
+    p.add_argument("--num-data-workers", type=int, default=0, metavar="N", help="DataLoader workers")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    add_threads_argument(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from stagetune.config import load_config
+    from stagetune.errors import UsageError
+
+    if len(args.dirs) not in (2, 3):
+        raise UsageError(f"train takes TRAIN_DIR [DEV_DIR] MODEL_DIR, got {len(args.dirs)} paths")
+    if len(args.dirs) == 3 and args.dev_proportion is not None:
+        raise UsageError("give DEV_DIR or --dev-proportion, not both")
+    config = load_config(args.read_ini, args.overrides)
+    set_threads(args.threads)
+    from stagetune.corpus import load_corpus
+    from stagetune.training import fit, resolve_device
+
+    train_dir, *dev, model_dir = args.dirs
+    device = resolve_device(args.device)
+    corpus = load_corpus(
+        train_dir, dev[0] if dev else None, dev_proportion=args.dev_proportion, task=config.model.task
+    )
+    result = fit(
+        config,
+        corpus,
+        model_dir,
+        device=device,
+        num_workers=args.num_data_workers,
+        init_from=args.init_from,
+        quiet=args.quiet,
+    )
+    print(
+        f"best dev error {result.best_dev_error:.2%} at epoch {result.best_epoch} "
+        f"({result.epochs_run} epochs{', stopped early' if result.stopped_early else ''}); "
+        f"model: {result.model_path}"
+    )
+    sys.stdout.flush()
+    return 0

@@ -1,0 +1,625 @@
+"""Typed configuration: one dataclass per INI section, every field documented.
+
+Each field declares its type, default, documentation, valid bounds and search
+space once (see :mod:`stagetune.space`).  This module reads and writes INI
+files, applies ``--set section.key=value`` overrides and validates values,
+naming the source (file, section, key) of anything wrong.
+"""
+
+from __future__ import annotations
+
+import configparser
+import dataclasses
+import io
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+from stagetune.errors import ConfigError
+from stagetune.space import ParamSpec, Ref, Space, When, param, spec_of
+
+__all__ = [
+    "TASKS",
+    "NONLINEARITIES",
+    "RECURRENT_TYPES",
+    "OPTIMIZERS",
+    "ModelConfig",
+    "TrainingConfig",
+    "DataConfig",
+    "Config",
+    "FieldInfo",
+    "SECTIONS",
+    "iter_fields",
+    "field_info",
+    "flatten",
+    "with_values",
+    "read_ini",
+    "parse_ini_text",
+    "apply_overrides",
+    "load_config",
+    "write_ini",
+    "to_dict",
+    "from_dict",
+    "active",
+]
+
+#: Output heads (see :mod:`stagetune.model`).
+TASKS = ("ctc", "frame")
+#: Nonlinearities of the convolutional front-end (see :mod:`stagetune.model`).
+NONLINEARITIES = ("relu", "gelu", "tanh", "sigmoid")
+#: Recurrent cell types (see :mod:`stagetune.model`).
+RECURRENT_TYPES = ("lstm", "gru", "rnn")
+#: Optimizers (see :mod:`stagetune.training`).
+OPTIMIZERS = ("adam", "adamw", "sgd")
+
+_CONV_ON = When("model.convolutional_layers", ">", 0)
+_RNN_ON = When("model.recurrent_layers", ">", 0)
+
+
+@dataclass
+class ModelConfig:
+    """[model]: conv front-end over (time x frequency) -> recurrent stack -> linear head."""
+
+    task: str = param(
+        "ctc",
+        "Output head: 'ctc' (token sequences from text, CTC loss) or 'frame' "
+        "(one class per frame from utt2label, cross-entropy).",
+        choices=TASKS,
+    )
+    convolutional_layers: int = param(
+        2,
+        "Number of 2D convolutional layers over time x frequency (0 = none).",
+        min=0,
+        max=12,
+        search=Space(0, 4),
+    )
+    convolutional_initial_channels: int = param(
+        32,
+        "Output channels of the first convolutional layer.",
+        min=1,
+        search=Space(4, 128, log=True),
+        when=_CONV_ON,
+    )
+    convolutional_kernel_time: int = param(
+        3,
+        "Kernel width along time of every convolutional layer (odd keeps frames centred).",
+        min=1,
+        max=15,
+        search=Space(1, 7),
+        when=_CONV_ON,
+    )
+    convolutional_kernel_freq: int = param(
+        3,
+        "Kernel width along frequency of every convolutional layer.",
+        min=1,
+        max=15,
+        search=Space(1, 7),
+        when=_CONV_ON,
+    )
+    convolutional_factor_sched: int = param(
+        1,
+        "Every this many convolutional layers, strides apply and channels grow; "
+        "a value above convolutional_layers means no downsampling.",
+        min=1,
+        max=Ref("model.convolutional_layers", 1),
+        search=Space(1, Ref("model.convolutional_layers", 1)),
+        when=_CONV_ON,
+    )
+    convolutional_time_factor: int = param(
+        2,
+        "Stride along time at each scheduled layer (output frames shrink by this factor).",
+        min=1,
+        max=4,
+        search=Space(1, 3),
+        when=_CONV_ON,
+    )
+    convolutional_freq_factor: int = param(
+        2,
+        "Stride along frequency at each scheduled layer.",
+        min=1,
+        max=4,
+        search=Space(1, 3),
+        when=_CONV_ON,
+    )
+    convolutional_channel_factor: int = param(
+        2,
+        "Channels are multiplied by this at each scheduled layer.",
+        min=1,
+        max=4,
+        search=Space(1, 2),
+        when=_CONV_ON,
+    )
+    convolutional_nonlinearity: str = param(
+        "relu",
+        "Nonlinearity after each convolution.",
+        choices=NONLINEARITIES,
+        search=Space(),
+        when=_CONV_ON,
+    )
+    recurrent_layers: int = param(
+        2,
+        "Number of stacked recurrent layers (0 = none).",
+        min=0,
+        max=8,
+        search=Space(0, 4),
+    )
+    recurrent_size: int = param(
+        128,
+        "Hidden units per recurrent layer and direction.",
+        min=1,
+        search=Space(16, 512, log=True),
+        when=_RNN_ON,
+    )
+    recurrent_type: str = param(
+        "gru",
+        "Recurrent cell type.",
+        choices=RECURRENT_TYPES,
+        search=Space(),
+        when=_RNN_ON,
+    )
+    recurrent_bidirectional: bool = param(
+        True,
+        "Whether recurrent layers read the utterance in both directions.",
+        search=Space(),
+        when=_RNN_ON,
+    )
+
+
+@dataclass
+class TrainingConfig:
+    """[training]: optimisation, regularisation, schedule and stopping."""
+
+    num_epochs: int = param(
+        40, "Maximum number of training epochs.", min=1, search=Space(5, 40)
+    )
+    optimizer: str = param("adam", "Optimizer.", choices=OPTIMIZERS, search=Space())
+    learning_rate: float = param(
+        2e-3, "Initial learning rate.", min=1e-12, max=10.0, search=Space(1e-5, 1e-1, log=True)
+    )
+    momentum: float = param(
+        0.9,
+        "Momentum of SGD.",
+        min=0.0,
+        max=0.999,
+        search=Space(0.0, 0.99),
+        when=When("training.optimizer", "==", "sgd"),
+    )
+    weight_decay: float = param(
+        0.0,
+        "Weight decay (L2 for adam/sgd, decoupled for adamw); 0 disables.",
+        min=0.0,
+        max=1.0,
+        search=Space(1e-6, 1e-1, log=True),
+    )
+    clip_grad_norm: float = param(
+        5.0,
+        "Clip the global gradient norm to this value; 0 disables.",
+        min=0.0,
+        search=Space(0.5, 20.0, log=True),
+    )
+    dropout_prob: float = param(
+        0.1,
+        "Dropout probability between layers.",
+        min=0.0,
+        max=0.9,
+        search=Space(0.0, 0.5),
+    )
+    num_time_mask: int = param(
+        2, "SpecAugment: number of time masks per utterance.", min=0, max=20, search=Space(0, 4)
+    )
+    max_time_mask: int = param(
+        10,
+        "SpecAugment: maximum width of a time mask in frames.",
+        min=1,
+        search=Space(1, 30),
+        when=When("training.num_time_mask", ">", 0),
+    )
+    num_freq_mask: int = param(
+        2,
+        "SpecAugment: number of frequency masks per utterance.",
+        min=0,
+        max=20,
+        search=Space(0, 4),
+    )
+    max_freq_mask: int = param(
+        5,
+        "SpecAugment: maximum width of a frequency mask in bins.",
+        min=1,
+        search=Space(1, 15),
+        when=When("training.num_freq_mask", ">", 0),
+    )
+    noise_eps: float = param(
+        0.0,
+        "Standard deviation of Gaussian noise added to (normalised) training features.",
+        min=0.0,
+        search=Space(0.0, 0.3),
+    )
+    reduce_lr_factor: float = param(
+        0.5,
+        "Multiply the learning rate by this when the dev error plateaus; 1 disables.",
+        min=0.01,
+        max=1.0,
+        search=Space(0.1, 0.9),
+    )
+    reduce_lr_patience: int = param(
+        2,
+        "Epochs without improvement before the learning rate is reduced.",
+        min=0,
+        search=Space(0, 5),
+        when=When("training.reduce_lr_factor", "<", 1.0),
+    )
+    reduce_lr_threshold: float = param(
+        0.0,
+        "Relative improvement of the dev error below which an epoch does not count as better.",
+        min=0.0,
+        max=1.0,
+        search=Space(0.0, 0.1),
+        when=When("training.reduce_lr_factor", "<", 1.0),
+    )
+    early_stopping_threshold: float = param(
+        0.0,
+        "Relative dev-error improvement needed to reset early-stopping patience; "
+        "0 disables early stopping.",
+        min=0.0,
+        max=1.0,
+        search=Space(0.0, 0.1),
+    )
+    early_stopping_patience: int = param(
+        5,
+        "Epochs without sufficient improvement before training stops early.",
+        min=1,
+        search=Space(1, 10),
+        when=When("training.early_stopping_threshold", ">", 0.0),
+    )
+    early_stopping_burnin: int = param(
+        0,
+        "Epochs before early stopping may trigger.",
+        min=0,
+        max=Ref("training.num_epochs"),
+        search=Space(0, 10),
+        when=When("training.early_stopping_threshold", ">", 0.0),
+    )
+    seed: int = param(0, "Seed for weight initialisation, shuffling and augmentation.", min=0)
+    autocast: bool = param(
+        True, "Mixed precision (bfloat16/float16 autocast) when training on CUDA.", choices=None
+    )
+
+
+@dataclass
+class DataConfig:
+    """[data]: batching and normalisation."""
+
+    batch_size: int = param(
+        16, "Utterances per batch.", min=1, max=4096, search=Space(4, 64, log=True)
+    )
+    length_jitter: float = param(
+        0.1,
+        "Batches group utterances of similar length after multiplying lengths by a "
+        "random factor in [1, 1 + length_jitter], so batches vary between epochs.",
+        min=0.0,
+        max=10.0,
+    )
+    apply_cmvn: bool = param(
+        True, "Apply per-speaker mean/variance normalisation from cmvn.scp when present."
+    )
+    drop_last: bool = param(False, "Drop the last incomplete batch of each epoch.")
+
+
+@dataclass
+class Config:
+    """The whole configuration, one attribute per INI section."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+#: INI section name -> dataclass.
+SECTIONS: dict[str, type] = {"model": ModelConfig, "training": TrainingConfig, "data": DataConfig}
+
+
+@dataclass(frozen=True)
+class FieldInfo:
+    """One config field: its dotted name, type, default and declaration."""
+
+    section: str
+    key: str
+    type: type
+    default: Any
+    spec: ParamSpec
+
+    @property
+    def name(self) -> str:
+        """The dotted name, e.g. ``model.recurrent_size``."""
+        return f"{self.section}.{self.key}"
+
+    def valid_choices(self) -> tuple[Any, ...] | None:
+        """Valid values of a categorical (or bool) field, else ``None``."""
+        if self.type is bool:
+            return (False, True)
+        return self.spec.choices
+
+    def search_space(self) -> Space | None:
+        """The declared search space with categorical choices filled in."""
+        space = self.spec.search
+        if space is not None and space.choices is None and space.low is None:
+            return dataclasses.replace(space, choices=self.valid_choices())
+        return space
+
+
+def _build_fields() -> tuple[FieldInfo, ...]:
+    infos = []
+    for section, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            infos.append(FieldInfo(section, f.name, hints[f.name], f.default, spec_of(f)))
+    return tuple(infos)
+
+
+_FIELDS = _build_fields()
+_BY_NAME = {info.name: info for info in _FIELDS}
+
+
+def iter_fields() -> Iterator[FieldInfo]:
+    """Every field in declaration order (sections model, training, data)."""
+    return iter(_FIELDS)
+
+
+def field_info(name: str) -> FieldInfo:
+    """The field with this dotted name; :class:`ConfigError` if there is none."""
+    try:
+        return _BY_NAME[name]
+    except KeyError:
+        raise ConfigError(f"unknown parameter {name!r}; {_suggest(name)}") from None
+
+
+def _suggest(name: str) -> str:
+    section = name.split(".", 1)[0]
+    if section not in SECTIONS:
+        return f"sections are {', '.join(SECTIONS)}"
+    keys = [i.key for i in _FIELDS if i.section == section]
+    return f"[{section}] has {', '.join(keys)}"
+
+
+def flatten(config: Config) -> dict[str, Any]:
+    """Dotted name -> value for every field."""
+    return {i.name: getattr(getattr(config, i.section), i.key) for i in _FIELDS}
+
+
+def active(info: FieldInfo, values: Mapping[str, Any]) -> bool:
+    """Whether every declared condition of the field holds for ``values``."""
+    return all(w.holds(values) for w in info.spec.when)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+def _convert(info: FieldInfo, raw: Any, where: str) -> Any:
+    """Convert ``raw`` (a string from INI/--set, or a JSON value) to the field's type."""
+    typ = info.type
+    try:
+        if typ is bool:
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text in ("true", "yes", "on", "1"):
+                return True
+            if text in ("false", "no", "off", "0"):
+                return False
+            raise ValueError
+        if typ is int:
+            if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+                raise ValueError
+            return int(str(raw).strip()) if isinstance(raw, str) else int(raw)
+        if typ is float:
+            value = float(str(raw).strip()) if isinstance(raw, str) else float(raw)
+            if not math.isfinite(value):
+                raise ValueError
+            return value
+        return str(raw).strip()
+    except ValueError:
+        kind = {bool: "true or false", int: "an integer", float: "a finite number"}.get(
+            typ, "a string"
+        )
+        raise ConfigError(f"{where}: expected {kind}, got {raw!r}") from None
+
+
+def _check_static(info: FieldInfo, value: Any, where: str) -> None:
+    """Bounds and choices that do not depend on other fields."""
+    choices = info.spec.choices
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{where}: got {value!r}; allowed: {', '.join(map(str, choices))}")
+    for bound, cmp, word in ((info.spec.min, "<", ">="), (info.spec.max, ">", "<=")):
+        if bound is None or isinstance(bound, Ref):
+            continue
+        if (value < bound) if cmp == "<" else (value > bound):
+            raise ConfigError(f"{where}: got {_fmt(value)}; must be {word} {_fmt(bound)}")
+
+
+def _check_relations(values: Mapping[str, Any], sources: Mapping[str, str]) -> None:
+    """Bounds that refer to other fields; only checked where the field is active."""
+    for info in _FIELDS:
+        if not active(info, values):
+            continue
+        value = values[info.name]
+        for bound, word in ((info.spec.min, ">="), (info.spec.max, "<=")):
+            if not isinstance(bound, Ref):
+                continue
+            limit = bound.resolve(values)
+            if (value < limit) if word == ">=" else (value > limit):
+                raise ConfigError(
+                    f"{sources.get(info.name, info.name)}: got {_fmt(value)}; must be {word} "
+                    f"{bound} = {_fmt(limit)} (from {sources.get(bound.name, bound.name)}); "
+                    f"change one of them"
+                )
+
+
+def with_values(
+    config: Config,
+    values: Mapping[str, Any],
+    *,
+    sources: Mapping[str, str] | None = None,
+) -> Config:
+    """A validated copy of ``config`` with dotted-name values replaced.
+
+    Values may be strings (as in INI files) or typed values.  ``sources`` maps
+    dotted names to where each value came from, for error messages.
+    """
+    sources = dict(sources or {})
+    flat = flatten(config)
+    for name, raw in values.items():
+        info = field_info(name)
+        where = sources.get(name, f"[{info.section}] {info.key}")
+        value = _convert(info, raw, where)
+        _check_static(info, value, where)
+        flat[name] = value
+    _check_relations(flat, sources)
+    sections = {
+        section: cls(**{i.key: flat[i.name] for i in _FIELDS if i.section == section})
+        for section, cls in SECTIONS.items()
+    }
+    return Config(**sections)
+
+
+def parse_ini_text(text: str, source: str, base: Config | None = None) -> Config:
+    """Parse INI text (``source`` names it in errors) over ``base``."""
+    parser = configparser.ConfigParser(
+        interpolation=None, inline_comment_prefixes=("#", ";"), strict=True
+    )
+    parser.optionxform = str  # keys are case sensitive, like the dataclass fields
+    try:
+        parser.read_string(text, source=source)
+    except configparser.Error as exc:
+        message = " ".join(str(exc).split())
+        raise ConfigError(f"{source}: not a valid INI file: {message}") from None
+    values: dict[str, str] = {}
+    sources: dict[str, str] = {}
+    for section in parser.sections():
+        if section not in SECTIONS:
+            raise ConfigError(
+                f"{source}: unknown section [{section}]; allowed: "
+                + ", ".join(f"[{s}]" for s in SECTIONS)
+            )
+        for key, raw in parser.items(section):
+            name = f"{section}.{key}"
+            if name not in _BY_NAME:
+                raise ConfigError(f"{source} [{section}]: unknown key {key!r}; {_suggest(name)}")
+            values[name] = raw
+            sources[name] = f"{source} [{section}] {key}"
+    return with_values(base or Config(), values, sources=sources)
+
+
+def read_ini(path: str | Path, base: Config | None = None) -> Config:
+    """Read an INI file over ``base`` (defaults when ``None``)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc}") from None
+    return parse_ini_text(text, str(path), base)
+
+
+def apply_overrides(config: Config, overrides: Sequence[str]) -> Config:
+    """Apply ``section.key=value`` strings (from ``--set``) in order."""
+    values: dict[str, str] = {}
+    sources: dict[str, str] = {}
+    for item in overrides:
+        name, sep, raw = item.partition("=")
+        name = name.strip()
+        if not sep or "." not in name:
+            raise ConfigError(
+                f"--set {item!r}: expected SECTION.KEY=VALUE, e.g. training.num_epochs=60"
+            )
+        field_info(name)
+        values[name] = raw
+        sources[name] = f"--set {name}"
+    return with_values(config, values, sources=sources)
+
+
+def load_config(ini_files: Iterable[str | Path] = (), overrides: Sequence[str] = ()) -> Config:
+    """Defaults, then each INI file in order, then ``--set`` overrides."""
+    config = Config()
+    for path in ini_files:
+        config = read_ini(path, config)
+    return apply_overrides(config, overrides)
+
+
+def _wrap(text: str, width: int = 86) -> list[str]:
+    lines: list[str] = []
+    line = ""
+    for word in text.split():
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    if line:
+        lines.append(line)
+    return lines
+
+
+def _describe(info: FieldInfo) -> str:
+    parts = [info.type.__name__]
+    choices = info.valid_choices()
+    if choices is not None and info.type is not bool:
+        parts.append("one of " + ", ".join(map(str, choices)))
+    if info.spec.min is not None:
+        parts.append(f">= {info.spec.min}")
+    if info.spec.max is not None:
+        parts.append(f"<= {info.spec.max}")
+    parts.append(f"default {_fmt(info.default)}")
+    space = info.search_space()
+    if space is not None:
+        parts.append(f"search {space.describe()}")
+    if info.spec.when:
+        parts.append("only if " + " and ".join(map(str, info.spec.when)))
+    return "; ".join(parts)
+
+
+def write_ini(config: Config, *, documented: bool = True) -> str:
+    """The whole configuration as INI text that :func:`parse_ini_text` reads back equal."""
+    out = io.StringIO()
+    for section, cls in SECTIONS.items():
+        if documented:
+            out.write(f"# {cls.__doc__.strip()}\n")
+        out.write(f"[{section}]\n")
+        for info in _FIELDS:
+            if info.section != section:
+                continue
+            if documented:
+                for line in _wrap(info.spec.doc):
+                    out.write(f"# {line}\n")
+                out.write(f"# ({_describe(info)})\n")
+            out.write(f"{info.key} = {_fmt(getattr(getattr(config, section), info.key))}\n")
+        out.write("\n")
+    return out.getvalue()
+
+
+def to_dict(config: Config) -> dict[str, dict[str, Any]]:
+    """``{section: {key: value}}``, JSON/YAML serialisable."""
+    return {section: dataclasses.asdict(getattr(config, section)) for section in SECTIONS}
+
+
+def from_dict(data: Mapping[str, Mapping[str, Any]], source: str = "config") -> Config:
+    """Inverse of :func:`to_dict`, validated; unknown sections or keys are errors."""
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for section, items in data.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{source}: unknown section {section!r}; allowed: {', '.join(SECTIONS)}")
+        for key, value in items.items():
+            name = f"{section}.{key}"
+            if name not in _BY_NAME:
+                raise ConfigError(f"{source}: unknown key {name!r}; {_suggest(name)}")
+            values[name] = value
+            sources[name] = f"{source} {name}"
+    return with_values(Config(), values, sources=sources)

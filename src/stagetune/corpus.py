@@ -1,0 +1,72 @@
+"""Training and dev data as one unit: a train dir plus a dev dir or a dev split."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from stagetune.dataset import split_dev
+from stagetune.errors import UsageError
+from stagetune.kaldi import DataDir, load_data_dir
+
+__all__ = ["Corpus", "load_corpus"]
+
+
+@dataclass
+class Corpus:
+    """What training reads: utterances of a train and a dev :class:`DataDir`."""
+
+    train: DataDir
+    train_ids: list[str]
+    dev: DataDir
+    dev_ids: list[str]
+
+    @property
+    def feat_dim(self) -> int:
+        """Feature dimension (equal in train and dev)."""
+        return self.train.feat_dim
+
+    @property
+    def token_symbols(self) -> list[str]:
+        """Output symbols by id (CTC tokens with blank 0, or frame classes)."""
+        if self.train.tokens is not None:
+            return list(self.train.tokens.symbols)
+        num_classes = 1 + max(int(lab.max()) for lab in self.train.labels.values())
+        return [str(i) for i in range(num_classes)]
+
+    def longest_utterance(self) -> int:
+        """Frames in the longest train or dev utterance."""
+        lengths = [self.train.num_frames[u] for u in self.train_ids]
+        lengths += [self.dev.num_frames[u] for u in self.dev_ids]
+        return max(lengths)
+
+
+def load_corpus(
+    train_dir: str | Path,
+    dev_dir: str | Path | None = None,
+    *,
+    dev_proportion: float | None = None,
+    task: str = "ctc",
+) -> Corpus:
+    """Load and validate the training data and its dev data.
+
+    Args:
+        train_dir: Kaldi data dir to train on.
+        dev_dir: Separate dev dir (tokens come from ``train_dir``).
+        dev_proportion: Otherwise, hold out this proportion of ``train_dir``,
+            chosen deterministically by utterance id.
+        task: ``"ctc"`` or ``"frame"``.
+    """
+    if dev_dir is not None and dev_proportion is not None:
+        raise UsageError("give a dev dir or --dev-proportion, not both")
+    train = load_data_dir(train_dir, task=task)
+    if dev_dir is not None:
+        dev = load_data_dir(dev_dir, task=task, tokens=train.tokens)
+        if dev.feat_dim != train.feat_dim:
+            raise UsageError(
+                f"{dev_dir}: features have dimension {dev.feat_dim} but {train_dir} has "
+                f"{train.feat_dim}; compute both with the same `stagetune prep` options"
+            )
+        return Corpus(train, list(train.utt_ids), dev, list(dev.utt_ids))
+    train_ids, dev_ids = split_dev(train.utt_ids, 0.1 if dev_proportion is None else dev_proportion)
+    return Corpus(train, train_ids, train, dev_ids)

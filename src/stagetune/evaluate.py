@@ -1,0 +1,83 @@
+"""Decode a data dir with a trained model and score it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from stagetune.checkpoint import load_model_file
+from stagetune.errors import UsageError
+from stagetune.dataset import BucketBatchSampler, UtteranceDataset, collate
+from stagetune.kaldi import TokenTable, load_data_dir
+from stagetune.metrics import ErrorCounts, ctc_prefix_beam_search
+from stagetune.model import TASKS, build_model
+
+__all__ = ["Evaluation", "evaluate_model"]
+
+
+@dataclass
+class Evaluation:
+    """Error counts and hypotheses (utterance id -> output symbols)."""
+
+    counts: ErrorCounts
+    hypotheses: dict[str, list[str]]
+    task: str
+
+    def text(self) -> str:
+        """Hypotheses in Kaldi ``text`` format, sorted by utterance id."""
+        return "".join(f"{u} {' '.join(h)}".rstrip() + "\n" for u, h in sorted(self.hypotheses.items()))
+
+
+@torch.no_grad()
+def evaluate_model(
+    model_path: str | Path,
+    data_dir: str | Path,
+    *,
+    device: torch.device,
+    beam_width: int = 0,
+    batch_size: int = 32,
+) -> Evaluation:
+    """Score ``model_path`` on ``data_dir``.
+
+    Args:
+        model_path: A ``model.pt`` written by ``stagetune train``.
+        data_dir: Kaldi data dir with features and references.
+        device: Torch device.
+        beam_width: CTC prefix beam search width; 0 or 1 decodes greedily.
+        batch_size: Utterances per decoding batch.
+    """
+    mf = load_model_file(model_path)
+    task_name = mf.config.model.task
+    task = TASKS[task_name]
+    tokens = TokenTable(mf.tokens) if task_name == "ctc" else None
+    data = load_data_dir(data_dir, task=task_name, tokens=tokens)
+    if data.feat_dim != mf.feat_dim:
+        raise UsageError(
+            f"{data_dir}: features have dimension {data.feat_dim}, the model expects "
+            f"{mf.feat_dim}; compute them with the same `stagetune prep` options"
+        )
+    model = build_model(mf.config, mf.feat_dim, task.num_outputs(len(mf.tokens)))
+    model.load_state_dict(mf.state_dict)
+    model.to(device).eval()
+    dataset = UtteranceDataset(data, data.utt_ids, apply_cmvn=mf.config.data.apply_cmvn)
+    batches = list(BucketBatchSampler(dataset.lengths, batch_size, shuffle=False))
+    counts = ErrorCounts()
+    hypotheses: dict[str, list[str]] = {}
+    for indices in batches:
+        batch = collate([dataset[i] for i in indices]).to(device)
+        logits, out_lens = model(batch.feats, batch.feat_lens)
+        if task_name == "ctc" and beam_width > 1:
+            log_probs = logits.float().log_softmax(-1).cpu().numpy()
+            hyps = [
+                ctc_prefix_beam_search(log_probs[i, : out_lens[i]], beam_width=beam_width)
+                for i in range(len(indices))
+            ]
+        else:
+            hyps = task.decode(logits, out_lens)
+        refs = [batch.targets[i, : batch.target_lens[i]].tolist() for i in range(len(hyps))]
+        counts += task.errors(refs, hyps)
+        for utt, hyp in zip(batch.utt_ids, hyps):
+            hypotheses[utt] = [mf.tokens[i] for i in hyp] if tokens is not None else [str(i) for i in hyp]
+    return Evaluation(counts=counts, hypotheses=hypotheses, task=task_name)

@@ -1,0 +1,559 @@
+"""The training loop: ``train_one_epoch``, ``validate``, ``fit``.
+
+Training reports through callbacks (:class:`EpochResult` after every epoch) and
+never imports optuna; a callback may raise to stop training (the optimizer's
+objective raises ``TrialPruned`` from one).
+
+Determinism: every batch reseeds torch from ``(seed, epoch, batch)``, so a run
+resumed from any checkpoint (epoch end, or mid-epoch after SIGTERM/SIGINT)
+ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import signal
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol, Sequence
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from stagetune.augment import augment_batch, augmentation_enabled
+from stagetune.checkpoint import (
+    CHECKPOINT_FORMAT,
+    atomic_save,
+    load_checkpoint,
+    load_model_file,
+    rng_state,
+    save_model_file,
+    set_rng_state,
+    versions,
+)
+from stagetune.config import Config, flatten, from_dict, to_dict, write_ini
+from stagetune.corpus import Corpus
+from stagetune.dataset import Batch, BucketBatchSampler, UtteranceDataset, collate
+from stagetune.errors import StagetuneError, UsageError
+from stagetune.failures import is_non_finite_loss
+from stagetune.metrics import ErrorCounts
+from stagetune.model import TASKS, AcousticModel, build_model
+
+__all__ = [
+    "EpochResult",
+    "FitResult",
+    "Callback",
+    "TrainingInterrupted",
+    "NonFiniteLoss",
+    "resolve_device",
+    "make_optimizer",
+    "train_one_epoch",
+    "validate",
+    "fit",
+    "CHECKPOINT_NAME",
+    "MODEL_NAME",
+    "HISTORY_NAME",
+]
+
+CHECKPOINT_NAME = "checkpoint.pt"
+BEST_NAME = "best.pt"
+MODEL_NAME = "model.pt"
+HISTORY_NAME = "history.csv"
+CONFIG_NAME = "config.ini"
+
+#: Config fields that may change between runs resuming one model dir.
+_RESUMABLE_CHANGES = {"training.num_epochs"}
+
+
+@dataclass
+class EpochResult:
+    """What one epoch produced; passed to every callback."""
+
+    epoch: int
+    train_loss: float
+    dev_error: float
+    learning_rate: float
+    seconds: float
+    frames_per_second: float
+    padding_fraction: float
+    best: bool
+    dev_counts: ErrorCounts = field(repr=False, default_factory=ErrorCounts)
+
+    def row(self) -> dict[str, Any]:
+        """The ``history.csv`` row."""
+        return {
+            "epoch": self.epoch,
+            "train_loss": f"{self.train_loss:.6g}",
+            "dev_error": f"{self.dev_error:.6g}",
+            "learning_rate": f"{self.learning_rate:.6g}",
+            "seconds": f"{self.seconds:.3f}",
+            "frames_per_second": f"{self.frames_per_second:.1f}",
+            "padding_fraction": f"{self.padding_fraction:.4f}",
+        }
+
+
+@dataclass
+class FitResult:
+    """The outcome of :func:`fit`."""
+
+    best_dev_error: float
+    best_epoch: int
+    epochs_run: int
+    stopped_early: bool
+    model_path: Path
+    resumed_from_epoch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Callback(Protocol):
+    """Receives every finished epoch; may raise to stop training."""
+
+    def __call__(self, result: EpochResult) -> None: ...
+
+
+class TrainingInterrupted(StagetuneError):
+    """SIGTERM/SIGINT arrived; a checkpoint was saved and the run can be resumed."""
+
+    exit_code = 143
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + signum
+
+
+class NonFiniteLoss(StagetuneError):
+    """The training loss became NaN or infinite."""
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """``None`` -> cuda when available, else cpu; reject unusable devices."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a torch device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+def make_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optimizer:
+    """The optimizer named by ``training.optimizer``."""
+    t = config.training
+    factories: dict[str, Callable[[], torch.optim.Optimizer]] = {
+        "adam": lambda: torch.optim.Adam(
+            model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay
+        ),
+        "adamw": lambda: torch.optim.AdamW(
+            model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay
+        ),
+        "sgd": lambda: torch.optim.SGD(
+            model.parameters(), lr=t.learning_rate, momentum=t.momentum, weight_decay=t.weight_decay
+        ),
+    }
+    return factories[t.optimizer]()
+
+
+def _batch_seed(seed: int, epoch: int, batch: int) -> int:
+    return (seed * 1_000_003 + epoch * 10_007 + batch) % (2**63 - 1)
+
+
+class _Signals:
+    """Turns SIGTERM/SIGINT into a flag checked between batches."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    @contextmanager
+    def installed(self) -> Iterator[_Signals]:
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield self
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+
+class _Stop(Exception):
+    """Internal: a signal arrived mid-epoch after ``batches_done`` batches."""
+
+    def __init__(self, batches_done: int) -> None:
+        super().__init__(batches_done)
+        self.batches_done = batches_done
+
+
+def train_one_epoch(
+    model: AcousticModel,
+    loader: Any,
+    optimizer: torch.optim.Optimizer,
+    config: Config,
+    *,
+    epoch: int,
+    first_batch: int = 0,
+    device: torch.device,
+    scaler: torch.amp.GradScaler | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+    progress: tqdm | None = None,
+) -> tuple[float, int]:
+    """Train over ``loader`` (batches ``first_batch`` onwards of this epoch).
+
+    Each :class:`Batch` holds feats (B, T, F), feat_lens (B,), targets (B, U)
+    and target_lens (B,).  Returns (sum of batch losses, frames seen).
+    Raises ``_Stop`` between batches when ``should_stop()`` turns true.
+    """
+    task = TASKS[config.model.task]
+    t = config.training
+    model.train()
+    augment = augmentation_enabled(t)
+    use_amp = scaler is not None
+    loss_sum = torch.zeros((), device=device)
+    frames = 0
+    for index, batch in enumerate(loader, start=first_batch):
+        seed = _batch_seed(t.seed, epoch, index)
+        torch.manual_seed(seed)
+        batch = batch.to(device)
+        feats = batch.feats
+        if augment:
+            gen = torch.Generator().manual_seed(seed)
+            feats = augment_batch(feats, batch.feat_lens, t, gen)
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, enabled=use_amp):
+            logits, out_lens = model(feats, batch.feat_lens)
+            loss = task.loss(logits, out_lens, batch.targets, batch.target_lens)
+        if use_amp:
+            scaler.scale(loss).backward()
+            if t.clip_grad_norm > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            if t.clip_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad_norm)
+            optimizer.step()
+        loss_sum += loss.detach()
+        frames += int(batch.feat_lens.sum())
+        if progress is not None:
+            progress.update(1)
+        if should_stop():
+            raise _Stop(index + 1)
+    return float(loss_sum), frames
+
+
+@torch.no_grad()
+def validate(
+    model: AcousticModel, loader: Any, task_name: str, device: torch.device
+) -> ErrorCounts:
+    """Decode ``loader`` and count errors with the same code ``evaluate`` uses."""
+    task = TASKS[task_name]
+    model.eval()
+    counts = ErrorCounts()
+    for batch in loader:
+        batch = batch.to(device)
+        logits, out_lens = model(batch.feats, batch.feat_lens)
+        hyps = task.decode(logits, out_lens)
+        refs = [batch.targets[i, : batch.target_lens[i]].tolist() for i in range(len(hyps))]
+        counts += task.errors(refs, hyps)
+    return counts
+
+
+def _loader(
+    dataset: UtteranceDataset, batches: Sequence[list[int]], num_workers: int, device: torch.device
+) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_sampler=batches,
+        collate_fn=collate,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+    )
+
+
+def _config_changes(old: Config, new: Config) -> list[str]:
+    a, b = flatten(old), flatten(new)
+    return [f"{k}: {a[k]!r} -> {b[k]!r}" for k in a if a[k] != b[k] and k not in _RESUMABLE_CHANGES]
+
+
+def _write_history(path: Path, rows: list[dict[str, Any]]) -> None:
+    tmp = path.with_suffix(".csv.tmp")
+    with tmp.open("w", newline="") as handle:
+        fields = list(rows[0]) if rows else list(EpochResult(0, 0, 0, 0, 0, 0, 0, False).row())
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)
+
+
+def _init_from(model: AcousticModel, path: Path, log: Callable[[str], None]) -> None:
+    source = load_model_file(path)
+    own = model.state_dict()
+    loadable = {
+        k: v for k, v in source.state_dict.items() if k in own and own[k].shape == v.shape
+    }
+    if not loadable:
+        raise UsageError(
+            f"--init-from {path}: no parameter matches this model's names and shapes; "
+            f"use a model with the same [model] architecture"
+        )
+    model.load_state_dict(loadable, strict=False)
+    skipped = len(own) - len(loadable)
+    log(f"initialised {len(loadable)} tensors from {path}" + (f" ({skipped} kept fresh)" if skipped else ""))
+
+
+def fit(
+    config: Config,
+    corpus: Corpus,
+    model_dir: str | Path,
+    *,
+    device: torch.device | str | None = None,
+    num_workers: int = 0,
+    callbacks: Sequence[Callback] = (),
+    init_from: str | Path | None = None,
+    quiet: bool = False,
+    log: Callable[[str], None] | None = None,
+) -> FitResult:
+    """Train (or resume training of) a model in ``model_dir``.
+
+    Re-running with the same arguments resumes from ``checkpoint.pt``; a run
+    that already finished returns its stored result without training.
+
+    Args:
+        config: The resolved configuration.
+        corpus: Train and dev utterances.
+        model_dir: Where checkpoints, ``history.csv`` and ``model.pt`` go.
+        device: Torch device (default: cuda when available).
+        num_workers: DataLoader worker processes.
+        callbacks: Called with every :class:`EpochResult`.
+        init_from: A ``model.pt`` whose matching weights initialise the model.
+        quiet: No progress bar or per-epoch lines.
+        log: Where progress lines go (default: stderr unless ``quiet``).
+
+    Raises:
+        TrainingInterrupted: After SIGTERM/SIGINT, once the checkpoint is saved.
+        NonFiniteLoss: When the training loss is NaN or infinite.
+    """
+    device = device if isinstance(device, torch.device) else resolve_device(device)
+    if log is None:
+        log = (lambda _msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    model_dir = Path(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    t = config.training
+    task = TASKS[config.model.task]
+    symbols = corpus.token_symbols
+    torch.manual_seed(t.seed)
+    model = build_model(config, corpus.feat_dim, task.num_outputs(len(symbols))).to(device)
+    optimizer = make_optimizer(model, config)
+    plateau = t.reduce_lr_factor < 1.0
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer,
+        mode="min",
+        factor=t.reduce_lr_factor if plateau else 0.5,
+        patience=t.reduce_lr_patience,
+        threshold=t.reduce_lr_threshold,
+        threshold_mode="rel",
+    )
+    use_amp = device.type == "cuda" and t.autocast
+    scaler = torch.amp.GradScaler("cuda") if use_amp else None
+
+    state: dict[str, Any] = {
+        "epoch": 0,
+        "batch": 0,
+        "history": [],
+        "best_error": math.inf,
+        "best_epoch": 0,
+        "bad_epochs": 0,
+        "es_reference": math.inf,
+        "stopped_early": False,
+    }
+    ckpt_path = model_dir / CHECKPOINT_NAME
+    resumed_from = 0
+    if ckpt_path.exists():
+        ckpt = load_checkpoint(ckpt_path)
+
+        changes = _config_changes(from_dict(ckpt["config"], str(ckpt_path)), config)
+        if changes:
+            raise UsageError(
+                f"{model_dir} holds a checkpoint trained with another config ("
+                + "; ".join(changes[:5])
+                + "); use a new model directory, or the same config to resume"
+            )
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"])
+        state.update(ckpt["state"])
+        resumed_from = state["epoch"]
+        if state["stopped_early"] or state["epoch"] >= t.num_epochs:
+            log(f"{model_dir}: already trained ({state['epoch']} epochs); nothing to do")
+        else:
+            at = f"epoch {state['epoch'] + 1}"
+            log(f"resuming {model_dir} at {at}" + (f", batch {state['batch'] + 1}" if state["batch"] else ""))
+    elif init_from is not None:
+        _init_from(model, Path(init_from), log)
+    (model_dir / CONFIG_NAME).write_text(write_ini(config))
+
+    train_set = UtteranceDataset(corpus.train, corpus.train_ids, apply_cmvn=config.data.apply_cmvn)
+    dev_set = UtteranceDataset(corpus.dev, corpus.dev_ids, apply_cmvn=config.data.apply_cmvn)
+    part_index = {u: i for i, u in enumerate(corpus.train_ids)}
+    parts = [[part_index[u] for u in p if u in part_index] for p in corpus.train.parts]
+    sampler = BucketBatchSampler(
+        train_set.lengths,
+        config.data.batch_size,
+        shuffle=True,
+        seed=t.seed,
+        drop_last=config.data.drop_last,
+        jitter=config.data.length_jitter,
+        parts=parts if len(parts) > 1 else None,
+    )
+    dev_sampler = BucketBatchSampler(dev_set.lengths, config.data.batch_size, shuffle=False)
+    dev_loader = _loader(dev_set, list(dev_sampler), num_workers, device)
+
+    def checkpoint() -> None:
+        atomic_save(
+            {
+                "format": CHECKPOINT_FORMAT,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "rng": rng_state(),
+                "config": to_dict(config),
+                "feat_dim": corpus.feat_dim,
+                "tokens": symbols,
+                "state": state,
+                "versions": versions(),
+            },
+            ckpt_path,
+        )
+
+    signals = _Signals()
+    with signals.installed():
+        while state["epoch"] < t.num_epochs and not state["stopped_early"]:
+            epoch = state["epoch"] + 1
+            sampler.set_epoch(epoch)
+            batches = list(sampler)
+            first = state["batch"]
+            started = time.perf_counter()
+            bar = tqdm(
+                total=len(batches),
+                initial=first,
+                desc=f"epoch {epoch}/{t.num_epochs}",
+                file=sys.stderr,
+                disable=quiet,
+                leave=False,
+                dynamic_ncols=True,
+            )
+            try:
+                loss_sum, frames = train_one_epoch(
+                    model,
+                    _loader(train_set, batches[first:], num_workers, device),
+                    optimizer,
+                    config,
+                    epoch=epoch,
+                    first_batch=first,
+                    device=device,
+                    scaler=scaler,
+                    should_stop=lambda: signals.received is not None,
+                    progress=bar,
+                )
+            except _Stop as stop:
+                bar.close()
+                state["batch"] = stop.batches_done
+                checkpoint()
+                name = signal.Signals(signals.received).name
+                raise TrainingInterrupted(
+                    f"{name} received: checkpoint saved in {model_dir} at epoch {epoch}, "
+                    f"batch {stop.batches_done}/{len(batches)}; rerun the same command to resume",
+                    signals.received,
+                ) from None
+            finally:
+                bar.close()
+            if not math.isfinite(loss_sum) or is_non_finite_loss(torch.tensor(loss_sum)):
+                raise NonFiniteLoss(
+                    f"training loss became {loss_sum} in epoch {epoch}; lower "
+                    f"training.learning_rate or set training.clip_grad_norm"
+                )
+            counts = validate(model, dev_loader, config.model.task, device)
+            seconds = time.perf_counter() - started
+            dev_error = counts.rate
+            lr = optimizer.param_groups[0]["lr"]
+            best = dev_error < state["best_error"]
+            if best:
+                state["best_error"], state["best_epoch"] = dev_error, epoch
+                atomic_save(model.state_dict(), model_dir / BEST_NAME)
+            if plateau:
+                scheduler.step(dev_error)
+            if t.early_stopping_threshold > 0:
+                if dev_error < state["es_reference"] * (1 - t.early_stopping_threshold):
+                    state["es_reference"], state["bad_epochs"] = dev_error, 0
+                else:
+                    state["bad_epochs"] += 1
+                if epoch >= t.early_stopping_burnin and state["bad_epochs"] >= t.early_stopping_patience:
+                    state["stopped_early"] = True
+            batches_run = max(len(batches) - first, 1)
+            result = EpochResult(
+                epoch=epoch,
+                train_loss=loss_sum / batches_run,
+                dev_error=dev_error,
+                learning_rate=lr,
+                seconds=seconds,
+                frames_per_second=frames / max(seconds, 1e-9),
+                padding_fraction=sampler.padding_fraction(),
+                best=best,
+                dev_counts=counts,
+            )
+            state["history"].append(result.row())
+            state["epoch"], state["batch"] = epoch, 0
+            _write_history(model_dir / HISTORY_NAME, state["history"])
+            log(
+                f"epoch {epoch}/{t.num_epochs}: train loss {result.train_loss:.4f}, "
+                f"dev error {dev_error:.2%}{' (best)' if best else ''}, lr {lr:.3g}, {seconds:.1f} s"
+            )
+            checkpoint()
+            for callback in callbacks:
+                callback(result)
+            if state["stopped_early"]:
+                log(f"early stopping after epoch {epoch}: no improvement for {state['bad_epochs']} epochs")
+                break
+
+    best_state = torch.load(model_dir / BEST_NAME, map_location="cpu", weights_only=True)
+    save_model_file(
+        model_dir / MODEL_NAME,
+        state_dict=best_state,
+        config=config,
+        feat_dim=corpus.feat_dim,
+        tokens=symbols,
+        extra={"best_epoch": state["best_epoch"], "best_dev_error": state["best_error"]},
+    )
+    return _result(state, model_dir, resumed_from)
+
+
+def _result(state: dict[str, Any], model_dir: Path, resumed_from: int) -> FitResult:
+    return FitResult(
+        best_dev_error=state["best_error"],
+        best_epoch=state["best_epoch"],
+        epochs_run=state["epoch"],
+        stopped_early=state["stopped_early"],
+        model_path=model_dir / MODEL_NAME,
+        resumed_from_epoch=resumed_from,
+        history=list(state["history"]),
+    )
