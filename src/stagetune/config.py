@@ -277,7 +277,6 @@ class TrainingConfig:
         0,
         "Epochs before early stopping may trigger.",
         min=0,
-        max=Ref("training.num_epochs"),
         search=Space(0, 10),
         when=When("training.early_stopping_threshold", ">", 0.0),
     )
@@ -517,7 +516,7 @@ def parse_ini_text(text: str, source: str, base: Config | None = None) -> Config
 
 
 def read_ini(path: str | Path, base: Config | None = None) -> Config:
-    """Read an INI file over ``base`` (defaults when ``None``)."""
+    """Read an INI (or, by extension, JSON/YAML) file over ``base`` (defaults when ``None``)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -525,7 +524,25 @@ def read_ini(path: str | Path, base: Config | None = None) -> Config:
         raise ConfigError(f"{path}: no such config file") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read config file: {exc}") from None
+    if path.suffix.lower() in (".json", ".yaml", ".yml"):
+        return _read_structured(text, path, base)
     return parse_ini_text(text, str(path), base)
+
+
+def _read_structured(text: str, path: Path, base: Config | None) -> Config:
+    """JSON or YAML ``{section: {key: value}}`` (what ``optim best`` writes)."""
+    import yaml  # JSON is YAML too
+
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid JSON/YAML: {' '.join(str(exc).split())}") from None
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise ConfigError(f"{path}: expected a mapping of sections to mappings of keys to values")
+    merged = to_dict(base or Config())
+    for section, items in data.items():
+        merged.setdefault(section, {}).update(items)
+    return from_dict(merged, str(path))
 
 
 def apply_overrides(config: Config, overrides: Sequence[str]) -> Config:

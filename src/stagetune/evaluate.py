@@ -76,7 +76,9 @@ def evaluate_model(
             ]
         else:
             hyps = task.decode(logits, out_lens)
-        refs = [batch.targets[i, : batch.target_lens[i]].tolist() for i in range(len(hyps))]
+        refs = task.references(
+            batch.targets, batch.target_lens, out_lens, time_stride=model.time_stride
+        )
         counts += task.errors(refs, hyps)
         for utt, hyp in zip(batch.utt_ids, hyps):
             hypotheses[utt] = [mf.tokens[i] for i in hyp] if tokens is not None else [str(i) for i in hyp]

@@ -171,6 +171,7 @@ class _Signals:
 
     def __init__(self) -> None:
         self.received: int | None = None
+        self.acted = False
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.received == signal.SIGINT and signum == signal.SIGINT:
@@ -188,6 +189,10 @@ class _Signals:
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+            if self.received is not None and not self.acted and callable(previous[self.received]):
+                # Arrived after the last batch: training is complete, but the caller
+                # (an optim worker) still wants to hear about it.
+                signal.raise_signal(self.received)
 
 
 class _Stop(Exception):
@@ -235,7 +240,9 @@ def train_one_epoch(
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, enabled=use_amp):
             logits, out_lens = model(feats, batch.feat_lens)
-            loss = task.loss(logits, out_lens, batch.targets, batch.target_lens)
+            loss = task.loss(
+                logits, out_lens, batch.targets, batch.target_lens, time_stride=model.time_stride
+            )
         if use_amp:
             scaler.scale(loss).backward()
             if t.clip_grad_norm > 0:
@@ -269,7 +276,9 @@ def validate(
         batch = batch.to(device)
         logits, out_lens = model(batch.feats, batch.feat_lens)
         hyps = task.decode(logits, out_lens)
-        refs = [batch.targets[i, : batch.target_lens[i]].tolist() for i in range(len(hyps))]
+        refs = task.references(
+            batch.targets, batch.target_lens, out_lens, time_stride=model.time_stride
+        )
         counts += task.errors(refs, hyps)
     return counts
 
@@ -476,6 +485,7 @@ def fit(
                     progress=bar,
                 )
             except _Stop as stop:
+                signals.acted = True
                 bar.close()
                 state["batch"] = stop.batches_done
                 checkpoint()
@@ -531,6 +541,14 @@ def fit(
             checkpoint()
             for callback in callbacks:
                 callback(result)
+            if signals.received is not None and state["epoch"] < t.num_epochs and not state["stopped_early"]:
+                signals.acted = True
+                name = signal.Signals(signals.received).name
+                raise TrainingInterrupted(
+                    f"{name} received: checkpoint saved in {model_dir} after epoch {epoch}; "
+                    f"rerun the same command to resume",
+                    signals.received,
+                )
             if state["stopped_early"]:
                 log(f"early stopping after epoch {epoch}: no improvement for {state['bad_epochs']} epochs")
                 break

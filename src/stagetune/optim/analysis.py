@@ -1,0 +1,174 @@
+"""Reading results out of a study: importance ranking, best config, status."""
+
+from __future__ import annotations
+
+import statistics
+import warnings
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from stagetune.config import Config, field_info, flatten, with_values
+from stagetune.errors import StagetuneError, UsageError
+from stagetune.optim.registry import EVALUATORS, make_evaluator
+from stagetune.optim.spec import StudySpec
+from stagetune.space import Ref
+
+__all__ = [
+    "rank_parameters",
+    "select_important",
+    "best_trial_values",
+    "independent_values",
+    "repair_dependent_bounds",
+    "best_config",
+]
+
+#: Above this many distinct values a numeric parameter is grouped into bins.
+_MAX_GROUPS = 10
+_NUM_BINS = 5
+
+
+def _completed(study: optuna.Study) -> list[FrozenTrial]:
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not trials:
+        raise StagetuneError(
+            f"study {study.study_name!r} has no completed trial yet; run `stagetune optim ... run` first"
+        )
+    return trials
+
+
+def rank_parameters(
+    study: optuna.Study, *, evaluator: str = "ped-anova", seed: int = 0
+) -> list[tuple[str, float]]:
+    """Parameters by importance, most important first (ties by name).
+
+    Only parameters present in every completed trial can be ranked; with a
+    fixed seed the same study always gives the same ranking.
+    """
+    if evaluator not in EVALUATORS:
+        raise UsageError(f"--evaluator {evaluator!r}: choose one of {', '.join(sorted(EVALUATORS))}")
+    trials = _completed(study)
+    common = set(trials[0].params)
+    for t in trials[1:]:
+        common &= set(t.params)
+    varying = sorted(p for p in common if len({repr(t.params[p]) for t in trials}) > 1)
+    if not varying:
+        raise StagetuneError(
+            f"study {study.study_name!r}: no parameter varies across its {len(trials)} completed trials"
+        )
+    if len(trials) < 2:
+        raise StagetuneError(f"study {study.study_name!r}: ranking needs at least 2 completed trials")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        importances = optuna.importance.get_param_importances(
+            study, evaluator=make_evaluator(evaluator, seed), params=varying
+        )
+    return sorted(importances.items(), key=lambda kv: (-round(kv[1], 12), kv[0]))
+
+
+def select_important(
+    ranking: Sequence[tuple[str, float]], *, top_k: int | None = None, threshold: float | None = None
+) -> list[str]:
+    """The top ``top_k`` names, or those with importance >= ``threshold`` (or all)."""
+    if top_k is not None and threshold is not None:
+        raise UsageError("give --top-k or --threshold, not both")
+    if top_k is not None:
+        if top_k < 1:
+            raise UsageError(f"--top-k must be >= 1, got {top_k}")
+        return [n for n, _ in ranking[:top_k]]
+    if threshold is not None:
+        if not 0 <= threshold <= 1:
+            raise UsageError(f"--threshold must be in [0, 1], got {threshold}")
+        chosen = [n for n, v in ranking if v >= threshold]
+        if not chosen:
+            raise StagetuneError(
+                f"no parameter has importance >= {threshold}; the highest is {ranking[0][1]:.3f}"
+            )
+        return chosen
+    return [n for n, _ in ranking]
+
+
+def best_trial_values(study: optuna.Study) -> tuple[FrozenTrial, dict[str, Any]]:
+    """The best completed trial and its sampled values."""
+    _completed(study)
+    best = study.best_trial
+    return best, dict(best.params)
+
+
+def _groups(values: list[Any], errors: list[float]) -> list[tuple[Any, list[float], float]]:
+    """``(representative value, errors, best error)`` per group of equal or binned values."""
+    distinct = sorted({repr(v): v for v in values}.values(), key=lambda v: (str(type(v)), v))
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in distinct)
+    if len(distinct) <= _MAX_GROUPS or not numeric:
+        groups = []
+        for d in distinct:
+            errs = [e for v, e in zip(values, errors) if repr(v) == repr(d)]
+            groups.append((d, errs, min(errs)))
+        return groups
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    size = -(-len(order) // _NUM_BINS)
+    groups = []
+    for start in range(0, len(order), size):
+        members = order[start : start + size]
+        errs = [errors[i] for i in members]
+        best = min(members, key=lambda i: errors[i])
+        groups.append((values[best], errs, errors[best]))
+    return groups
+
+
+def independent_values(study: optuna.Study, names: Sequence[str]) -> dict[str, Any]:
+    """Per parameter, the value with the lowest median error over completed trials.
+
+    cnn-mellin's semantics: each parameter is chosen independently of the
+    others.  Numeric parameters with many distinct values are grouped into
+    quantile bins; the best bin contributes its best trial's value.
+    """
+    trials = _completed(study)
+    chosen: dict[str, Any] = {}
+    for name in names:
+        having = [t for t in trials if name in t.params]
+        if not having:
+            continue
+        groups = _groups([t.params[name] for t in having], [float(t.value) for t in having])
+        value, _, _ = min(groups, key=lambda g: (statistics.median(g[1]), g[2]))
+        chosen[name] = value
+    return chosen
+
+
+def repair_dependent_bounds(values: dict[str, Any]) -> dict[str, str]:
+    """Clamp values that break a declared dependent bound; returns what changed and why."""
+    repairs: dict[str, str] = {}
+    for name in list(values):
+        info = field_info(name)
+        for bound, clamp in ((info.spec.min, max), (info.spec.max, min)):
+            if isinstance(bound, Ref) and bound.name in values:
+                limit = bound.resolve(values)
+                fixed = clamp(values[name], limit)
+                if fixed != values[name]:
+                    repairs[name] = f"{values[name]!r} -> {fixed!r} ({bound} = {limit})"
+                    values[name] = fixed
+    return repairs
+
+
+def best_config(
+    study: optuna.Study,
+    spec: StudySpec,
+    *,
+    independent: bool = False,
+    overrides: Sequence[str] = (),
+) -> tuple[Config, dict[str, str]]:
+    """The base config with the best values (and ``--set`` edits); also the repairs made."""
+    from stagetune.config import apply_overrides
+
+    base = spec.config()
+    if independent:
+        sampled = independent_values(study, spec.tuned)
+    else:
+        sampled = best_trial_values(study)[1]
+    values = flatten(base)
+    values.update(sampled)
+    repairs = repair_dependent_bounds(values)
+    config = with_values(base, {k: values[k] for k in sampled})
+    return apply_overrides(config, overrides), repairs

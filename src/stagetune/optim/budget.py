@@ -1,0 +1,93 @@
+"""Exact trial budgets: claim a slot under a study-wide lock before sampling.
+
+A slot is a trial that is RUNNING, WAITING (queued retry), COMPLETE or PRUNED.
+A FAILed trial that is retried hands its slot to the retry, so it never
+counts twice.  Workers take a study-wide lock (a PostgreSQL advisory lock, a
+MySQL named lock, or a file lock beside a SQLite database), count slots, and
+only then ask for a trial; so with any number of workers the finished trials
+never exceed the budget, and no worker starts a trial the budget cannot use.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import optuna
+from sqlalchemy import text
+
+from stagetune.errors import StorageError
+
+__all__ = ["SLOT_STATES", "FINISHED_STATES", "budget_lock", "count_trials"]
+
+SLOT_STATES = ("RUNNING", "WAITING", "COMPLETE", "PRUNED")
+FINISHED_STATES = ("COMPLETE", "PRUNED")
+
+_LOCAL = threading.Lock()
+
+
+def _key(study_name: str) -> str:
+    return "stagetune:" + hashlib.sha1(study_name.encode()).hexdigest()[:40]
+
+
+@contextmanager
+def budget_lock(
+    storage: optuna.storages.RDBStorage, study_name: str, timeout_s: float = 600.0
+) -> Iterator[None]:
+    """Hold the study-wide budget lock (one holder across all workers)."""
+    engine = storage.engine
+    dialect = engine.dialect.name
+    key = _key(study_name)
+    with _LOCAL:
+        if dialect == "sqlite":
+            database = engine.url.database
+            if not database or database == ":memory:":
+                yield
+                return
+            lock_path = Path(database).with_name(Path(database).name + ".lock")
+            with lock_path.open("a") as handle:
+                fcntl.flock(handle, fcntl.LOCK_EX)
+                try:
+                    yield
+                finally:
+                    fcntl.flock(handle, fcntl.LOCK_UN)
+            return
+        with engine.connect() as conn:
+            if dialect == "postgresql":
+                lock_id = int(key.split(":")[1][:15], 16)
+                conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": lock_id})
+                conn.commit()
+                try:
+                    yield
+                finally:
+                    conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": lock_id})
+                    conn.commit()
+            elif dialect in ("mysql", "mariadb"):
+                deadline = time.monotonic() + timeout_s
+                while True:
+                    got = conn.execute(text("SELECT GET_LOCK(:k, 10)"), {"k": key}).scalar()
+                    if got == 1:
+                        break
+                    if time.monotonic() > deadline:
+                        raise StorageError(f"could not take the budget lock of study {study_name!r} in {timeout_s:.0f} s")
+                try:
+                    yield
+                finally:
+                    conn.execute(text("SELECT RELEASE_LOCK(:k)"), {"k": key})
+                    conn.commit()
+            else:
+                raise StorageError(f"database dialect {dialect!r} is not supported; use sqlite, postgresql or mysql")
+
+
+def count_trials(storage: optuna.storages.RDBStorage, study_id: int, states: tuple[str, ...]) -> int:
+    """Trials of the study in any of ``states``, counted in the database."""
+    marks = ", ".join(f":s{i}" for i in range(len(states)))
+    query = text(f"SELECT COUNT(*) FROM trials WHERE study_id = :sid AND state IN ({marks})")
+    params = {"sid": study_id, **{f"s{i}": s for i, s in enumerate(states)}}
+    with storage.engine.connect() as conn:
+        return int(conn.execute(query, params).scalar())

@@ -1,0 +1,202 @@
+"""Objectives: what a worker runs for one trial.
+
+``train`` samples a config from the study spec, checks its memory footprint
+against the budget, reuses the result of an identical completed trial, and
+otherwise trains with per-epoch reporting and pruning.  ``quadratic`` and
+``sleep`` are trivial objectives over the same search space, for benchmarks
+and tests of the search machinery.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+import zlib
+from collections.abc import MutableMapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import optuna
+
+from stagetune.config import Config, flatten
+from stagetune.optim.sampling import sample_config
+from stagetune.optim.spec import StudySpec
+
+__all__ = ["TrialContext", "OBJECTIVES", "original_trial_number", "FootprintCache"]
+
+FOOTPRINT_PREFIX = "stagetune_footprint:"
+
+
+@dataclass
+class TrialContext:
+    """What every objective may use, built once per worker."""
+
+    study: optuna.Study
+    spec: StudySpec
+    device: str | None
+    ckpt_dir: Path
+    num_data_workers: int = 0
+    keep_models: bool = False
+    sleep_seconds: float = 1.0
+    log: Callable[[str], None] = print
+    corpus: Any = None
+    _base: Config | None = field(default=None, repr=False)
+
+    @property
+    def base(self) -> Config:
+        if self._base is None:
+            self._base = self.spec.config()
+        return self._base
+
+
+class FootprintCache(MutableMapping):
+    """Measured bytes per architecture, kept in the study's system attributes."""
+
+    def __init__(self, study: optuna.Study) -> None:
+        self._storage = study._storage
+        self._study_id = study._study_id
+
+    def _all(self) -> dict[str, Any]:
+        attrs = self._storage.get_study_system_attrs(self._study_id)
+        return {k[len(FOOTPRINT_PREFIX):]: v for k, v in attrs.items() if k.startswith(FOOTPRINT_PREFIX)}
+
+    def __getitem__(self, key: str) -> int:
+        return int(self._all()[key])
+
+    def __setitem__(self, key: str, value: int) -> None:
+        self._storage.set_study_system_attr(self._study_id, FOOTPRINT_PREFIX + key, int(value))
+
+    def __delitem__(self, key: str) -> None:
+        raise TypeError("footprints are never deleted")
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._all())
+
+    def __len__(self) -> int:
+        return len(self._all())
+
+
+def original_trial_number(study: optuna.Study, trial: optuna.Trial) -> int:
+    """The number of the trial this one retries (itself when it is no retry)."""
+    frozen = study._storage.get_trial(trial._trial_id)  # retried_trial_number needs a FrozenTrial
+    number = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen)
+    return trial.number if number is None else number
+
+
+def _prune(trial: optuna.Trial, reason: str) -> optuna.TrialPruned:
+    trial.set_user_attr("prune_reason", reason)
+    return optuna.TrialPruned(reason)
+
+
+def _identical_completed(ctx: TrialContext, trial: optuna.Trial) -> optuna.trial.FrozenTrial | None:
+    params = trial.params
+    for other in ctx.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        if other.params == params and "reused_from" not in other.user_attrs:
+            return other
+    return None
+
+
+def _train(ctx: TrialContext, trial: optuna.Trial) -> float:
+    from stagetune.failures import is_out_of_memory
+    from stagetune.model import TASKS
+    from stagetune.optim.memory import check_footprint
+    from stagetune.training import NonFiniteLoss, fit, resolve_device
+
+    spec = ctx.spec
+    config = sample_config(trial, ctx.base, spec.tuned)
+    twin = _identical_completed(ctx, trial)
+    if twin is not None:
+        trial.set_user_attr("reused_from", twin.number)
+        ctx.log(f"trial {trial.number}: same config as completed trial {twin.number}; reusing its result")
+        return float(twin.value)
+    device = resolve_device(spec.device if ctx.device is None else ctx.device)
+    num_outputs = TASKS[config.model.task].num_outputs(len(spec.tokens))
+    if spec.mem_limit_bytes is not None:
+        footprint = check_footprint(
+            config,
+            spec.feat_dim,
+            num_outputs,
+            batch_size=config.data.batch_size,
+            max_frames=spec.longest_utterance,
+            max_target_len=spec.longest_transcript,
+            device=device,
+            limit_bytes=spec.mem_limit_bytes,
+            cache=FootprintCache(ctx.study),
+        )
+        trial.set_user_attr("mem_bytes", int(footprint.bytes))
+        trial.set_user_attr("mem_method", footprint.method)
+        if footprint.bytes > spec.mem_limit_bytes:
+            raise _prune(
+                trial,
+                f"memory footprint {footprint.bytes} bytes ({footprint.method}) exceeds "
+                f"--mem-limit-bytes {spec.mem_limit_bytes}",
+            )
+
+    def report(result: Any) -> None:
+        trial.report(result.dev_error, result.epoch)
+        trial.set_user_attr("epoch", result.epoch)
+        ctx.log(
+            f"trial {trial.number}: epoch {result.epoch}/{config.training.num_epochs} "
+            f"dev error {result.dev_error:.2%}"
+        )
+        if trial.should_prune():
+            raise _prune(trial, f"pruned by the study's pruner after epoch {result.epoch}")
+
+    model_dir = ctx.ckpt_dir / f"trial-{original_trial_number(ctx.study, trial)}"
+    try:
+        result = fit(
+            config,
+            ctx.corpus,
+            model_dir,
+            device=device,
+            num_workers=ctx.num_data_workers,
+            callbacks=[report],
+            quiet=True,
+        )
+    except NonFiniteLoss as exc:
+        raise _prune(trial, f"non-finite loss: {exc}") from None
+    except optuna.TrialPruned:
+        _cleanup(ctx, model_dir)
+        raise
+    except Exception as exc:
+        if is_out_of_memory(exc):
+            raise _prune(trial, f"out of memory during training: {str(exc).splitlines()[0][:200]}") from None
+        raise
+    trial.set_user_attr("best_epoch", result.best_epoch)
+    _cleanup(ctx, model_dir)
+    return float(result.best_dev_error)
+
+
+def _cleanup(ctx: TrialContext, model_dir: Path) -> None:
+    if not ctx.keep_models:
+        shutil.rmtree(model_dir, ignore_errors=True)
+
+
+def _quadratic(ctx: TrialContext, trial: optuna.Trial) -> float:
+    """A smooth function of every sampled numeric value (no training)."""
+    config = sample_config(trial, ctx.base, ctx.spec.tuned)
+    flat = flatten(config)
+    value = 0.0
+    for name in trial.params:
+        v = flat[name]
+        if isinstance(v, (bool, str)):
+            value += 0.1 * (zlib.crc32(str(v).encode()) % 7) / 7
+        else:
+            value += (math.log10(abs(v) + 1e-9) if abs(v) > 0 else 0.0) ** 2 * 0.01
+    return value
+
+
+def _sleep(ctx: TrialContext, trial: optuna.Trial) -> float:
+    value = _quadratic(ctx, trial)
+    time.sleep(ctx.sleep_seconds)
+    return value
+
+
+#: Objective name -> function of (context, trial) returning the value to minimise.
+OBJECTIVES: dict[str, Callable[[TrialContext, optuna.Trial], float]] = {
+    "train": _train,
+    "quadratic": _quadratic,
+    "sleep": _sleep,
+}

@@ -1,0 +1,95 @@
+"""The study spec: everything a worker needs, stored in the study as one versioned record."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from stagetune import __version__
+from stagetune.config import Config, from_dict
+from stagetune.errors import StagetuneError
+
+__all__ = ["SPEC_VERSION", "SPEC_ATTR", "StudySpec", "spec_differences", "SAFE_TO_REPLACE"]
+
+SPEC_VERSION = 1
+#: Study user attribute holding the spec (visible in optuna-dashboard).
+SPEC_ATTR = "stagetune_spec"
+#: Fields ``optim init --force`` may change on an existing study: they do not
+#: invalidate trials already run.
+SAFE_TO_REPLACE = frozenset({"num_trials", "mem_limit_bytes", "pruner", "num_data_workers", "device"})
+
+
+@dataclass
+class StudySpec:
+    """What ``optim init`` decided and every ``optim run`` worker reads."""
+
+    base_config: dict[str, dict[str, Any]]
+    tuned: list[str]
+    dropped: list[list[str]]
+    train_dir: str
+    dev_dir: str | None
+    dev_proportion: float | None
+    feat_dim: int
+    tokens: list[str]
+    longest_utterance: int
+    longest_transcript: int
+    num_train_utterances: int
+    num_dev_utterances: int
+    mem_limit_bytes: int | None = None
+    num_trials: int | None = None
+    pruner: str = "hyperband"
+    device: str | None = None
+    num_data_workers: int = 0
+    parent_study: str | None = None
+    version: int = SPEC_VERSION
+    created_by: str = field(default_factory=lambda: f"stagetune {__version__}")
+
+    def config(self) -> Config:
+        """The base configuration."""
+        return from_dict(self.base_config, "study spec")
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-serialisable dict."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Any, study_name: str) -> StudySpec:
+        """Parse a stored spec; old or foreign records give a clear error."""
+        if not isinstance(data, dict) or "version" not in data:
+            raise StagetuneError(
+                f"study {study_name!r} has no stagetune spec; create it with `stagetune optim ... init`"
+            )
+        if data["version"] != SPEC_VERSION:
+            raise StagetuneError(
+                f"study {study_name!r} was created by {data.get('created_by', 'another version')} "
+                f"with spec version {data['version']}; this stagetune reads version {SPEC_VERSION}"
+            )
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    def dumps(self) -> str:
+        """Canonical JSON text (sorted keys)."""
+        return json.dumps(self.to_json(), sort_keys=True)
+
+
+_IGNORED = {"created_by"}
+
+
+def spec_differences(old: StudySpec, new: StudySpec) -> list[tuple[str, Any, Any]]:
+    """``(field, old, new)`` for every field that differs (base config per dotted name)."""
+    diffs: list[tuple[str, Any, Any]] = []
+    a, b = old.to_json(), new.to_json()
+    for key in a:
+        if key in _IGNORED or a[key] == b[key]:
+            continue
+        if key == "base_config":
+            for section in sorted(set(a[key]) | set(b[key])):
+                sa, sb = a[key].get(section, {}), b[key].get(section, {})
+                for k in sorted(set(sa) | set(sb)):
+                    if sa.get(k) != sb.get(k):
+                        diffs.append((f"{section}.{k}", sa.get(k), sb.get(k)))
+        else:
+            diffs.append((key, a[key], b[key]))
+    return diffs

@@ -1,0 +1,161 @@
+"""Create (``optim init``) and open studies; every study carries a :class:`StudySpec`."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import optuna
+
+from stagetune.config import Config, to_dict
+from stagetune.errors import StagetuneError, UsageError
+from stagetune.optim.registry import PRUNERS
+from stagetune.optim.sampling import select_tunable
+from stagetune.optim.spec import SAFE_TO_REPLACE, SPEC_ATTR, StudySpec, spec_differences
+from stagetune.optim.storage import mask_url
+
+__all__ = ["InitResult", "read_spec", "load_study", "build_spec", "init_study"]
+
+
+@dataclass
+class InitResult:
+    """What ``optim init`` did."""
+
+    study_name: str
+    action: str  # "created", "unchanged", "updated"
+    spec: StudySpec
+    changes: list[tuple[str, object, object]]
+
+
+def _quiet_optuna() -> None:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+
+
+def read_spec(storage: optuna.storages.BaseStorage, study_name: str, url: str) -> StudySpec:
+    """The spec of an existing study; a clear error if there is no such study."""
+    try:
+        study_id = storage.get_study_id_from_name(study_name)
+    except KeyError:
+        names = [s.study_name for s in storage.get_all_studies()]
+        listing = ", ".join(sorted(names)) if names else "none"
+        raise StagetuneError(
+            f"no study {study_name!r} in {mask_url(url)} (studies there: {listing}); "
+            f"create it with `stagetune optim ... init` or pass --study-name"
+        ) from None
+    attrs = storage.get_study_user_attrs(study_id)
+    return StudySpec.from_json(attrs.get(SPEC_ATTR), study_name)
+
+
+def load_study(
+    storage: optuna.storages.BaseStorage,
+    study_name: str,
+    url: str,
+    *,
+    sampler: optuna.samplers.BaseSampler | None = None,
+) -> tuple[optuna.Study, StudySpec]:
+    """The study with its spec's pruner (and the given sampler)."""
+    _quiet_optuna()
+    spec = read_spec(storage, study_name, url)
+    pruner = PRUNERS[spec.pruner](spec.config().training.num_epochs)
+    study = optuna.load_study(study_name=study_name, storage=storage, sampler=sampler, pruner=pruner)
+    return study, spec
+
+
+def build_spec(
+    config: Config,
+    train_dir: str | Path,
+    *,
+    dev_dir: str | Path | None = None,
+    dev_proportion: float | None = None,
+    whitelist: Sequence[str] = (),
+    blacklist: Sequence[str] = (),
+    mem_limit_bytes: int | None = None,
+    num_trials: int | None = None,
+    pruner: str = "hyperband",
+    device: str | None = None,
+    num_data_workers: int = 0,
+    parent_study: str | None = None,
+) -> StudySpec:
+    """Validate the data and the search space; nothing is written."""
+    from stagetune.corpus import load_corpus  # torch: only when actually initialising
+
+    if num_trials is not None and num_trials < 1:
+        raise UsageError(f"--num-trials must be >= 1, got {num_trials}")
+    if mem_limit_bytes is not None and mem_limit_bytes < 1:
+        raise UsageError(f"--mem-limit-bytes must be >= 1, got {mem_limit_bytes}")
+    if pruner not in PRUNERS:
+        raise UsageError(f"--pruner {pruner!r}: choose one of {', '.join(sorted(PRUNERS))}")
+    if num_data_workers < 0:
+        raise UsageError(f"--num-data-workers must be >= 0, got {num_data_workers}")
+    selection = select_tunable(config, whitelist, blacklist)
+    corpus = load_corpus(train_dir, dev_dir, dev_proportion=dev_proportion, task=config.model.task)
+    targets = [len(corpus.train.targets(u)) for u in corpus.train_ids]
+    return StudySpec(
+        base_config=to_dict(config),
+        tuned=list(selection.tuned),
+        dropped=[list(d) for d in selection.dropped],
+        train_dir=str(Path(train_dir).resolve()),
+        dev_dir=str(Path(dev_dir).resolve()) if dev_dir is not None else None,
+        dev_proportion=None if dev_dir is not None else (0.1 if dev_proportion is None else dev_proportion),
+        feat_dim=corpus.feat_dim,
+        tokens=corpus.token_symbols,
+        longest_utterance=corpus.longest_utterance(),
+        longest_transcript=max(targets) if targets else 1,
+        num_train_utterances=len(corpus.train_ids),
+        num_dev_utterances=len(corpus.dev_ids),
+        mem_limit_bytes=mem_limit_bytes,
+        num_trials=num_trials,
+        pruner=pruner,
+        device=device,
+        num_data_workers=num_data_workers,
+        parent_study=parent_study,
+    )
+
+
+def init_study(
+    storage: optuna.storages.BaseStorage,
+    study_name: str,
+    url: str,
+    spec: StudySpec,
+    *,
+    force: bool = False,
+    log: Callable[[str], None] = print,
+) -> InitResult:
+    """Create the study, or check an existing one against ``spec``.
+
+    The same spec again is a no-op; a different one is an error listing the
+    differences, unless ``force`` and every difference is safe to replace.
+    """
+    _quiet_optuna()
+    for name, why in spec.dropped:
+        log(f"not tuning {name}: {why}")
+    try:
+        study_id = storage.get_study_id_from_name(study_name)
+    except KeyError:
+        study_id = None
+    if study_id is None:
+        study = optuna.create_study(study_name=study_name, storage=storage, direction="minimize")
+        try:
+            study.set_user_attr(SPEC_ATTR, spec.to_json())
+        except BaseException:
+            optuna.delete_study(study_name=study_name, storage=storage)
+            raise
+        return InitResult(study_name, "created", spec, [])
+    old = StudySpec.from_json(storage.get_study_user_attrs(study_id).get(SPEC_ATTR), study_name)
+    changes = spec_differences(old, spec)
+    if not changes:
+        return InitResult(study_name, "unchanged", old, [])
+    unsafe = [c for c in changes if c[0] not in SAFE_TO_REPLACE]
+    listing = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in changes)
+    if not force or unsafe:
+        hint = (
+            f"these invalidate its trials: {', '.join(c[0] for c in unsafe)}; use a new --study-name"
+            if unsafe
+            else "add --force to replace them"
+        )
+        raise UsageError(f"study {study_name!r} exists with other settings ({listing}); {hint}")
+    storage.set_study_user_attr(study_id, SPEC_ATTR, spec.to_json())
+    return InitResult(study_name, "updated", spec, changes)

@@ -1,0 +1,299 @@
+"""An ``optim run`` worker: claim a trial slot, run the objective, report, repeat.
+
+Preemption safety:
+
+* every running trial sends a heartbeat; a worker that dies (kill -9, node
+  loss) leaves a stale trial that the next worker to claim a slot fails and
+  re-queues with the same parameters (``RetryHeartbeatStaleTrialCallback``);
+  the retry resumes from the original trial's last epoch checkpoint;
+* SIGTERM/SIGINT checkpoint the running trial, hand it back for immediate
+  retry, and end the worker with exit status 0.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import optuna
+from optuna.trial import TrialState
+from sqlalchemy import DateTime, column, func, select, text
+
+from stagetune.errors import StagetuneError
+from stagetune.optim.budget import FINISHED_STATES, SLOT_STATES, budget_lock, count_trials
+from stagetune.optim.objective import OBJECTIVES, TrialContext
+from stagetune.optim.registry import make_sampler
+from stagetune.optim.storage import open_storage, close_storage, retry_transient
+from stagetune.optim.study import load_study
+
+__all__ = ["WorkerOptions", "WorkerSummary", "run_worker"]
+
+#: Consecutive failed trials after which a worker gives up (a systematic error).
+MAX_CONSECUTIVE_FAILURES = 3
+
+
+@dataclass
+class WorkerOptions:
+    """How one worker runs."""
+
+    sampler: str = "tpe"
+    n_trials: int | None = None
+    timeout: float | None = None
+    ckpt_dir: Path = Path("stagetune-ckpt")
+    max_retries: int = 3
+    seed: int | None = None
+    objective: str = "train"
+    heartbeat_interval: int = 30
+    grace_period: int | None = None
+    device: str | None = None
+    num_data_workers: int | None = None
+    keep_models: bool = False
+    sleep_seconds: float = 1.0
+    verbose: bool = False
+
+
+@dataclass
+class WorkerSummary:
+    """What one worker did."""
+
+    counts: dict[str, int] = field(default_factory=lambda: {s: 0 for s in ("COMPLETE", "PRUNED", "FAIL", "HANDED_BACK")})
+    stop_reason: str = ""
+    best: tuple[int, float] | None = None
+
+    def line(self) -> str:
+        parts = ", ".join(f"{v} {k.lower().replace('_', ' ')}" for k, v in self.counts.items())
+        return f"worker done ({self.stop_reason}): {parts}"
+
+
+class _Heartbeat:
+    """Records a trial's heartbeat every ``interval`` seconds in a daemon thread."""
+
+    def __init__(self, storage: optuna.storages.RDBStorage, trial_id: int, interval: float) -> None:
+        self._storage, self._trial_id, self._interval = storage, trial_id, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="stagetune-heartbeat")
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._storage.record_heartbeat(self._trial_id)
+            except Exception:  # an outage: the next beat may get through
+                pass
+            self._stop.wait(self._interval)
+
+    def __enter__(self) -> _Heartbeat:
+        self._storage.record_heartbeat(self._trial_id)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def _compact(params: dict[str, Any]) -> str:
+    def fmt(v: Any) -> str:
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    return " ".join(f"{k.split('.', 1)[1]}={fmt(v)}" for k, v in params.items())
+
+
+def run_worker(
+    url: str,
+    study_name: str,
+    options: WorkerOptions,
+    *,
+    log: Callable[[str], None] = print,
+) -> WorkerSummary:
+    """Pull trials from the study until its budget, ``n_trials`` or ``timeout`` is reached."""
+    if options.objective not in OBJECTIVES:
+        raise StagetuneError(f"unknown objective {options.objective!r}; choose from {', '.join(sorted(OBJECTIVES))}")
+    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+    retry = optuna.storages.RetryHeartbeatStaleTrialCallback(
+        max_retry=options.max_retries, inherit_intermediate_values=True
+    )
+    storage = open_storage(
+        url,
+        heartbeat_interval=options.heartbeat_interval,
+        grace_period=options.grace_period,
+        heartbeat_stale_trial_callback=retry,
+    )
+    try:
+        return _work(storage, url, study_name, options, retry, log)
+    finally:
+        close_storage(storage)
+
+
+def _work(
+    storage: optuna.storages.RDBStorage,
+    url: str,
+    study_name: str,
+    options: WorkerOptions,
+    retry: optuna.storages.RetryHeartbeatStaleTrialCallback,
+    log: Callable[[str], None],
+) -> WorkerSummary:
+    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    study, spec = load_study(storage, study_name, url, sampler=make_sampler(options.sampler, options.seed))
+    study_id = study._study_id
+    ctx = TrialContext(
+        study=study,
+        spec=spec,
+        device=options.device,
+        ckpt_dir=Path(options.ckpt_dir) / study_name,
+        num_data_workers=spec.num_data_workers if options.num_data_workers is None else options.num_data_workers,
+        keep_models=options.keep_models,
+        sleep_seconds=options.sleep_seconds,
+        log=log if options.verbose else (lambda _m: None),
+    )
+    if options.objective == "train":
+        from stagetune.corpus import load_corpus
+
+        ctx.corpus = load_corpus(
+            spec.train_dir, spec.dev_dir, dev_proportion=spec.dev_proportion, task=ctx.base.model.task
+        )
+
+    stop: dict[str, int | None] = {"signal": None}
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stop["signal"] = signum
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    summary = WorkerSummary()
+    started = time.monotonic()
+    consecutive_failures = 0
+    num_started = 0
+
+    def db(fn: Callable[[], Any], what: str) -> Any:
+        return retry_transient(fn, what=what, url=url, log=log)
+
+    def claim() -> optuna.Trial | None:
+        with budget_lock(storage, study_name):
+            optuna.storages.fail_stale_trials(study)
+            if spec.num_trials is not None:
+                slots = count_trials(storage, study_id, SLOT_STATES)
+                waiting = count_trials(storage, study_id, ("WAITING",))
+                if slots >= spec.num_trials and waiting == 0:
+                    return None
+            return study.ask()
+
+    try:
+        while True:
+            if stop["signal"] is not None:
+                summary.stop_reason = f"{signal.Signals(stop['signal']).name} received"
+                break
+            if options.n_trials is not None and num_started >= options.n_trials:
+                summary.stop_reason = f"--n-trials {options.n_trials} reached"
+                break
+            if options.timeout is not None and time.monotonic() - started >= options.timeout:
+                summary.stop_reason = f"--timeout {options.timeout:g} s reached"
+                break
+            trial = db(claim, "claiming a trial")
+            if trial is None:
+                finished = db(lambda: count_trials(storage, study_id, FINISHED_STATES), "counting trials")
+                if finished >= spec.num_trials:
+                    summary.stop_reason = f"budget of {spec.num_trials} trials met"
+                    break
+                running = db(lambda: count_trials(storage, study_id, ("RUNNING",)), "counting trials")
+                if _any_possibly_stale(storage, study_id, options.heartbeat_interval):
+                    time.sleep(min(options.heartbeat_interval, 5))
+                    continue
+                summary.stop_reason = (
+                    f"every remaining slot of the {spec.num_trials}-trial budget is claimed "
+                    f"({running} trials running in other workers)"
+                )
+                break
+            num_started += 1
+            outcome = _run_one(storage, study, trial, ctx, options, retry, summary, log, stop, db)
+            if outcome == "handed_back":
+                summary.stop_reason = f"{signal.Signals(stop['signal']).name} received"
+                break
+            consecutive_failures = consecutive_failures + 1 if outcome == "FAIL" else 0
+            if consecutive_failures >= MAX_CONSECUTIVE_FAILURES:
+                raise StagetuneError(
+                    f"{consecutive_failures} trials in a row failed; stopping this worker "
+                    f"(see the messages above and the trials' fail_reason attribute)"
+                )
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return summary
+
+
+def _any_possibly_stale(storage: optuna.storages.RDBStorage, study_id: int, interval: float) -> bool:
+    """Whether some RUNNING trial has missed heartbeats (its worker may be dead)."""
+    query = text(
+        "SELECT h.heartbeat AS heartbeat FROM trial_heartbeats h "
+        "JOIN trials t ON t.trial_id = h.trial_id WHERE t.study_id = :sid AND t.state = 'RUNNING'"
+    ).columns(column("heartbeat", DateTime))
+    with storage.engine.connect() as conn:
+        now = conn.execute(select(func.now(type_=DateTime))).scalar()
+        beats = conn.execute(query, {"sid": study_id}).scalars().all()
+    return any((now - beat).total_seconds() > 2 * interval for beat in beats)
+
+
+def _run_one(
+    storage: optuna.storages.RDBStorage,
+    study: optuna.Study,
+    trial: optuna.Trial,
+    ctx: TrialContext,
+    options: WorkerOptions,
+    retry: optuna.storages.RetryHeartbeatStaleTrialCallback,
+    summary: WorkerSummary,
+    log: Callable[[str], None],
+    stop: dict[str, int | None],
+    db: Callable[[Callable[[], Any], str], Any],
+) -> str:
+    from stagetune.training import TrainingInterrupted
+
+    objective = OBJECTIVES[options.objective]
+    began = time.monotonic()
+    value: float | None = None
+    reason = ""
+    with _Heartbeat(storage, trial._trial_id, options.heartbeat_interval):
+        try:
+            value = objective(ctx, trial)
+            state = TrialState.COMPLETE
+        except optuna.TrialPruned as exc:
+            state, reason = TrialState.PRUNED, str(exc)
+        except (TrainingInterrupted, KeyboardInterrupt) as exc:
+            if isinstance(exc, TrainingInterrupted):
+                stop["signal"] = exc.signum
+            else:
+                stop["signal"] = signal.SIGINT
+            state = None
+        except Exception as exc:  # a failed trial must not take the worker down
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            trial.set_user_attr("fail_reason", reason[:500])
+            state = TrialState.FAIL
+    seconds = time.monotonic() - began
+    if state is None:
+        def hand_back() -> None:
+            with budget_lock(storage, study.study_name):
+                storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+                retry(study, storage.get_trial(trial._trial_id))
+
+        db(hand_back, f"handing back trial {trial.number}")
+        summary.counts["HANDED_BACK"] += 1
+        log(f"trial {trial.number} handed back for retry after {seconds:.1f} s (checkpoint kept)")
+        return "handed_back"
+    if state == TrialState.COMPLETE:
+        db(lambda: study.tell(trial, value), f"reporting trial {trial.number}")
+    else:
+        db(lambda: study.tell(trial, state=state), f"reporting trial {trial.number}")
+    summary.counts[state.name] += 1
+    if state == TrialState.COMPLETE and (summary.best is None or value < summary.best[1]):
+        summary.best = (trial.number, value)
+    epoch = trial.user_attrs.get("epoch") if hasattr(trial, "user_attrs") else None
+    detail = f"value {value:.4g}" if value is not None else reason
+    log(
+        f"trial {trial.number} {state.name} {detail}"
+        + (f" (epoch {epoch})" if epoch else "")
+        + f" in {seconds:.1f} s | {_compact(trial.params)}"
+    )
+    return state.name
