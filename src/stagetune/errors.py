@@ -7,7 +7,14 @@ never with a traceback.
 
 from __future__ import annotations
 
-__all__ = ["StagetuneError", "UsageError", "ConfigError", "DataError", "StorageError"]
+__all__ = [
+    "StagetuneError",
+    "UsageError",
+    "ConfigError",
+    "DataError",
+    "StorageError",
+    "TrainingInterrupted",
+]
 
 
 class StagetuneError(Exception):
@@ -32,3 +39,15 @@ class DataError(StagetuneError):
 
 class StorageError(StagetuneError):
     """A problem with the study database (URLs are always masked)."""
+
+
+class TrainingInterrupted(StagetuneError):
+    """SIGTERM/SIGINT arrived; a checkpoint was saved and the run can be resumed.
+
+    The exit code is the shell's for the signal (143 for SIGTERM, 130 for SIGINT).
+    """
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + signum

@@ -40,7 +40,7 @@ from stagetune.checkpoint import (
 from stagetune.config import Config, flatten, from_dict, to_dict, write_ini
 from stagetune.corpus import Corpus
 from stagetune.dataset import Batch, BucketBatchSampler, UtteranceDataset, collate
-from stagetune.errors import StagetuneError, UsageError
+from stagetune.errors import StagetuneError, TrainingInterrupted, UsageError
 from stagetune.failures import is_non_finite_loss
 from stagetune.metrics import ErrorCounts
 from stagetune.model import TASKS, AcousticModel, build_model
@@ -115,17 +115,6 @@ class Callback(Protocol):
     """Receives every finished epoch; may raise to stop training."""
 
     def __call__(self, result: EpochResult) -> None: ...
-
-
-class TrainingInterrupted(StagetuneError):
-    """SIGTERM/SIGINT arrived; a checkpoint was saved and the run can be resumed."""
-
-    exit_code = 143
-
-    def __init__(self, message: str, signum: int) -> None:
-        super().__init__(message)
-        self.signum = signum
-        self.exit_code = 128 + signum
 
 
 class NonFiniteLoss(StagetuneError):

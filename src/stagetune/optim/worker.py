@@ -24,7 +24,7 @@ import optuna
 from optuna.trial import TrialState
 from sqlalchemy import DateTime, column, func, select, text
 
-from stagetune.errors import StagetuneError
+from stagetune.errors import StagetuneError, TrainingInterrupted
 from stagetune.optim.budget import FINISHED_STATES, SLOT_STATES, budget_lock, count_trials
 from stagetune.optim.objective import OBJECTIVES, TrialContext
 from stagetune.optim.registry import make_sampler
@@ -249,8 +249,6 @@ def _run_one(
     stop: dict[str, int | None],
     db: Callable[[Callable[[], Any], str], Any],
 ) -> str:
-    from stagetune.training import TrainingInterrupted
-
     objective = OBJECTIVES[options.objective]
     began = time.monotonic()
     value: float | None = None
