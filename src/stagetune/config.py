@@ -258,6 +258,14 @@ class TrainingConfig:
         search=Space(0.0, 0.1),
         when=When("training.reduce_lr_factor", "<", 1.0),
     )
+    reduce_lr_burnin: int = param(
+        0,
+        "Epochs before the learning rate may be reduced (CTC models often sit on an "
+        "all-blank plateau for the first epochs).",
+        min=0,
+        search=Space(0, 10),
+        when=When("training.reduce_lr_factor", "<", 1.0),
+    )
     early_stopping_threshold: float = param(
         0.0,
         "Relative dev-error improvement needed to reset early-stopping patience; "

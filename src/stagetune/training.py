@@ -499,7 +499,7 @@ def fit(
             if best:
                 state["best_error"], state["best_epoch"] = dev_error, epoch
                 atomic_save(model.state_dict(), model_dir / BEST_NAME)
-            if plateau:
+            if plateau and epoch > t.reduce_lr_burnin:
                 scheduler.step(dev_error)
             if t.early_stopping_threshold > 0:
                 if dev_error < state["es_reference"] * (1 - t.early_stopping_threshold):

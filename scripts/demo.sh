@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The main job, end to end on the embedded default (SQLite) with the generated
+# demo corpus: set up .venv, make the corpus, run a small staged search with 2
+# local workers per stage (a random "sm" stage, then a TPE "lg" stage chained
+# with --from-study and pruning), train the best config, evaluate it on test.
+# Rerunning continues where it stopped (studies, checkpoints and data are kept
+# under exp/demo); remove exp/demo to start over.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup_venv.sh
+export PATH="$PWD/.venv/bin:$PATH"
+
+exp=exp/demo
+data=$exp/data
+db="sqlite:///$exp/optim.db"
+mkdir -p "$exp"
+[ -f "$data/test/feats.scp" ] || python -m stagetune.demo "$data"
+
+workers() {  # run two local workers on study $1 with sampler $2
+  local pids=()
+  for seed in 1 2; do
+    stagetune optim --study-name "$1" "$db" run --sampler "$2" --seed "$seed" \
+      --ckpt-dir "$exp/ckpt" --threads 1 &
+    pids+=($!)
+  done
+  wait "${pids[@]}"
+}
+
+echo "== stage sm: random search over the model architecture and learning rate"
+stagetune --read-ini conf/demo.ini --set training.num_epochs=3 optim --study-name demo-sm "$db" \
+  init "$data/train" --dev-dir "$data/dev" \
+  --whitelist 'model\..*' 'training\.learning_rate' \
+  --mem-limit-bytes 2000000000 --num-trials 6 --pruner none
+stagetune optim --study-name demo-sm "$db" status --check >/dev/null || workers demo-sm random
+
+echo "== stage lg: TPE over the 3 most important parameters, from the best sm config"
+stagetune optim --study-name demo-lg "$db" init --from-study demo-sm --top-k 3 \
+  --set training.num_epochs=5 --mem-limit-bytes 2000000000 --num-trials 6 --pruner median
+stagetune optim --study-name demo-lg "$db" status --check >/dev/null || workers demo-lg tpe
+
+echo "== final model: the best lg config, trained longer"
+stagetune optim --study-name demo-lg "$db" important --verbose "$exp/lg.params" 2>"$exp/lg.importance"
+stagetune optim --study-name demo-lg "$db" best "$exp/best.ini" --set training.num_epochs=10
+stagetune --read-ini "$exp/best.ini" train "$data/train" "$data/dev" "$exp/final" --threads 2 --quiet
+stagetune evaluate "$exp/final/model.pt" "$data/test" --out "$exp/final/test.hyp" | tee "$exp/test.result"
+
+echo
+echo "== summary"
+echo "test: $(cat "$exp/test.result")"
+echo "most important parameters (demo-lg):"; sed 's/^/  /' "$exp/lg.importance" | head -5
+echo "best config: $exp/best.ini; model: $exp/final/model.pt"
+echo "studies: $db (stagetune optim --study-name demo-lg $db status)"
+echo "browse them: pip install optuna-dashboard && optuna-dashboard $db"
