@@ -63,6 +63,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     run_p.add_argument("--objective", default="train", help="train (default); quadratic or sleep for benchmarks")
     run_p.add_argument("--sleep-seconds", type=float, default=1.0, help="for --objective sleep")
     run_p.add_argument("--verbose", action="store_true", help="a line per epoch too")
+    run_p.add_argument("--workers", type=int, default=1, metavar="N", help="run N local worker processes")
+    run_p.add_argument("--gpus", default=None, metavar="IDS", help="with --workers: comma-separated GPU ids, one per worker")
     add_threads_argument(run_p)
 
     imp = cmds.add_parser("important", help="rank parameters by importance; one dotted name per line")
@@ -190,7 +192,12 @@ def _run(args: argparse.Namespace, study_name: str) -> int:
     for flag, value in (("--n-trials", args.n_trials), ("--max-retries", args.max_retries)):
         if value is not None and value < 0:
             raise UsageError(f"{flag} must be >= 0, got {value}")
-    set_threads(args.threads or 1)
+    if args.workers < 1:
+        raise UsageError(f"--workers must be >= 1, got {args.workers}")
+    if args.workers > 1 or args.gpus:
+        return _run_pool(args, study_name)
+    if args.objective == "train":  # quadratic and sleep workers never import torch
+        set_threads(args.threads or 1)
     options = WorkerOptions(
         sampler=args.sampler,
         n_trials=args.n_trials,
@@ -210,6 +217,31 @@ def _run(args: argparse.Namespace, study_name: str) -> int:
     summary = run_worker(args.url, study_name, options, log=_err)
     _err(summary.line())
     return 0
+
+
+def _run_pool(args: argparse.Namespace, study_name: str) -> int:
+    from stagetune.optim.pool import run_pool
+
+    worker = [*(["--device", args.device] if args.device else []), "optim", "--study-name", study_name, args.url, "run"]
+    for flag, value in (
+        ("--sampler", args.sampler),
+        ("--n-trials", args.n_trials),
+        ("--timeout", args.timeout),
+        ("--ckpt-dir", args.ckpt_dir),
+        ("--max-retries", args.max_retries),
+        ("--heartbeat-interval", args.heartbeat_interval),
+        ("--grace-period", args.grace_period),
+        ("--num-data-workers", args.num_data_workers),
+        ("--objective", args.objective),
+        ("--sleep-seconds", args.sleep_seconds),
+        ("--threads", args.threads),
+    ):
+        if value is not None:
+            worker += [flag, str(value)]
+    worker += ["--keep-models"] if args.keep_models else []
+    worker += ["--verbose"] if args.verbose else []
+    gpus = [g for g in (args.gpus or "").split(",") if g.strip()]
+    return run_pool(worker, args.workers, gpus=gpus, seed=args.seed, out=_err)
 
 
 def _important(args: argparse.Namespace, study_name: str) -> int:

@@ -96,6 +96,25 @@ class _Heartbeat:
         self._thread.join(timeout=5)
 
 
+class _ResilientTrial:
+    """A trial whose database calls wait out a transient outage (see retry_transient)."""
+
+    _RETRIED = ("suggest_int", "suggest_float", "suggest_categorical", "report", "should_prune", "set_user_attr")
+
+    def __init__(self, trial: optuna.Trial, db: Callable[[Callable[[], Any], str], Any]) -> None:
+        self._trial, self._db = trial, db
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._trial, name)
+        if name not in self._RETRIED:
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return self._db(lambda: attr(*args, **kwargs), f"trial {self._trial.number}: {name}")
+
+        return call
+
+
 def _compact(params: dict[str, Any]) -> str:
     def fmt(v: Any) -> str:
         return f"{v:.3g}" if isinstance(v, float) else str(v)
@@ -255,7 +274,7 @@ def _run_one(
     reason = ""
     with _Heartbeat(storage, trial._trial_id, options.heartbeat_interval):
         try:
-            value = objective(ctx, trial)
+            value = objective(ctx, _ResilientTrial(trial, db))
             state = TrialState.COMPLETE
         except optuna.TrialPruned as exc:
             state, reason = TrialState.PRUNED, str(exc)
