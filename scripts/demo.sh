@@ -30,12 +30,12 @@ echo "== stage sm: random search over the model architecture and learning rate"
 stagetune --read-ini conf/demo.ini --set training.num_epochs=3 optim --study-name demo-sm "$db" \
   init "$data/train" --dev-dir "$data/dev" \
   --whitelist 'model\..*' 'training\.learning_rate' \
-  --mem-limit-bytes 2000000000 --num-trials 6 --pruner none
+  --mem-limit-bytes 60000000 --num-trials 8 --pruner none
 stagetune optim --study-name demo-sm "$db" status --check >/dev/null || workers demo-sm random
 
 echo "== stage lg: TPE over the 3 most important parameters, from the best sm config"
 stagetune optim --study-name demo-lg "$db" init --from-study demo-sm --top-k 3 \
-  --set training.num_epochs=5 --mem-limit-bytes 2000000000 --num-trials 6 --pruner median
+  --set training.num_epochs=5 --mem-limit-bytes 60000000 --num-trials 6 --pruner median
 stagetune optim --study-name demo-lg "$db" status --check >/dev/null || workers demo-lg tpe
 
 echo "== final model: the best lg config, trained longer"

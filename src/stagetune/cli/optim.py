@@ -298,7 +298,7 @@ def _status(args: argparse.Namespace, study_name: str) -> int:
 
     with storage_session(args.url, heartbeat_interval=None, create=False) as storage:
         study, spec = load_study(storage, study_name, args.url)
-        status = study_status(study, spec)
+        status = study_status(study, spec, storage)
     if args.json:
         print(json.dumps(status, default=str))
     else:

@@ -24,8 +24,10 @@ def _heartbeat_ages(storage: optuna.storages.RDBStorage, study_id: int) -> dict[
     return {int(number): (now - beat).total_seconds() for number, beat in rows}
 
 
-def study_status(study: optuna.Study, spec: StudySpec) -> dict[str, Any]:
-    """A JSON-serialisable summary of the study."""
+def study_status(
+    study: optuna.Study, spec: StudySpec, storage: optuna.storages.RDBStorage | None = None
+) -> dict[str, Any]:
+    """A JSON-serialisable summary of the study (heartbeats need the RDB ``storage``)."""
     trials = study.get_trials(deepcopy=False)
     by_state = {s.name: 0 for s in TrialState}
     for t in trials:
@@ -33,9 +35,7 @@ def study_status(study: optuna.Study, spec: StudySpec) -> dict[str, Any]:
     finished = by_state["COMPLETE"] + by_state["PRUNED"]
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     best = min(complete, key=lambda t: t.value) if complete else None
-    ages = {}
-    if isinstance(study._storage, optuna.storages.RDBStorage):
-        ages = _heartbeat_ages(study._storage, study._study_id)
+    ages = _heartbeat_ages(storage, study._study_id) if storage is not None else {}
     running = [
         {
             "number": t.number,
