@@ -249,9 +249,15 @@ def _important(args: argparse.Namespace, study_name: str) -> int:
     from stagetune.optim.storage import storage_session
     from stagetune.optim.study import load_study
 
+    if args.evaluator == "ped-anova" and "sklearn" not in sys.modules:
+        # PED-ANOVA needs no scikit-learn, but importing optuna.importance would
+        # load it (seconds) for fANOVA's sake; keep `important` fast.
+        sys.modules["sklearn"] = None  # type: ignore[assignment]
+    from stagetune.optim.analysis import completed_in_memory
+
     with storage_session(args.url, heartbeat_interval=None, create=False) as storage:
         study, _ = load_study(storage, study_name, args.url)
-        ranking = rank_parameters(study, evaluator=args.evaluator, seed=args.seed)
+        ranking = rank_parameters(completed_in_memory(storage, study), evaluator=args.evaluator, seed=args.seed)
     chosen = select_important(ranking, top_k=args.top_k, threshold=args.threshold)
     if args.verbose:
         for name, value in ranking:
