@@ -26,16 +26,17 @@ workers() {  # run two local workers on study $1 with sampler $2
   wait "${pids[@]}"
 }
 
-echo "== stage sm: random search over the model architecture and learning rate"
-stagetune --read-ini conf/demo.ini --set training.num_epochs=3 optim --study-name demo-sm "$db" \
+echo "== stage sm: random search, 4 epochs a trial; the memory budget prunes big models before they train"
+stagetune --read-ini conf/demo.ini --set training.num_epochs=4 optim --study-name demo-sm "$db" \
   init "$data/train" --dev-dir "$data/dev" \
-  --whitelist 'model\..*' 'training\.learning_rate' \
-  --mem-limit-bytes 60000000 --num-trials 8 --pruner none
+  --whitelist 'model\.recurrent_(type|size|bidirectional)' 'model\.convolutional_(layers|kernel_time)' \
+              'training\.(learning_rate|optimizer)' \
+  --mem-limit-bytes 40000000 --num-trials 8 --pruner none
 stagetune optim --study-name demo-sm "$db" status --check >/dev/null || workers demo-sm random
 
-echo "== stage lg: TPE over the 3 most important parameters, from the best sm config"
+echo "== stage lg: TPE over the 3 most important parameters, from the best sm config, with pruning"
 stagetune optim --study-name demo-lg "$db" init --from-study demo-sm --top-k 3 \
-  --set training.num_epochs=5 --mem-limit-bytes 60000000 --num-trials 6 --pruner median
+  --set training.num_epochs=6 --mem-limit-bytes 40000000 --num-trials 6 --pruner median
 stagetune optim --study-name demo-lg "$db" status --check >/dev/null || workers demo-lg tpe
 
 echo "== final model: the best lg config, trained longer"
