@@ -73,7 +73,7 @@ _URL_EXAMPLES = "sqlite:///exp/optim.db, postgresql://USER@HOST/DB or mysql://US
 # 100 workers must not exhaust max_connections. Optuna's heartbeat thread takes a
 # second connection, hence the overflow.
 _SERVER_ENGINE_KWARGS: dict[str, Any] = {
-    "pool_size": 2,
+    "pool_size": 1,  # idle connections kept per worker: 32 workers fit max_connections=50
     "max_overflow": 4,
     "pool_timeout": 60,
     "pool_pre_ping": True,  # a restarted server leaves dead connections in the pool
