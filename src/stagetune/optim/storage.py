@@ -103,6 +103,9 @@ _DB_ERROR_KINDS: tuple[tuple[re.Pattern[str], str, bool], ...] = tuple(
         (r"could not receive data from server|connection reset by peer|broken pipe",
          "the connection was cut", True),
         (r"database (table )?is locked", "database is locked by another process", True),
+        (r"too many clients|too many connections|remaining connection slots are reserved",
+         "the server has no free connection slot", True),
+        (r"deadlock detected|deadlock found", "a deadlock between workers", True),
         (r"could not translate host name|name or service not known|unknown (mysql )?server host",
          "unknown host name", False),
         (r"password authentication failed|no password supplied|access denied for user",
@@ -434,14 +437,14 @@ def open_storage(
             )
 
     try:
-        if is_sqlite:
-            return retry_transient(
-                construct,
-                what="opening the study database",
-                url=url,
-                max_wait_s=_SQLITE_OPEN_MAX_WAIT_S,
-            )
-        return construct()
+        # Many workers start at once: a locked SQLite file, a server momentarily out
+        # of connection slots or restarting are waited out, not reported.
+        return retry_transient(
+            construct,
+            what="opening the study database",
+            url=url,
+            max_wait_s=_SQLITE_OPEN_MAX_WAIT_S,
+        )
     except (ImportError, RuntimeError, sqlalchemy.exc.SQLAlchemyError, sqlite3.Error,
             optuna.exceptions.StorageInternalError) as exc:
         raise _open_error(exc, url, parsed, create=create) from exc
@@ -495,6 +498,9 @@ def _open_error(exc: BaseException, url: str, parsed: URL, *, create: bool) -> S
             reason = f"database {parsed.database!r} does not exist; create it first"
         return StorageError(f"could not connect to {masked}: {reason}")
     # A DBAPIError's own text adds the SQL and a link; the driver's first line says it all.
+    # Optuna's StorageInternalError hides the driver's error behind a generic text.
+    if isinstance(exc, optuna.exceptions.StorageInternalError) and exc.__cause__ is not None:
+        exc = exc.__cause__
     driver_text = _scrub(str(getattr(exc, "orig", None) or exc), url).strip()
     first_line = driver_text.splitlines()[0] if driver_text else type(exc).__name__
     return StorageError(f"could not open the study database {masked}: {first_line}")
