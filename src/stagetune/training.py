@@ -187,9 +187,10 @@ class _Signals:
 class _Stop(Exception):
     """Internal: a signal arrived mid-epoch after ``batches_done`` batches."""
 
-    def __init__(self, batches_done: int) -> None:
+    def __init__(self, batches_done: int, loss_sum: float) -> None:
         super().__init__(batches_done)
         self.batches_done = batches_done
+        self.loss_sum = loss_sum
 
 
 def train_one_epoch(
@@ -204,11 +205,14 @@ def train_one_epoch(
     scaler: torch.amp.GradScaler | None = None,
     should_stop: Callable[[], bool] = lambda: False,
     progress: tqdm | None = None,
+    start_loss_sum: float = 0.0,
 ) -> tuple[float, int]:
     """Train over ``loader`` (batches ``first_batch`` onwards of this epoch).
 
     Each :class:`Batch` holds feats (B, T, F), feat_lens (B,), targets (B, U)
-    and target_lens (B,).  Returns (sum of batch losses, frames seen).
+    and target_lens (B,).  Returns (sum of batch losses, frames seen), the sum
+    starting from ``start_loss_sum`` (the earlier batches' sum when resuming
+    mid-epoch, so it adds up in the same order as an uninterrupted epoch).
     Raises ``_Stop`` between batches when ``should_stop()`` turns true.
     """
     task = TASKS[config.model.task]
@@ -216,7 +220,7 @@ def train_one_epoch(
     model.train()
     augment = augmentation_enabled(t)
     use_amp = scaler is not None
-    loss_sum = torch.zeros((), device=device)
+    loss_sum = torch.full((), start_loss_sum, device=device)
     frames = 0
     for index, batch in enumerate(loader, start=first_batch):
         seed = _batch_seed(t.seed, epoch, index)
@@ -249,7 +253,7 @@ def train_one_epoch(
         if progress is not None:
             progress.update(1)
         if should_stop():
-            raise _Stop(index + 1)
+            raise _Stop(index + 1, float(loss_sum))
     return float(loss_sum), frames
 
 
@@ -351,7 +355,6 @@ def fit(
     if log is None:
         log = (lambda _msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     model_dir = Path(model_dir)
-    model_dir.mkdir(parents=True, exist_ok=True)
     t = config.training
     task = TASKS[config.model.task]
     symbols = corpus.token_symbols
@@ -373,6 +376,7 @@ def fit(
     state: dict[str, Any] = {
         "epoch": 0,
         "batch": 0,
+        "loss_sum": 0.0,  # of the batches before "batch" in a mid-epoch checkpoint
         "history": [],
         "best_error": math.inf,
         "best_epoch": 0,
@@ -392,6 +396,13 @@ def fit(
                 + "; ".join(changes[:5])
                 + "); use a new model directory, or the same config to resume"
             )
+        if ckpt["feat_dim"] != corpus.feat_dim or ckpt["tokens"] != symbols:
+            raise UsageError(
+                f"{model_dir} holds a checkpoint trained on other data (feature dimension "
+                f"{ckpt['feat_dim']}, {len(ckpt['tokens'])} output symbols; this data: "
+                f"{corpus.feat_dim}, {len(symbols)}); use a new model directory, or the same "
+                f"data to resume"
+            )
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -407,6 +418,8 @@ def fit(
             log(f"resuming {model_dir} at {at}" + (f", batch {state['batch'] + 1}" if state["batch"] else ""))
     elif init_from is not None:
         _init_from(model, Path(init_from), log)
+    # Only now that data, config, checkpoint and --init-from are known good.
+    model_dir.mkdir(parents=True, exist_ok=True)
     (model_dir / CONFIG_NAME).write_text(write_ini(config))
 
     train_set = UtteranceDataset(corpus.train, corpus.train_ids, apply_cmvn=config.data.apply_cmvn)
@@ -472,11 +485,12 @@ def fit(
                     scaler=scaler,
                     should_stop=lambda: signals.received is not None,
                     progress=bar,
+                    start_loss_sum=state["loss_sum"],
                 )
             except _Stop as stop:
                 signals.acted = True
                 bar.close()
-                state["batch"] = stop.batches_done
+                state["batch"], state["loss_sum"] = stop.batches_done, stop.loss_sum
                 checkpoint()
                 name = signal.Signals(signals.received).name
                 raise TrainingInterrupted(
@@ -508,10 +522,9 @@ def fit(
                     state["bad_epochs"] += 1
                 if epoch >= t.early_stopping_burnin and state["bad_epochs"] >= t.early_stopping_patience:
                     state["stopped_early"] = True
-            batches_run = max(len(batches) - first, 1)
             result = EpochResult(
                 epoch=epoch,
-                train_loss=loss_sum / batches_run,
+                train_loss=loss_sum / max(len(batches), 1),
                 dev_error=dev_error,
                 learning_rate=lr,
                 seconds=seconds,
@@ -521,7 +534,7 @@ def fit(
                 dev_counts=counts,
             )
             state["history"].append(result.row())
-            state["epoch"], state["batch"] = epoch, 0
+            state["epoch"], state["batch"], state["loss_sum"] = epoch, 0, 0.0
             _write_history(model_dir / HISTORY_NAME, state["history"])
             log(
                 f"epoch {epoch}/{t.num_epochs}: train loss {result.train_loss:.4f}, "

@@ -1,0 +1,116 @@
+"""Checkpoints and model files (``stagetune.checkpoint``)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from stagetune.checkpoint import (
+    CHECKPOINT_FORMAT,
+    MODEL_FORMAT,
+    atomic_save,
+    load_checkpoint,
+    load_model_file,
+    rng_state,
+    save_model_file,
+    set_rng_state,
+    versions,
+)
+from stagetune.config import load_config
+from stagetune.errors import StagetuneError
+
+
+def test_atomic_save_replaces_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "deep" / "x.pt"
+    atomic_save({"a": torch.arange(3)}, path)
+    atomic_save({"a": torch.arange(4)}, path)
+    assert torch.equal(torch.load(path, weights_only=True)["a"], torch.arange(4))
+    assert sorted(p.name for p in path.parent.iterdir()) == ["x.pt"]
+
+
+def test_failed_save_keeps_the_old_file_and_leaves_no_temporaries(tmp_path: Path) -> None:
+    path = tmp_path / "x.pt"
+    atomic_save({"a": 1}, path)
+    before = path.read_bytes()
+    with pytest.raises(Exception):
+        atomic_save({"unpicklable": lambda: None}, path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["x.pt"]
+
+
+def test_rng_state_round_trip_restores_every_generator() -> None:
+    state = rng_state()
+    first = (torch.rand(3), np.random.rand(3), random.random())
+    set_rng_state(state)
+    second = (torch.rand(3), np.random.rand(3), random.random())
+    assert torch.equal(first[0], second[0])
+    assert np.array_equal(first[1], second[1])
+    assert first[2] == second[2]
+
+
+def test_rng_state_survives_a_save(tmp_path: Path) -> None:
+    atomic_save({"rng": rng_state()}, tmp_path / "r.pt")
+    expected = torch.rand(5)
+    set_rng_state(torch.load(tmp_path / "r.pt", weights_only=False)["rng"])
+    assert torch.equal(torch.rand(5), expected)
+
+
+def test_model_file_round_trip(tmp_path: Path) -> None:
+    config = load_config([], ["model.recurrent_size=17", "training.seed=3"])
+    weights = {"w": torch.randn(2, 3, requires_grad=True), "b": torch.zeros(2)}
+    save_model_file(
+        tmp_path / "model.pt", state_dict=weights, config=config, feat_dim=40,
+        tokens=["<blank>", "a", "b"], extra={"best_epoch": 4},
+    )
+    loaded = load_model_file(tmp_path / "model.pt")
+    assert loaded.config == config
+    assert loaded.feat_dim == 40
+    assert loaded.tokens == ["<blank>", "a", "b"]
+    assert loaded.extra["best_epoch"] == 4
+    assert loaded.extra["format"] == MODEL_FORMAT
+    assert loaded.extra["versions"] == versions()
+    assert loaded.state_dict.keys() == weights.keys()
+    for name, tensor in weights.items():
+        assert torch.equal(loaded.state_dict[name], tensor.detach())
+        assert not loaded.state_dict[name].requires_grad
+
+
+def test_versions_name_stagetune_torch_and_python() -> None:
+    assert set(versions()) == {"stagetune", "torch", "python"}
+    assert versions()["torch"] == torch.__version__
+
+
+def test_load_checkpoint_reads_what_training_writes(tmp_path: Path) -> None:
+    atomic_save({"format": CHECKPOINT_FORMAT, "epoch": 2}, tmp_path / "checkpoint.pt")
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 2
+
+
+@pytest.mark.parametrize("loader", [load_checkpoint, load_model_file])
+def test_missing_file_is_a_clear_error(tmp_path: Path, loader) -> None:
+    with pytest.raises(StagetuneError, match="no such"):
+        loader(tmp_path / "none.pt")
+
+
+@pytest.mark.parametrize("loader", [load_checkpoint, load_model_file])
+def test_corrupt_file_is_a_clear_error(tmp_path: Path, loader) -> None:
+    path = tmp_path / "x.pt"
+    atomic_save({"format": CHECKPOINT_FORMAT, "w": torch.randn(100)}, path)
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(StagetuneError, match=r"x\.pt: cannot read"):
+        loader(path)
+
+
+def test_checkpoint_and_model_file_are_not_interchangeable(tmp_path: Path) -> None:
+    save_model_file(tmp_path / "model.pt", state_dict={}, config=load_config(), feat_dim=1, tokens=["0"])
+    atomic_save({"format": CHECKPOINT_FORMAT}, tmp_path / "checkpoint.pt")
+    with pytest.raises(StagetuneError, match="not a stagetune training checkpoint"):
+        load_checkpoint(tmp_path / "model.pt")
+    with pytest.raises(StagetuneError, match="pass the model.pt that `stagetune train` wrote"):
+        load_model_file(tmp_path / "checkpoint.pt")
+    torch.save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(StagetuneError, match="not a stagetune model file"):
+        load_model_file(tmp_path / "list.pt")
