@@ -26,16 +26,16 @@ workers() {  # run two local workers on study $1 with sampler $2
   wait "${pids[@]}"
 }
 
-echo "== stage sm: random search, 4 epochs a trial; the memory budget prunes big models before they train"
-stagetune --read-ini conf/demo.ini --set training.num_epochs=4 optim --study-name demo-sm "$db" \
+echo "== stage sm: random search over cell type, direction, nonlinearity, optimizer and learning rate"
+stagetune --read-ini conf/demo.ini --set training.num_epochs=5 optim --study-name demo-sm "$db" \
   init "$data/train" --dev-dir "$data/dev" \
-  --whitelist 'model\.recurrent_(type|size|bidirectional)' 'model\.convolutional_(layers|kernel_time)' \
-              'training\.(learning_rate|optimizer)' \
+  --whitelist 'model\.recurrent_(type|bidirectional)' 'model\.convolutional_nonlinearity' \
+              'training\.(optimizer|learning_rate)' \
   --mem-limit-bytes 40000000 --num-trials 8 --pruner none
 stagetune optim --study-name demo-sm "$db" status --check >/dev/null || workers demo-sm random
 
-echo "== stage lg: TPE over the 3 most important parameters, from the best sm config, with pruning"
-stagetune optim --study-name demo-lg "$db" init --from-study demo-sm --top-k 3 \
+echo "== stage lg: TPE over the 2 most important parameters, from the best sm config, with pruning"
+stagetune optim --study-name demo-lg "$db" init --from-study demo-sm --top-k 2 \
   --set training.num_epochs=6 --mem-limit-bytes 40000000 --num-trials 6 --pruner median
 stagetune optim --study-name demo-lg "$db" status --check >/dev/null || workers demo-lg tpe
 

@@ -176,7 +176,7 @@ class TrainingConfig:
     )
     optimizer: str = param("adam", "Optimizer.", choices=OPTIMIZERS, search=Space())
     learning_rate: float = param(
-        2e-3, "Initial learning rate.", min=1e-12, max=10.0, search=Space(1e-5, 1e-1, log=True)
+        2e-3, "Initial learning rate.", min=1e-12, max=10.0, search=Space(1e-4, 5e-2, log=True)
     )
     momentum: float = param(
         0.9,
