@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Iterator
 
 import optuna
-from sqlalchemy import text
+from sqlalchemy import Connection, text
 
 from stagetune.errors import StorageError
 
-__all__ = ["SLOT_STATES", "FINISHED_STATES", "budget_lock", "count_trials"]
+__all__ = ["SLOT_STATES", "FINISHED_STATES", "budget_lock", "count_trials", "count_by_state"]
 
 SLOT_STATES = ("RUNNING", "WAITING", "COMPLETE", "PRUNED")
 FINISHED_STATES = ("COMPLETE", "PRUNED")
@@ -38,8 +38,12 @@ def _key(study_name: str) -> str:
 @contextmanager
 def budget_lock(
     storage: optuna.storages.RDBStorage, study_name: str, timeout_s: float = 600.0
-) -> Iterator[None]:
-    """Hold the study-wide budget lock (one holder across all workers)."""
+) -> Iterator[Connection | None]:
+    """Hold the study-wide budget lock (one holder across all workers).
+
+    Yields the server connection that holds the lock (None for SQLite): counting
+    on it (:func:`count_by_state`) takes no second connection from the pool.
+    """
     engine = storage.engine
     dialect = engine.dialect.name
     key = _key(study_name)
@@ -63,7 +67,7 @@ def budget_lock(
                 conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": lock_id})
                 conn.commit()
                 try:
-                    yield
+                    yield conn
                 finally:
                     conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": lock_id})
                     conn.commit()
@@ -76,7 +80,7 @@ def budget_lock(
                     if time.monotonic() > deadline:
                         raise StorageError(f"could not take the budget lock of study {study_name!r} in {timeout_s:.0f} s")
                 try:
-                    yield
+                    yield conn
                 finally:
                     conn.execute(text("SELECT RELEASE_LOCK(:k)"), {"k": key})
                     conn.commit()
@@ -91,3 +95,22 @@ def count_trials(storage: optuna.storages.RDBStorage, study_id: int, states: tup
     params = {"sid": study_id, **{f"s{i}": s for i, s in enumerate(states)}}
     with storage.engine.connect() as conn:
         return int(conn.execute(query, params).scalar())
+
+
+def count_by_state(
+    storage: optuna.storages.RDBStorage, study_id: int, conn: Connection | None = None
+) -> dict[str, int]:
+    """The study's trials per state name (states without trials are absent), in one query.
+
+    Args:
+        conn: Count on this connection (the one :func:`budget_lock` yields) and
+            commit, so that the next count sees a fresh snapshot (MySQL's
+            REPEATABLE READ would otherwise show the first one again).
+    """
+    query = text("SELECT state, COUNT(*) FROM trials WHERE study_id = :sid GROUP BY state")
+    if conn is not None:
+        counts = {str(state): int(n) for state, n in conn.execute(query, {"sid": study_id})}
+        conn.commit()
+        return counts
+    with storage.engine.connect() as own:
+        return {str(state): int(n) for state, n in own.execute(query, {"sid": study_id})}

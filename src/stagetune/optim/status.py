@@ -6,7 +6,7 @@ from typing import Any
 
 import optuna
 from optuna.trial import TrialState
-from sqlalchemy import DateTime, column, func, select, text
+from sqlalchemy import DateTime, func, select, text
 
 from stagetune.optim.spec import StudySpec
 
@@ -17,9 +17,10 @@ def _heartbeat_ages(storage: optuna.storages.RDBStorage, study_id: int) -> dict[
     query = text(
         "SELECT t.number AS number, h.heartbeat AS heartbeat FROM trial_heartbeats h "
         "JOIN trials t ON t.trial_id = h.trial_id WHERE t.study_id = :sid AND t.state = 'RUNNING'"
-    ).columns(column("heartbeat", DateTime))
+    ).columns(heartbeat=DateTime)  # by name: positional columns would type `number` instead
     with storage.engine.connect() as conn:
-        now = conn.execute(select(func.now(type_=DateTime))).scalar()
+        # PostgreSQL's now() is timezone-aware, the stored heartbeats are not (as optuna does).
+        now = conn.execute(select(func.now(type_=DateTime))).scalar().replace(tzinfo=None)
         rows = conn.execute(query, {"sid": study_id}).all()
     return {int(number): (now - beat).total_seconds() for number, beat in rows}
 

@@ -353,7 +353,7 @@ def retry_transient(
         StorageError: The database stayed away for ``max_wait_s`` seconds.
     """
     emit = log if log is not None else _logger.warning
-    where = f"database {mask_url(url)}" if url else "database"
+    where = ""  # masked only once needed: this wraps every database call of a trial
     started: float | None = None
     delay = _RETRY_FIRST_DELAY_S
     while True:
@@ -367,6 +367,7 @@ def retry_transient(
             now = time.monotonic()
             if started is None:
                 started = now
+                where = f"database {mask_url(url)}" if url else "database"
                 emit(f"{what}: {where} unreachable ({reason}); retrying for up to {max_wait_s:g} s")
             waited = now - started
             if waited >= max_wait_s:

@@ -80,8 +80,6 @@ def build_spec(
     parent_study: str | None = None,
 ) -> StudySpec:
     """Validate the data and the search space; nothing is written."""
-    from stagetune.corpus import load_corpus  # torch: only when actually initialising
-
     if num_trials is not None and num_trials < 1:
         raise UsageError(f"--num-trials must be >= 1, got {num_trials}")
     if mem_limit_bytes is not None and mem_limit_bytes < 1:
@@ -91,6 +89,9 @@ def build_spec(
     if num_data_workers < 0:
         raise UsageError(f"--num-data-workers must be >= 0, got {num_data_workers}")
     selection = select_tunable(config, whitelist, blacklist)
+    # Imports torch: only once the arguments are known to be good, so usage errors are instant.
+    from stagetune.corpus import load_corpus
+
     corpus = load_corpus(train_dir, dev_dir, dev_proportion=dev_proportion, task=config.model.task)
     targets = [len(corpus.train.targets(u)) for u in corpus.train_ids]
     return StudySpec(

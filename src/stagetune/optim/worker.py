@@ -25,7 +25,7 @@ from optuna.trial import TrialState
 from sqlalchemy import DateTime, column, func, select, text
 
 from stagetune.errors import StagetuneError, TrainingInterrupted
-from stagetune.optim.budget import FINISHED_STATES, SLOT_STATES, budget_lock, count_trials
+from stagetune.optim.budget import FINISHED_STATES, SLOT_STATES, budget_lock, count_by_state, count_trials
 from stagetune.optim.objective import OBJECTIVES, TrialContext
 from stagetune.optim.registry import make_sampler
 from stagetune.optim.storage import open_storage, close_storage, retry_transient
@@ -79,12 +79,12 @@ class _Heartbeat:
         self._thread = threading.Thread(target=self._run, daemon=True, name="stagetune-heartbeat")
 
     def _run(self) -> None:
-        while not self._stop.is_set():
+        # __enter__ recorded the first beat; a second one at once would cost a write per trial.
+        while not self._stop.wait(self._interval):
             try:
                 self._storage.record_heartbeat(self._trial_id)
             except Exception:  # an outage: the next beat may get through
                 pass
-            self._stop.wait(self._interval)
 
     def __enter__(self) -> _Heartbeat:
         self._storage.record_heartbeat(self._trial_id)
@@ -191,13 +191,32 @@ def _work(
     def db(fn: Callable[[], Any], what: str) -> Any:
         return retry_transient(fn, what=what, url=url, log=log)
 
+    # A trial turns stale only after missing beats for the grace period, so looking for
+    # stale trials once per heartbeat interval (or grace period, if shorter) finds them
+    # about as early as every claim would; a full budget always looks first, as a stale
+    # trial may hold the slot.
+    stale_check_every = min(options.heartbeat_interval, options.grace_period or options.heartbeat_interval)
+    next_stale_check = [0.0]
+
+    def fail_stale() -> None:
+        optuna.storages.fail_stale_trials(study)
+        next_stale_check[0] = time.monotonic() + stale_check_every
+
+    def budget_full(counts: dict[str, int]) -> bool:
+        slots = sum(counts.get(s, 0) for s in SLOT_STATES)
+        return slots >= spec.num_trials and counts.get("WAITING", 0) == 0
+
     def claim() -> optuna.Trial | None:
-        with budget_lock(storage, study_name):
-            optuna.storages.fail_stale_trials(study)
+        with budget_lock(storage, study_name) as lock_conn:
+            checked = time.monotonic() >= next_stale_check[0]
+            if checked:
+                fail_stale()
             if spec.num_trials is not None:
-                slots = count_trials(storage, study_id, SLOT_STATES)
-                waiting = count_trials(storage, study_id, ("WAITING",))
-                if slots >= spec.num_trials and waiting == 0:
+                counts = count_by_state(storage, study_id, lock_conn)
+                if budget_full(counts) and not checked:
+                    fail_stale()
+                    counts = count_by_state(storage, study_id, lock_conn)
+                if budget_full(counts):
                     return None
             return study.ask()
 
@@ -251,7 +270,8 @@ def _any_possibly_stale(storage: optuna.storages.RDBStorage, study_id: int, inte
         "JOIN trials t ON t.trial_id = h.trial_id WHERE t.study_id = :sid AND t.state = 'RUNNING'"
     ).columns(column("heartbeat", DateTime))
     with storage.engine.connect() as conn:
-        now = conn.execute(select(func.now(type_=DateTime))).scalar()
+        # PostgreSQL's now() is timezone-aware, the stored heartbeats are not (as optuna does).
+        now = conn.execute(select(func.now(type_=DateTime))).scalar().replace(tzinfo=None)
         beats = conn.execute(query, {"sid": study_id}).scalars().all()
     return any((now - beat).total_seconds() > 2 * interval for beat in beats)
 

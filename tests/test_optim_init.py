@@ -1,0 +1,148 @@
+"""Tests for ``stagetune optim init`` (stagetune.optim.study): create, re-check, force, chain."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from optim_helpers import (
+    LR_DOMINATED,
+    assert_one_line_error,
+    cli,
+    cli_many,
+    create_study,
+    fill_study,
+    opened_study,
+    read_spec,
+    study_names,
+    write_speech_data,
+)
+from sqlalchemy.engine import make_url
+
+from stagetune.config import load_config
+from stagetune.optim.analysis import rank_parameters
+
+
+def _expected_name(url: str) -> str:
+    database = make_url(url).database
+    return Path(database).stem if url.startswith("sqlite") else database
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    return write_speech_data(tmp_path / "data")
+
+
+def test_init_again_is_a_no_op_and_other_settings_are_listed(
+    storage_url: str, tmp_path: Path, data: Path
+) -> None:
+    name = _expected_name(storage_url)  # the default study name: the database's name
+    whitelist = r"training\..*"
+    create_study(storage_url, name, data, overrides=["training.num_epochs=2"], num_trials=4,
+                 whitelist=[whitelist])
+    spec = read_spec(storage_url, name)
+
+    def init(num_epochs: int, num_trials: int) -> list[object]:
+        return ["--set", f"training.num_epochs={num_epochs}", "optim", storage_url, "init", data,
+                "--num-trials", num_trials, "--whitelist", whitelist]
+
+    again, different = cli_many([init(2, 4), init(3, 5)], tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.strip() == (
+        f"study {name} in {storage_url} already exists with these settings; nothing to do"
+    )
+    assert different.returncode == 2
+    line = assert_one_line_error(
+        different, f"study {name!r} exists with other settings",
+        "training.num_epochs: 2 -> 3", "num_trials: 4 -> 5", "use a new --study-name",
+    )
+    assert "these invalidate its trials: training.num_epochs;" in line
+    assert read_spec(storage_url, name) == spec  # neither command wrote anything
+    assert study_names(storage_url) == [name]
+
+
+def test_force_replaces_safe_settings_but_never_the_base_config(tmp_path: Path, data: Path) -> None:
+    # Two identical studies: one for the refusals, one for --force (run at the same time).
+    urls = {key: f"sqlite:///{tmp_path / key}.db" for key in ("refused", "forced")}
+    for url in urls.values():
+        create_study(url, "optim", data, overrides=["training.num_epochs=2"], num_trials=4,
+                     whitelist=["training.learning_rate"])
+    before = read_spec(urls["refused"], "optim")
+
+    def init(key: str, num_epochs: int, *more: str) -> list[object]:
+        return ["--set", f"training.num_epochs={num_epochs}", "optim", "--study-name", "optim",
+                urls[key], "init", data, "--whitelist", "training.learning_rate", *more]
+
+    unforced, unsafe, forced = cli_many(
+        [
+            init("refused", 2, "--num-trials", "6"),
+            init("refused", 3, "--num-trials", "6", "--force"),
+            init("forced", 2, "--num-trials", "6", "--force", "--mem-limit-bytes", "1000000000",
+                 "--pruner", "median"),
+        ],
+        tmp_path,
+    )
+    assert unforced.returncode == 2
+    assert_one_line_error(unforced, "num_trials: 4 -> 6", "add --force to replace them")
+    assert unsafe.returncode == 2
+    assert_one_line_error(unsafe, "these invalidate its trials: training.num_epochs")
+    assert read_spec(urls["refused"], "optim") == before
+
+    assert forced.returncode == 0, forced.stderr
+    assert forced.stdout.startswith("updated study optim in "), forced.stdout
+    after = read_spec(urls["forced"], "optim")
+    assert (after["num_trials"], after["mem_limit_bytes"], after["pruner"]) == (6, 1000000000, "median")
+    assert after["base_config"] == before["base_config"] and after["tuned"] == before["tuned"]
+
+
+def test_bad_input_is_one_line_and_creates_no_study(tmp_path: Path, data: Path) -> None:
+    cases = {
+        "missing-dir": ([tmp_path / "no-such-dir"], 1, ["no-such-dir", "does not exist"]),
+        "no-train-dir": ([], 2, ["init needs TRAIN_DIR"]),
+        "bad-regex": ([data, "--whitelist", "model.(("], 2, ["'model.(('", "is not a regular expression"]),
+        "no-match": ([data, "--blacklist", "model.recurent_size"], 2,
+                     ["matches no tunable parameter; valid names:", "model.recurrent_size"]),
+        "zero-trials": ([data, "--num-trials", "0"], 2, ["--num-trials must be >= 1, got 0"]),
+        "bad-pruner": ([data, "--pruner", "sometimes"], 2, ["--pruner 'sometimes'", "hyperband"]),
+        "bad-set": ([data, "--set", "training.num_epochs=zero"], 2, ["training.num_epochs", "'zero'"]),
+    }
+    urls = {case: f"sqlite:///{tmp_path / case}.db" for case in cases}
+    results = cli_many(
+        [["optim", urls[case], "init", *args] for case, (args, _, _) in cases.items()], tmp_path
+    )
+    for (case, (_, code, needles)), done in zip(cases.items(), results):
+        assert done.returncode == code, (case, done.stderr)
+        assert_one_line_error(done, *needles)
+        assert done.stdout == "", case
+        assert study_names(urls[case]) == [], case
+
+
+def test_from_study_chains_a_stage(tmp_path: Path, data: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'optim.db'}"
+    spec = create_study(url, "stage1", data, whitelist=LR_DOMINATED, num_trials=16)
+    best = fill_study(url, "stage1", spec, 16).params
+    with opened_study(url, "stage1") as study:
+        top = rank_parameters(study)[0][0]
+    assert top == "training.learning_rate"
+
+    done = cli(
+        ["--set", "training.num_epochs=3", "optim", "--study-name", "stage2", url, "init",
+         "--from-study", "stage1", "--top-k", "1", "--num-trials", "5", "--set", "data.batch_size=4"],
+        tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "tuning 1 parameters (training.learning_rate)" in done.stdout
+    stage2 = read_spec(url, "stage2")
+    assert stage2["parent_study"] == "stage1"
+    assert stage2["tuned"] == [top]
+    assert stage2["train_dir"] == spec.train_dir  # the previous stage's data
+    for name, value in best.items():  # the base config is stage 1's best trial
+        section, key = name.split(".")
+        assert stage2["base_config"][section][key] == value
+    assert best["training.dropout_prob"] != load_config().training.dropout_prob
+    assert stage2["base_config"]["training"]["num_epochs"] == 3  # both --set edits applied
+    assert stage2["base_config"]["data"]["batch_size"] == 4
+
+    status = cli(["optim", "--study-name", "stage2", url, "status"], tmp_path)
+    assert status.returncode == 0, status.stderr
+    assert status.stdout.splitlines()[0] == "study stage2 (from stage1)"

@@ -1,0 +1,137 @@
+"""Tests for stagetune.optim.sampling: which parameters a study tunes, and how trials sample them."""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+
+import optuna
+import pytest
+from optim_helpers import cli, read_spec, write_speech_data
+
+from stagetune.config import Config, active, field_info, flatten, iter_fields, load_config
+from stagetune.errors import UsageError
+from stagetune.optim.registry import make_sampler
+from stagetune.optim.sampling import sample_config, sample_values, select_tunable
+from stagetune.space import Ref
+
+TUNABLE = [i.name for i in iter_fields() if i.search_space() is not None]
+RECURRENT = ("model.recurrent_size", "model.recurrent_type", "model.recurrent_bidirectional")
+
+
+# --- white/blacklists ---------------------------------------------------------------------
+
+
+def test_whitelist_is_a_full_match() -> None:
+    chosen = select_tunable(Config(), whitelist=[r"model\.recurrent_.*"]).tuned
+    assert chosen == ("model.recurrent_layers", *RECURRENT)
+    assert select_tunable(Config(), whitelist=["training.learning_rate"]).tuned == (
+        "training.learning_rate",
+    )
+    # Neither a suffix nor a prefix of a name is a match.
+    for partial in ("learning_rate", "training.learning", r"model\.recurrent"):
+        with pytest.raises(UsageError, match="matches no tunable parameter"):
+            select_tunable(Config(), whitelist=[partial])
+
+
+def test_blacklist_is_a_full_match_and_wins_over_the_whitelist() -> None:
+    tuned = select_tunable(
+        Config(), whitelist=[r"model\..*"], blacklist=[r"model\.convolutional_.*"]
+    ).tuned
+    assert tuned == ("model.recurrent_layers", *RECURRENT)
+    everything_but = select_tunable(Config(), blacklist=["data.batch_size"]).tuned
+    assert set(everything_but) == set(TUNABLE) - {"data.batch_size"}
+    with pytest.raises(UsageError, match="matches no tunable parameter"):
+        select_tunable(Config(), blacklist=["data.batch"])
+
+
+def test_a_pattern_matching_nothing_names_the_valid_names() -> None:
+    with pytest.raises(UsageError) as caught:
+        select_tunable(Config(), whitelist=["model.recurent_size"])
+    message = str(caught.value)
+    assert "'model.recurent_size'" in message
+    assert all(name in message.split() for name in TUNABLE)
+
+
+def test_lists_that_leave_nothing_are_an_error() -> None:
+    with pytest.raises(UsageError, match="no parameter to tune"):
+        select_tunable(Config(), whitelist=["data.batch_size"], blacklist=["data.batch_size"])
+
+
+def test_parameters_that_cannot_matter_are_dropped_with_a_reason() -> None:
+    base = load_config((), ["model.recurrent_layers=0"])
+    selection = select_tunable(base, blacklist=["model.recurrent_layers"])
+    assert [name for name, _ in selection.dropped] == list(RECURRENT)
+    assert all("model.recurrent_layers > 0" in why for _, why in selection.dropped)
+    assert not set(RECURRENT) & set(selection.tuned)
+    # While recurrent_layers is tuned, its dependants may become active: keep them.
+    assert set(RECURRENT) <= set(select_tunable(base).tuned)
+
+
+def test_init_prints_one_notice_per_dropped_parameter(tmp_path: Path) -> None:
+    data = write_speech_data(tmp_path / "data")
+    done = cli(
+        ["--set", "model.recurrent_layers=0", "optim", "sqlite:///o.db", "init", data,
+         "--blacklist", "model.recurrent_layers", "--num-trials", "3"],
+        tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("created study o in sqlite:///o.db: tuning ")  # named after the file
+    notices = done.stderr.strip().splitlines()
+    assert len(notices) == len(RECURRENT), done.stderr
+    for name, line in zip(RECURRENT, notices):
+        assert line.startswith(f"not tuning {name}: model.recurrent_layers > 0 is false"), line
+    spec = read_spec(f"sqlite:///{tmp_path / 'o.db'}", "o")
+    assert not set(RECURRENT) & set(spec["tuned"])
+    assert [name for name, _ in spec["dropped"]] == list(RECURRENT)
+    assert "model.recurrent_layers" not in done.stdout.partition("(")[2]
+
+
+# --- sampling -----------------------------------------------------------------------------
+
+
+def test_conditional_parameters_are_only_sampled_when_active() -> None:
+    tuned = ["model.recurrent_layers", "model.recurrent_size", "training.optimizer", "training.momentum"]
+    # FixedTrial raises for any suggested name it was not given: these must not be asked for.
+    off = sample_values(
+        optuna.trial.FixedTrial({"model.recurrent_layers": 0, "training.optimizer": "adam"}),
+        Config(),
+        tuned,
+    )
+    assert off == {"model.recurrent_layers": 0, "training.optimizer": "adam"}
+    on = sample_values(
+        optuna.trial.FixedTrial(
+            {"model.recurrent_layers": 2, "model.recurrent_size": 64,
+             "training.optimizer": "sgd", "training.momentum": 0.5}
+        ),
+        Config(),
+        tuned,
+    )
+    assert on == {"model.recurrent_layers": 2, "model.recurrent_size": 64,
+                  "training.optimizer": "sgd", "training.momentum": 0.5}
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+@pytest.mark.parametrize(("sampler", "num_samples"), [("random", 200), ("tpe", 40)])
+def test_samples_respect_conditions_and_dependent_bounds(sampler: str, num_samples: int) -> None:
+    study = optuna.create_study(sampler=make_sampler(sampler, 0))
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    tuned = list(TUNABLE)
+    seen_conv_layers = set()
+    for _ in range(num_samples):
+        trial = study.ask()
+        config = sample_config(trial, Config(), tuned)  # validates every bound
+        values = flatten(config)
+        for name in tuned:
+            info = field_info(name)
+            assert (name in trial.params) == active(info, values), (name, trial.params)
+            space = info.search_space()
+            if name in trial.params and space is not None and space.choices is None:
+                low, high = (b.resolve(values) if isinstance(b, Ref) else b for b in (space.low, space.high))
+                assert low <= trial.params[name] <= high, (name, trial.params)
+        if values["model.convolutional_layers"] > 0:
+            assert 1 <= values["model.convolutional_factor_sched"] <= values["model.convolutional_layers"] + 1
+            seen_conv_layers.add(values["model.convolutional_layers"])
+        study.tell(trial, zlib.crc32(repr(sorted(trial.params.items())).encode()) / 2**32)
+    if sampler == "random":
+        assert seen_conv_layers == {1, 2, 3, 4}  # the bound was exercised at every width
