@@ -16,8 +16,8 @@ from stagetune.dataset import (
     UtteranceDataset,
     collate,
     make_loader,
-    split_dev,
 )
+from stagetune.corpus import split_dev
 from stagetune.errors import DataError
 from stagetune.kaldi import load_data_dir
 

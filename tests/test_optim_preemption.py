@@ -146,12 +146,6 @@ def test_sigterm_hands_the_trial_back_within_10_s(study_url: str, tmp_path: Path
     _check_resumed(study_url, tmp_path, before)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a SIGTERM that arrives after a trial is claimed but before fit() installs its "
-    "own handler (sampling, memory check, claim wait) is only acted on after the whole trial "
-    "has trained; the trial should be handed back at once",
-)
 def test_sigterm_before_training_starts_hands_the_trial_back(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -2,14 +2,52 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
-from stagetune.dataset import split_dev
-from stagetune.errors import UsageError
+from stagetune.errors import DataError, UsageError
 from stagetune.kaldi import DataDir, load_data_dir
 
-__all__ = ["Corpus", "load_corpus"]
+__all__ = ["Corpus", "load_corpus", "split_dev"]
+
+
+def _unit_hash(utt_id: str) -> float:
+    """Map an id to [0, 1), uniformly and independently of any other id."""
+    return int.from_bytes(hashlib.sha1(utt_id.encode("utf-8")).digest()[:8], "big") / 2**64
+
+
+def split_dev(utt_ids: Sequence[str], proportion: float) -> tuple[list[str], list[str]]:
+    """Split utterances into ``(train, dev)`` by hashing each id.
+
+    An utterance is in dev iff ``sha1(id)`` mapped to [0, 1) is below
+    ``proportion``: the split does not depend on order or on the other ids, so
+    adding data never moves an utterance between train and dev.
+
+    Args:
+        utt_ids: Utterance ids; each output keeps their order.
+        proportion: Expected fraction of dev utterances, in (0, 1).
+
+    Returns:
+        ``(train_ids, dev_ids)``, both non-empty.
+
+    Raises:
+        DataError: If ``proportion`` is outside (0, 1) or a side ends up empty.
+    """
+    if isinstance(proportion, bool) or not 0.0 < proportion < 1.0:
+        raise DataError(f"dev proportion must be in (0, 1), got {proportion}")
+    train, dev = [], []
+    for utt in utt_ids:
+        (dev if _unit_hash(utt) < proportion else train).append(utt)
+    for name, ids in (("dev", dev), ("train", train)):
+        if not ids:
+            raise DataError(
+                f"dev proportion {proportion} of {len(utt_ids)} utterances leaves the {name} "
+                f"set empty; {'raise' if name == 'dev' else 'lower'} the dev proportion or "
+                "give a separate dev data directory"
+            )
+    return train, dev
 
 
 @dataclass

@@ -330,6 +330,7 @@ def fit(
     init_from: str | Path | None = None,
     quiet: bool = False,
     log: Callable[[str], None] | None = None,
+    stop_signal: Callable[[], int | None] = lambda: None,
 ) -> FitResult:
     """Train (or resume training of) a model in ``model_dir``.
 
@@ -346,6 +347,8 @@ def fit(
         init_from: A ``model.pt`` whose matching weights initialise the model.
         quiet: No progress bar or per-epoch lines.
         log: Where progress lines go (default: stderr unless ``quiet``).
+        stop_signal: A signal the caller received before or while ``fit`` runs
+            (e.g. an optim worker's SIGTERM flag); acted on like our own.
 
     Raises:
         TrainingInterrupted: After SIGTERM/SIGINT, once the checkpoint is saved.
@@ -483,7 +486,7 @@ def fit(
                     first_batch=first,
                     device=device,
                     scaler=scaler,
-                    should_stop=lambda: signals.received is not None,
+                    should_stop=lambda: signals.received is not None or stop_signal() is not None,
                     progress=bar,
                     start_loss_sum=state["loss_sum"],
                 )
@@ -492,11 +495,12 @@ def fit(
                 bar.close()
                 state["batch"], state["loss_sum"] = stop.batches_done, stop.loss_sum
                 checkpoint()
-                name = signal.Signals(signals.received).name
+                signum = signals.received or stop_signal() or signal.SIGTERM
+                name = signal.Signals(signum).name
                 raise TrainingInterrupted(
                     f"{name} received: checkpoint saved in {model_dir} at epoch {epoch}, "
                     f"batch {stop.batches_done}/{len(batches)}; rerun the same command to resume",
-                    signals.received,
+                    signum,
                 ) from None
             finally:
                 bar.close()

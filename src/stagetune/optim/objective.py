@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import signal
 import time
 import zlib
 from collections.abc import MutableMapping
@@ -21,6 +22,7 @@ from typing import Any, Callable, Iterator
 import optuna
 
 from stagetune.config import Config, flatten
+from stagetune.errors import TrainingInterrupted
 from stagetune.optim.sampling import sample_config
 from stagetune.optim.spec import StudySpec
 
@@ -41,6 +43,7 @@ class TrialContext:
     keep_models: bool = False
     sleep_seconds: float = 1.0
     log: Callable[[str], None] = print
+    stop_signal: Callable[[], int | None] = lambda: None
     corpus: Any = None
     _base: Config | None = field(default=None, repr=False)
 
@@ -145,6 +148,9 @@ def _train(ctx: TrialContext, trial: optuna.Trial) -> float:
             raise _prune(trial, f"pruned by the study's pruner after epoch {result.epoch}")
 
     model_dir = ctx.ckpt_dir / f"trial-{original_trial_number(ctx.study, trial)}"
+    signum = ctx.stop_signal()
+    if signum is not None:  # arrived while sampling or measuring: nothing trained yet
+        raise TrainingInterrupted(f"{signal.Signals(signum).name} received before training", signum)
     try:
         result = fit(
             config,
@@ -154,6 +160,7 @@ def _train(ctx: TrialContext, trial: optuna.Trial) -> float:
             num_workers=ctx.num_data_workers,
             callbacks=[report],
             quiet=True,
+            stop_signal=ctx.stop_signal,
         )
     except NonFiniteLoss as exc:
         raise _prune(trial, f"non-finite loss: {exc}") from None

@@ -183,6 +183,7 @@ def _work(
         stop["signal"] = signum
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    ctx.stop_signal = lambda: stop["signal"]
     summary = WorkerSummary()
     started = time.monotonic()
     consecutive_failures = 0
