@@ -9,6 +9,7 @@ as a starting point are created in-process with the same library calls
 from __future__ import annotations
 
 import math
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -22,6 +23,7 @@ from typing import Any, Callable
 
 import numpy as np
 import optuna
+import pytest
 from fixtures_data import TINY_TOKENS, random_feats, write_data_dir
 
 from stagetune.config import load_config
@@ -29,8 +31,12 @@ from stagetune.optim.sampling import sample_values
 from stagetune.optim.spec import StudySpec
 from stagetune.optim.storage import storage_session
 from stagetune.optim.study import build_spec, init_study
+from stagetune.optim.worker import WorkerOptions, run_worker
 
 __all__ = [
+    "run_repetitions",
+    "check_exact",
+    "budget_spec_args",
     "STAGETUNE",
     "cli",
     "cli_many",
@@ -219,3 +225,69 @@ def fill_study(
             trial = study.ask()
             study.tell(trial, objective(sample_values(trial, spec.config(), spec.tuned)))
         return study.best_trial
+
+
+# Many forked workers on many studies (exact-budget tests).
+
+
+def _worker_loop(
+    studies: list[tuple[str, str]], barrier: Any, results: Any, worker_index: int
+) -> None:
+    """One forked worker: join every repetition at the same moment as the others."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's server-stopping hook
+    for repetition, (url, name) in enumerate(studies):
+        try:
+            barrier.wait(timeout=120)
+            # The random sampler keeps the test fast; the budget lock does not depend on it
+            # (the CLI test below runs the default TPE sampler).
+            options = WorkerOptions(
+                objective="quadratic", sampler="random", seed=worker_index * 1000 + repetition
+            )
+            summary = run_worker(url, name, options, log=lambda _message: None)
+        except BaseException as exc:  # report it: the parent would otherwise wait in vain
+            results.put((repetition, worker_index, f"{type(exc).__name__}: {exc}"))
+            return
+        results.put((repetition, worker_index, dict(summary.counts)))
+
+
+def run_repetitions(studies: list[tuple[str, str]], num_workers: int) -> dict[int, Counter[str]]:
+    """Run ``num_workers`` forked workers on each study in turn; their counts per study."""
+    context = multiprocessing.get_context("fork")
+    barrier = context.Barrier(num_workers)
+    results = context.Queue()
+    procs = [
+        context.Process(target=_worker_loop, args=(studies, barrier, results, i), daemon=True)
+        for i in range(num_workers)
+    ]
+    for proc in procs:
+        proc.start()
+    counts: dict[int, Counter[str]] = {r: Counter() for r in range(len(studies))}
+    for _ in range(num_workers * len(studies)):
+        repetition, worker_index, worker_counts = results.get(timeout=300)
+        if isinstance(worker_counts, str):
+            barrier.abort()
+            pytest.fail(f"worker {worker_index} failed in repetition {repetition}: {worker_counts}")
+        counts[repetition].update(worker_counts)
+    for proc in procs:
+        proc.join(timeout=60)
+        assert proc.exitcode == 0
+    return counts
+
+
+def check_exact(url: str, name: str, budget: int, worker_counts: Counter[str]) -> None:
+    states = trial_states(url, name)
+    # Exactly the budget finished, and no worker started a trial the budget could not use.
+    assert states["COMPLETE"] + states["PRUNED"] == budget, (name, states)
+    assert sum(states.values()) == budget, (name, states)
+    assert worker_counts["COMPLETE"] + worker_counts["PRUNED"] == budget, (name, worker_counts)
+    assert worker_counts["FAIL"] == worker_counts["HANDED_BACK"] == 0
+
+
+def budget_spec_args(tmp_path: Path) -> dict[str, Any]:
+    # One tuned parameter: each suggestion is a database commit, and the budget's
+    # correctness does not depend on how many there are.
+    return {
+        "data_dir": write_speech_data(tmp_path / "data"),
+        "overrides": ["training.num_epochs=2"],
+        "whitelist": ["training.learning_rate"],
+    }

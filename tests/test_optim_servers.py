@@ -12,9 +12,17 @@ from typing import Callable
 import optuna
 import pytest
 from fixtures_db import TEST_DB_PASSWORD, TEST_DB_USER
-from optim_helpers import STAGETUNE, cli, create_study, trial_states, write_speech_data
+from optim_helpers import (
+    STAGETUNE,
+    budget_spec_args,
+    check_exact,
+    cli,
+    create_study,
+    run_repetitions,
+    trial_states,
+    write_speech_data,
+)
 from servers import PostgresServer
-from test_optim_budget import _check_exact, _run_repetitions, _spec_args
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
@@ -42,21 +50,21 @@ def test_sixteen_workers_exact_budget_in_10_of_10_runs(
     backend: str, make_storage_url: Callable[..., str], tmp_path: Path
 ) -> None:
     budget, num_workers, repetitions = 64, 16, 10
-    spec_args = _spec_args(tmp_path)
+    spec_args = budget_spec_args(tmp_path)
     studies = []
     for repetition in range(repetitions):
         url = make_storage_url(backend)
         create_study(url, f"many{repetition}", num_trials=budget, **spec_args)
         studies.append((url, f"many{repetition}"))
-    counts = _run_repetitions(studies, num_workers)
+    counts = run_repetitions(studies, num_workers)
     for repetition, (url, name) in enumerate(studies):
-        _check_exact(url, name, budget, counts[repetition])
+        check_exact(url, name, budget, counts[repetition])
 
 
 def test_outage_of_15_seconds_loses_and_doubles_nothing(server_database, tmp_path: Path) -> None:
     """The server stops for 15 s mid-search: workers wait, retry, finish the exact budget."""
     url, budget = server_database.url, 16
-    create_study(url, "outage", num_trials=budget, **_spec_args(tmp_path))
+    create_study(url, "outage", num_trials=budget, **budget_spec_args(tmp_path))
     procs = _workers(url, "outage", 4, tmp_path, "--objective", "sleep", "--sleep-seconds", "1", "--threads", "1")
     deadline = time.monotonic() + 120
     while sum(trial_states(url, "outage")[s] for s in ("COMPLETE", "PRUNED")) < 4:
@@ -84,7 +92,7 @@ def test_32_workers_fit_in_50_connections(tmp_path: Path) -> None:
     try:
         server.create_database("crowd", TEST_DB_USER, TEST_DB_PASSWORD)
         url = server.url("crowd", TEST_DB_USER, TEST_DB_PASSWORD)
-        create_study(url, "crowd", num_trials=64, **_spec_args(tmp_path))
+        create_study(url, "crowd", num_trials=64, **budget_spec_args(tmp_path))
         procs = _workers(url, "crowd", 32, tmp_path, "--objective", "sleep", "--sleep-seconds", "0.5")
         results = _finish(procs, timeout=400)
         for code, output in results:

@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Protocol, Sequence
 
@@ -39,7 +39,7 @@ from stagetune.checkpoint import (
 )
 from stagetune.config import Config, flatten, from_dict, to_dict, write_ini
 from stagetune.corpus import Corpus
-from stagetune.dataset import Batch, BucketBatchSampler, UtteranceDataset, collate
+from stagetune.dataset import BucketBatchSampler, UtteranceDataset, collate
 from stagetune.errors import StagetuneError, TrainingInterrupted, UsageError
 from stagetune.failures import is_non_finite_loss
 from stagetune.metrics import ErrorCounts

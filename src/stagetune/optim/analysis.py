@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime
 import statistics
 import warnings
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import optuna
