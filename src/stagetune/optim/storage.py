@@ -20,7 +20,7 @@ import re
 import sqlite3
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import unquote
@@ -112,6 +112,15 @@ _DB_ERROR_KINDS: tuple[tuple[re.Pattern[str], str, bool], ...] = tuple(
          "authentication failed", False),
         (r'database ".*" does not exist|unknown database', "the database does not exist", False),
     )
+)
+# Opening waits these out (many workers starting at once); a server that refuses
+# connections outright is reported at once, since that is usually a wrong URL.
+_OPEN_RETRY_REASONS = frozenset(
+    {
+        "database is locked by another process",
+        "the server has no free connection slot",
+        "the server is restarting",
+    }
 )
 _DRIVER_MODULES = ("psycopg2", "pymysql", "MySQLdb", "sqlite3", "_sqlite3")
 
@@ -333,6 +342,7 @@ def retry_transient(
     url: str | None = None,
     max_wait_s: float = 120.0,
     log: Callable[[str], None] | None = None,
+    only: Collection[str] | None = None,
 ) -> T:
     """Call ``fn()``, retrying with backoff while the database is transiently away.
 
@@ -345,6 +355,8 @@ def retry_transient(
         url: The storage URL, shown masked in the log lines.
         max_wait_s: Give up after waiting this long.
         log: Where the two log lines go (default: this module's logger, WARNING).
+        only: Retry only these reasons (from :data:`_DB_ERROR_KINDS`); default all
+            transient ones.
 
     Returns:
         What ``fn`` returns.
@@ -361,7 +373,7 @@ def retry_transient(
             result = fn()
         except Exception as exc:
             described = _describe_db_error(exc)
-            if described is None or not described[1]:
+            if described is None or not described[1] or (only is not None and described[0] not in only):
                 raise
             reason = described[0].partition(";")[0]
             now = time.monotonic()
@@ -445,6 +457,7 @@ def open_storage(
             what="opening the study database",
             url=url,
             max_wait_s=_SQLITE_OPEN_MAX_WAIT_S,
+            only=_OPEN_RETRY_REASONS,
         )
     except (ImportError, RuntimeError, sqlalchemy.exc.SQLAlchemyError, sqlite3.Error,
             optuna.exceptions.StorageInternalError) as exc:
