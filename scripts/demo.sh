@@ -26,11 +26,10 @@ workers() {  # run two local workers on study $1 with sampler $2
   wait "${pids[@]}"
 }
 
-echo "== stage sm: random search over cell type, direction, nonlinearity, optimizer and learning rate"
+echo "== stage sm: random search over cell type, direction, nonlinearity and learning rate (adam)"
 stagetune --read-ini conf/demo.ini --set training.num_epochs=5 optim --study-name demo-sm "$db" \
   init "$data/train" --dev-dir "$data/dev" \
-  --whitelist 'model\.recurrent_(type|bidirectional)' 'model\.convolutional_nonlinearity' \
-              'training\.(optimizer|learning_rate)' \
+  --whitelist 'model\.recurrent_(type|bidirectional)' 'model\.convolutional_nonlinearity' 'training\.learning_rate' \
   --mem-limit-bytes 40000000 --num-trials 8 --pruner none
 stagetune optim --study-name demo-sm "$db" status --check >/dev/null || workers demo-sm random
 
