@@ -169,3 +169,34 @@ def test_sigterm_before_training_starts_hands_the_trial_back(
         states = [t.state for t in study.get_trials()]
     assert states == [TrialState.FAIL, TrialState.WAITING]  # handed back, not trained to the end
     assert not (tmp_path / "ckpt" / "optim" / "trial-0" / "history.csv").exists()
+
+
+def test_worker_pool_prefixes_output_and_hands_every_trial_back_on_sigterm(tmp_path: Path) -> None:
+    """`optim run --workers 2`: SIGTERM to the pool process alone reaches both workers."""
+    data = write_speech_data(tmp_path / "data", 120, min_frames=20, max_frames=60)
+    url = f"sqlite:///{tmp_path / 'optim.db'}"
+    create_study(url, "optim", data, overrides=TINY_MODEL, whitelist=["training.learning_rate"],
+                 num_trials=4, pruner="none")
+    log = tmp_path / "pool.log"
+    pool = start_cli([*_run_args(url), "--workers", "2"], tmp_path, log)
+    try:
+        def both_training() -> bool:
+            with opened_study(url, "optim") as study:
+                running = [t for t in study.get_trials() if t.state == TrialState.RUNNING]
+            return len(running) == 2 and all(t.user_attrs.get("epoch", 0) >= 1 for t in running)
+
+        wait_for("two trials in training", both_training, timeout=180)
+        sent = time.monotonic()
+        pool.send_signal(signal.SIGTERM)  # the pool process only, not its group
+        code = pool.wait(timeout=30)
+        assert time.monotonic() - sent <= 10
+    finally:
+        stop_group(pool)
+    output = log.read_text()
+    assert code == 0, output
+    for worker in ("[w0]", "[w1]"):
+        assert any(line.startswith(worker) and "handed back for retry" in line for line in output.splitlines()), output
+    assert "2 workers done:" in output and "2 handed back" in output, output
+    with opened_study(url, "optim") as study:
+        states = sorted(t.state.name for t in study.get_trials())
+    assert states == ["FAIL", "FAIL", "WAITING", "WAITING"], states
