@@ -19,11 +19,18 @@ from pathlib import Path
 from typing import Iterator
 
 import optuna
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection, DateTime, func, select, text
 
 from stagetune.errors import StorageError
 
-__all__ = ["SLOT_STATES", "FINISHED_STATES", "budget_lock", "count_trials", "count_by_state"]
+__all__ = [
+    "SLOT_STATES",
+    "FINISHED_STATES",
+    "budget_lock",
+    "count_trials",
+    "count_by_state",
+    "heartbeat_ages",
+]
 
 SLOT_STATES = ("RUNNING", "WAITING", "COMPLETE", "PRUNED")
 FINISHED_STATES = ("COMPLETE", "PRUNED")
@@ -114,3 +121,16 @@ def count_by_state(
         return counts
     with storage.engine.connect() as own:
         return {str(state): int(n) for state, n in own.execute(query, {"sid": study_id})}
+
+
+def heartbeat_ages(storage: optuna.storages.RDBStorage, study_id: int) -> dict[int, float]:
+    """Seconds since the last heartbeat of each RUNNING trial, by trial number (database clock)."""
+    query = text(
+        "SELECT t.number AS number, h.heartbeat AS heartbeat FROM trial_heartbeats h "
+        "JOIN trials t ON t.trial_id = h.trial_id WHERE t.study_id = :sid AND t.state = 'RUNNING'"
+    ).columns(heartbeat=DateTime)  # by name: positional columns would type `number` instead
+    with storage.engine.connect() as conn:
+        # PostgreSQL's now() is timezone-aware, the stored heartbeats are not (as optuna does).
+        now = conn.execute(select(func.now(type_=DateTime))).scalar().replace(tzinfo=None)
+        rows = conn.execute(query, {"sid": study_id}).all()
+    return {int(number): (now - beat).total_seconds() for number, beat in rows}

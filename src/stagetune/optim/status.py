@@ -6,23 +6,11 @@ from typing import Any
 
 import optuna
 from optuna.trial import TrialState
-from sqlalchemy import DateTime, func, select, text
 
+from stagetune.optim.budget import heartbeat_ages
 from stagetune.optim.spec import StudySpec
 
 __all__ = ["study_status", "format_status"]
-
-
-def _heartbeat_ages(storage: optuna.storages.RDBStorage, study_id: int) -> dict[int, float]:
-    query = text(
-        "SELECT t.number AS number, h.heartbeat AS heartbeat FROM trial_heartbeats h "
-        "JOIN trials t ON t.trial_id = h.trial_id WHERE t.study_id = :sid AND t.state = 'RUNNING'"
-    ).columns(heartbeat=DateTime)  # by name: positional columns would type `number` instead
-    with storage.engine.connect() as conn:
-        # PostgreSQL's now() is timezone-aware, the stored heartbeats are not (as optuna does).
-        now = conn.execute(select(func.now(type_=DateTime))).scalar().replace(tzinfo=None)
-        rows = conn.execute(query, {"sid": study_id}).all()
-    return {int(number): (now - beat).total_seconds() for number, beat in rows}
 
 
 def study_status(
@@ -36,7 +24,7 @@ def study_status(
     finished = by_state["COMPLETE"] + by_state["PRUNED"]
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     best = min(complete, key=lambda t: t.value) if complete else None
-    ages = _heartbeat_ages(storage, study._study_id) if storage is not None else {}
+    ages = heartbeat_ages(storage, study._study_id) if storage is not None else {}
     running = [
         {
             "number": t.number,

@@ -22,10 +22,16 @@ from typing import Any, Callable
 
 import optuna
 from optuna.trial import TrialState
-from sqlalchemy import DateTime, column, func, select, text
 
 from stagetune.errors import StagetuneError, TrainingInterrupted
-from stagetune.optim.budget import FINISHED_STATES, SLOT_STATES, budget_lock, count_by_state, count_trials
+from stagetune.optim.budget import (
+    FINISHED_STATES,
+    SLOT_STATES,
+    budget_lock,
+    count_by_state,
+    count_trials,
+    heartbeat_ages,
+)
 from stagetune.optim.objective import OBJECTIVES, TrialContext
 from stagetune.optim.registry import make_sampler
 from stagetune.optim.storage import open_storage, close_storage, retry_transient
@@ -239,7 +245,10 @@ def _work(
                     summary.stop_reason = f"budget of {spec.num_trials} trials met"
                     break
                 running = db(lambda: count_trials(storage, study_id, ("RUNNING",)), "counting trials")
-                if _any_possibly_stale(storage, study_id, options.heartbeat_interval):
+                # A RUNNING trial that missed heartbeats may belong to a dead worker: wait
+                # for it to be failed and re-queued rather than leave its slot unused.
+                ages = db(lambda: heartbeat_ages(storage, study_id), "reading heartbeats")
+                if any(age > 2 * options.heartbeat_interval for age in ages.values()):
                     time.sleep(min(options.heartbeat_interval, 5))
                     continue
                 summary.stop_reason = (
@@ -262,19 +271,6 @@ def _work(
         for s, handler in previous.items():
             signal.signal(s, handler)
     return summary
-
-
-def _any_possibly_stale(storage: optuna.storages.RDBStorage, study_id: int, interval: float) -> bool:
-    """Whether some RUNNING trial has missed heartbeats (its worker may be dead)."""
-    query = text(
-        "SELECT h.heartbeat AS heartbeat FROM trial_heartbeats h "
-        "JOIN trials t ON t.trial_id = h.trial_id WHERE t.study_id = :sid AND t.state = 'RUNNING'"
-    ).columns(column("heartbeat", DateTime))
-    with storage.engine.connect() as conn:
-        # PostgreSQL's now() is timezone-aware, the stored heartbeats are not (as optuna does).
-        now = conn.execute(select(func.now(type_=DateTime))).scalar().replace(tzinfo=None)
-        beats = conn.execute(query, {"sid": study_id}).scalars().all()
-    return any((now - beat).total_seconds() > 2 * interval for beat in beats)
 
 
 def _run_one(
