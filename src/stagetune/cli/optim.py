@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -131,12 +132,18 @@ def _init(args: argparse.Namespace, study_name: str) -> int:
         whitelist = args.whitelist
         parent = None
         if args.from_study is not None:
-            from stagetune.optim.analysis import best_config, rank_parameters, select_important
+            from stagetune.optim.analysis import (
+                best_config,
+                completed_in_memory,
+                rank_parameters,
+                select_important,
+            )
 
             prev, prev_spec = load_study(storage, args.from_study, args.url)
-            ranking = rank_parameters(prev, evaluator=args.evaluator)
+            # The same ranking `optim important` prints for PREV.
+            ranking = rank_parameters(completed_in_memory(storage, prev), evaluator=args.evaluator)
             whitelist = [
-                f"{name}".replace(".", r"\.")
+                re.escape(name)
                 for name in select_important(ranking, top_k=args.top_k, threshold=args.threshold)
             ]
             config, repairs = best_config(prev, prev_spec, independent=args.independent)
