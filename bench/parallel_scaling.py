@@ -1,10 +1,15 @@
 """How many workers one study keeps busy: wall time versus ideal, per backend.
 
 For each backend and worker count W, a fresh study with a budget of
-``--trials-per-worker`` x W trials gets W real worker processes started at once:
+``--trials-per-worker`` x W trials gets W real workers, launched two ways
+(``--launch``): ``processes`` starts W CLI processes at once, as separate
+shells or Slurm tasks would,
 
     stagetune optim --study-name scaling URL run --objective sleep \\
         --sleep-seconds S --threads 1 --sampler random --seed I
+
+and ``pool`` runs one ``... run --workers W --seed 0`` (the local pool, which
+forks its workers after importing once).
 
 Each trial samples the full search space and sleeps S seconds, so the ideal wall
 time is trials x S / W. Reported per run:
@@ -54,6 +59,7 @@ from stagetune.optim.storage import close_storage, open_storage  # noqa: E402
 
 @dataclass
 class Result:
+    launch: str
     backend: str
     workers: int
     trials: int
@@ -70,14 +76,17 @@ def _stagetune() -> str:
     return str(beside) if beside.exists() else (shutil.which("stagetune") or "stagetune")
 
 
-def run_config(url: str, backend: str, workers: int, trials: int, seconds: float) -> Result:
+def run_config(url: str, backend: str, workers: int, trials: int, seconds: float, launch: str) -> Result:
     create_study(url, trials)
     command = [_stagetune(), "optim", "--study-name", STUDY, url, "run", "--objective", "sleep",
                "--sleep-seconds", str(seconds), "--threads", "1", "--sampler", "random"]
+    if launch == "pool":  # one command: the pool forks its workers
+        commands = [[*command, "--workers", str(workers), "--seed", "0"]]
+    else:  # one command per worker, as separate shells or Slurm tasks start them
+        commands = [[*command, "--seed", str(i)] for i in range(workers)]
     began, launched = time.perf_counter(), datetime.datetime.now()  # optuna stamps trials with local time
     procs = [
-        subprocess.Popen([*command, "--seed", str(i)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        for i in range(workers)
+        subprocess.Popen(c, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for c in commands
     ]
     errors = [p.communicate()[1] for p in procs]
     wall = time.perf_counter() - began
@@ -96,16 +105,16 @@ def run_config(url: str, backend: str, workers: int, trials: int, seconds: float
     states = Counter(t.state.name for t in frozen)
     done = [t for t in frozen if t.datetime_complete is not None and t.datetime_start is not None]
     if not done:
-        return Result(backend, workers, trials, wall, *(float("nan"),) * 3, states, codes)
+        return Result(launch, backend, workers, trials, wall, *(float("nan"),) * 3, states, codes)
     starts = sorted(t.datetime_start for t in done)
     span = (max(t.datetime_complete for t in done) - starts[0]).total_seconds()
     up = (starts[min(workers, len(starts)) - 1] - launched).total_seconds()
     durations = sorted((t.datetime_complete - t.datetime_start).total_seconds() for t in done)
-    return Result(backend, workers, trials, wall, span, up, durations[len(durations) // 2], states, codes)
+    return Result(launch, backend, workers, trials, wall, span, up, durations[len(durations) // 2], states, codes)
 
 
 def report(results: list[Result], seconds: float) -> None:
-    header = (f"{'backend':<11} {'workers':>7} {'trials':>6} {'ideal s':>7} {'wall s':>7} {'eff wall':>8} "
+    header = (f"{'launch':<9} {'backend':<11} {'workers':>7} {'trials':>6} {'ideal s':>7} {'wall s':>7} {'eff wall':>8} "
               f"{'up s':>5} {'span s':>7} {'eff span':>8} {'trial s':>7}  finished (states)")
     print()
     print(header)
@@ -116,7 +125,7 @@ def report(results: list[Result], seconds: float) -> None:
         exact = "exact" if finished == r.trials and sum(r.states.values()) == r.trials else "NOT EXACT"
         others = ", ".join(f"{n} {s}" for s, n in sorted(r.states.items()))
         bad = "" if all(c == 0 for c in r.exit_codes) else f"; exit codes {sorted(set(r.exit_codes))}"
-        print(f"{r.backend:<11} {r.workers:>7} {r.trials:>6} {ideal:>7.1f} {r.wall_s:>7.1f} "
+        print(f"{r.launch:<9} {r.backend:<11} {r.workers:>7} {r.trials:>6} {ideal:>7.1f} {r.wall_s:>7.1f} "
               f"{100 * ideal / r.wall_s:>7.0f}% {r.up_s:>5.1f} {r.span_s:>7.1f} {100 * ideal / r.span_s:>7.0f}% "
               f"{r.trial_s:>7.2f}  "
               f"{finished}/{r.trials} {exact} ({others}){bad}")
@@ -128,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", default="1,4,8,16", help="comma list of worker counts")
     parser.add_argument("--seconds", type=float, default=1.0, help="sleep per trial (default 1)")
     parser.add_argument("--trials-per-worker", type=int, default=4, help="budget = this x workers (default 4)")
+    parser.add_argument("--launch", default="processes,pool",
+                        help="comma list: 'processes' (one CLI process per worker) and/or 'pool' "
+                             "(one `optim run --workers W`); default both")
     parser.add_argument("--quick", action="store_true", help="workers 1,4,8 and 2 trials per worker")
     parser.add_argument("--sqlite-dir", type=Path, default=None, help="where the SQLite files go")
     args = parser.parse_args(argv)
@@ -137,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     if not counts or min(counts) < 1 or args.trials_per_worker < 1 or args.seconds < 0:
         parser.error("--workers must list positive counts; --trials-per-worker >= 1; --seconds >= 0")
     backends = parse_backends(args.backends)
+    launches = [m.strip() for m in args.launch.split(",") if m.strip()]
+    if not launches or set(launches) - {"processes", "pool"}:
+        parser.error("--launch must list 'processes' and/or 'pool'")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     print(f"parallel scaling: {', '.join(backends)}; workers {counts}; {args.trials_per_worker} trials "
           f"per worker of {args.seconds:g} s; {os.cpu_count()} CPUs; load average {os.getloadavg()[0]:.2f}",
@@ -146,10 +161,13 @@ def main(argv: list[str] | None = None) -> int:
     with databases(backends, args.sqlite_dir) as make_url:
         for backend in backends:
             for workers in counts:
-                r = run_config(make_url(backend), backend, workers, args.trials_per_worker * workers, args.seconds)
-                finished = r.states["COMPLETE"] + r.states["PRUNED"]
-                print(f"  {backend} x{workers}: {r.wall_s:.1f} s wall, {finished}/{r.trials} finished", flush=True)
-                results.append(r)
+                for launch in launches:
+                    r = run_config(make_url(backend), backend, workers, args.trials_per_worker * workers,
+                                   args.seconds, launch)
+                    finished = r.states["COMPLETE"] + r.states["PRUNED"]
+                    print(f"  {launch} {backend} x{workers}: {r.wall_s:.1f} s wall, {finished}/{r.trials} finished",
+                          flush=True)
+                    results.append(r)
     report(results, args.seconds)
     print(f"total {time.perf_counter() - began:.0f} s; load average at the end {os.getloadavg()[0]:.2f}")
     exact = all(r.states["COMPLETE"] + r.states["PRUNED"] == r.trials == sum(r.states.values()) for r in results)

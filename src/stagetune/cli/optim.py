@@ -228,6 +228,8 @@ def _run(args: argparse.Namespace, study_name: str) -> int:
 
 def _run_pool(args: argparse.Namespace, study_name: str) -> int:
     from stagetune.optim.pool import run_pool
+    from stagetune.optim.storage import driver_modules, storage_session
+    from stagetune.optim.study import load_study
 
     worker = [*(["--device", args.device] if args.device else []), "optim", "--study-name", study_name, args.url, "run"]
     for flag, value in (
@@ -248,7 +250,17 @@ def _run_pool(args: argparse.Namespace, study_name: str) -> int:
     worker += ["--keep-models"] if args.keep_models else []
     worker += ["--verbose"] if args.verbose else []
     gpus = [g for g in (args.gpus or "").split(",") if g.strip()]
-    return run_pool(worker, args.workers, gpus=gpus, seed=args.seed, out=_err)
+    # Imported once in the pool, shared by the forked workers (they never import more).
+    preload = ["stagetune.optim.worker", *driver_modules(args.url)]
+    if args.objective == "train":
+        preload += ["torch", "stagetune.training", "stagetune.optim.memory", "stagetune.corpus"]
+    from stagetune.cli import main
+
+    # One clear error for a missing study or unreachable database, not one per worker.
+    # The connections are closed again before forking: every worker opens its own.
+    with storage_session(args.url, heartbeat_interval=None, create=False) as storage:
+        load_study(storage, study_name, args.url)
+    return run_pool(worker, args.workers, main=main, gpus=gpus, seed=args.seed, preload=preload, out=_err)
 
 
 def _important(args: argparse.Namespace, study_name: str) -> int:

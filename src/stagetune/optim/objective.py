@@ -9,6 +9,7 @@ and tests of the search machinery.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import signal
@@ -17,7 +18,7 @@ import zlib
 from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, ContextManager, Iterator
 
 import optuna
 
@@ -45,6 +46,8 @@ class TrialContext:
     log: Callable[[str], None] = print
     stop_signal: Callable[[], int | None] = lambda: None
     corpus: Any = None
+    #: trial -> context in which its parameters are buffered and written at once at the end
+    batch_params: Callable[[Any], ContextManager[None]] = lambda trial: contextlib.nullcontext()
     _base: Config | None = field(default=None, repr=False)
 
     @property
@@ -52,6 +55,11 @@ class TrialContext:
         if self._base is None:
             self._base = self.spec.config()
         return self._base
+
+    def sample(self, trial: Any) -> Config:
+        """The trial's config; its sampled parameters reach the database in one write."""
+        with self.batch_params(trial):
+            return sample_config(trial, self.base, self.spec.tuned)
 
 
 class FootprintCache(MutableMapping):
@@ -108,7 +116,7 @@ def _train(ctx: TrialContext, trial: optuna.Trial) -> float:
     from stagetune.training import NonFiniteLoss, fit, resolve_device
 
     spec = ctx.spec
-    config = sample_config(trial, ctx.base, spec.tuned)
+    config = ctx.sample(trial)
     twin = _identical_completed(ctx, trial)
     if twin is not None:
         trial.set_user_attr("reused_from", twin.number)
@@ -183,7 +191,7 @@ def _cleanup(ctx: TrialContext, model_dir: Path) -> None:
 
 def _quadratic(ctx: TrialContext, trial: optuna.Trial) -> float:
     """A smooth function of every sampled numeric value (no training)."""
-    config = sample_config(trial, ctx.base, ctx.spec.tuned)
+    config = ctx.sample(trial)
     flat = flatten(config)
     value = 0.0
     for name in trial.params:

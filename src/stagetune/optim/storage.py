@@ -30,6 +30,7 @@ import sqlalchemy.exc
 from sqlalchemy.engine import URL, make_url
 
 from stagetune.errors import StorageError, UsageError
+from stagetune.optim.rdb import StagetuneStorage
 
 __all__ = [
     "SQLITE_BUSY_TIMEOUT_S",
@@ -42,6 +43,7 @@ __all__ = [
     "storage_session",
     "is_transient_db_error",
     "retry_transient",
+    "driver_modules",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -188,6 +190,18 @@ def _with_default_driver(url: str) -> str:
     if sep and scheme.lower() in _BACKENDS and scheme.lower() != "sqlite":
         return f"{scheme}+{_BACKENDS[scheme.lower()][0]}://{rest}"
     return url
+
+
+def driver_modules(url: str) -> list[str]:
+    """The DB-API module(s) ``url`` will use, for importing ahead (none if unknown)."""
+    scheme = _with_default_driver(url).partition("://")[0].lower()
+    backend, _, driver = scheme.partition("+")
+    if backend == "sqlite":
+        return ["sqlite3", "sqlalchemy.dialects.sqlite.pysqlite"]
+    module = driver or _BACKENDS.get(backend, ("", ""))[0]
+    if module not in _DRIVER_MODULES:
+        return []
+    return [module, f"sqlalchemy.dialects.{'mysql' if backend == 'mariadb' else backend}.{module}"]
 
 
 def _parse(url: str) -> URL:
@@ -402,7 +416,7 @@ def open_storage(
     heartbeat_stale_trial_callback: Callable[[optuna.Study, optuna.trial.FrozenTrial], None]
     | None = None,
     create: bool = True,
-) -> optuna.storages.RDBStorage:
+) -> StagetuneStorage:
     """Open the study database at ``url`` with engine settings suited to many workers.
 
     SQLite gets WAL journal mode, a busy timeout and retries while the file is
@@ -435,12 +449,12 @@ def open_storage(
     parsed = _parse(url)
     is_sqlite = parsed.get_backend_name() == "sqlite"
 
-    def construct() -> optuna.storages.RDBStorage:
+    def construct() -> StagetuneStorage:
         if is_sqlite:
             _prepare_sqlite(parsed, url, create=create)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(
+            return StagetuneStorage(
                 url,
                 engine_kwargs=_engine_kwargs(parsed),
                 heartbeat_interval=heartbeat_interval,
@@ -527,7 +541,7 @@ def close_storage(storage: optuna.storages.RDBStorage) -> None:
 
 
 @contextlib.contextmanager
-def storage_session(url: str, **kwargs: Any) -> Iterator[optuna.storages.RDBStorage]:
+def storage_session(url: str, **kwargs: Any) -> Iterator[StagetuneStorage]:
     """Open the storage (see :func:`open_storage`), and close it on exit."""
     storage = open_storage(url, **kwargs)
     try:

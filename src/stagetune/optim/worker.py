@@ -12,6 +12,7 @@ Preemption safety:
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import optuna
+from optuna.study._tell import _tell_with_warning
 from optuna.trial import TrialState
 
 from stagetune.errors import StagetuneError, TrainingInterrupted
@@ -33,8 +35,9 @@ from stagetune.optim.budget import (
     heartbeat_ages,
 )
 from stagetune.optim.objective import OBJECTIVES, TrialContext
+from stagetune.optim.rdb import StagetuneStorage
 from stagetune.optim.registry import make_sampler
-from stagetune.optim.storage import open_storage, close_storage, retry_transient
+from stagetune.optim.storage import close_storage, mask_url, open_storage, retry_transient
 from stagetune.optim.study import load_study
 
 __all__ = ["WorkerOptions", "WorkerSummary", "run_worker"]
@@ -156,7 +159,7 @@ def run_worker(
 
 
 def _work(
-    storage: optuna.storages.RDBStorage,
+    storage: StagetuneStorage,
     url: str,
     study_name: str,
     options: WorkerOptions,
@@ -166,6 +169,15 @@ def _work(
     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
     study, spec = load_study(storage, study_name, url, sampler=make_sampler(options.sampler, options.seed))
     study_id = study._study_id
+    gpu = os.environ.get("CUDA_VISIBLE_DEVICES")
+    log(
+        f"worker {os.getpid()} on study {study_name} in {mask_url(url)}: objective {options.objective}, "
+        f"sampler {options.sampler}" + (f", CUDA_VISIBLE_DEVICES={gpu}" if gpu is not None else "")
+    )
+
+    def db(fn: Callable[[], Any], what: str) -> Any:
+        return retry_transient(fn, what=what, url=url, log=log)
+
     ctx = TrialContext(
         study=study,
         spec=spec,
@@ -175,6 +187,9 @@ def _work(
         keep_models=options.keep_models,
         sleep_seconds=options.sleep_seconds,
         log=log if options.verbose else (lambda _m: None),
+        batch_params=lambda trial: storage.batched_params(
+            trial._trial_id, write=lambda flush: db(flush, f"trial {trial.number}: writing its parameters")
+        ),
     )
     if options.objective == "train":
         from stagetune.corpus import load_corpus
@@ -195,9 +210,6 @@ def _work(
     consecutive_failures = 0
     num_started = 0
 
-    def db(fn: Callable[[], Any], what: str) -> Any:
-        return retry_transient(fn, what=what, url=url, log=log)
-
     # A trial turns stale only after missing beats for the grace period, so looking for
     # stale trials once per heartbeat interval (or grace period, if shorter) finds them
     # about as early as every claim would; a full budget always looks first, as a stale
@@ -214,7 +226,8 @@ def _work(
         return slots >= spec.num_trials and counts.get("WAITING", 0) == 0
 
     def claim() -> optuna.Trial | None:
-        with budget_lock(storage, study_name) as lock_conn:
+        # Everything here runs on the connection that holds the lock: no second one is opened.
+        with budget_lock(storage, study_name) as lock_conn, storage.sessions_on(lock_conn):
             checked = time.monotonic() >= next_stale_check[0]
             if checked:
                 fail_stale()
@@ -316,10 +329,12 @@ def _run_one(
         summary.counts["HANDED_BACK"] += 1
         log(f"trial {trial.number} handed back for retry after {seconds:.1f} s (checkpoint kept)")
         return "handed_back"
+    # optuna's own tell (as study.optimize uses it): the public one reads the trial back
+    # for a deep copy that is not needed here.
     if state == TrialState.COMPLETE:
-        db(lambda: study.tell(trial, value), f"reporting trial {trial.number}")
+        db(lambda: _tell_with_warning(study, trial, value), f"reporting trial {trial.number}")
     else:
-        db(lambda: study.tell(trial, state=state), f"reporting trial {trial.number}")
+        db(lambda: _tell_with_warning(study, trial, state=state), f"reporting trial {trial.number}")
     summary.counts[state.name] += 1
     if state == TrialState.COMPLETE and (summary.best is None or value < summary.best[1]):
         summary.best = (trial.number, value)

@@ -1,0 +1,144 @@
+"""stagetune's RDBStorage (stagetune.optim.rdb) on every backend: batched parameter
+writes and claims on the lock connection, against real databases.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator
+
+import optuna
+import pytest
+import sqlalchemy
+from optim_helpers import create_study, opened_study, write_speech_data
+from sqlalchemy import event
+from sqlalchemy.pool import Pool
+
+from stagetune.optim.sampling import sample_config
+from stagetune.optim.storage import close_storage, open_storage
+from stagetune.optim.study import load_study
+from stagetune.optim.worker import WorkerOptions, run_worker
+
+
+@pytest.fixture
+def full_study(storage_url: str, tmp_path: Path) -> Iterator[tuple[Any, optuna.Study, Any]]:
+    """A study over the whole search space (no whitelist), opened as a worker opens it."""
+    create_study(storage_url, "rdb", write_speech_data(tmp_path / "data"), num_trials=50)
+    storage = open_storage(storage_url, heartbeat_interval=None)
+    study, spec = load_study(storage, "rdb", storage_url, sampler=optuna.samplers.RandomSampler(seed=3))
+    try:
+        yield storage, study, spec
+    finally:
+        close_storage(storage)
+
+
+def _count(engine: sqlalchemy.Engine) -> dict[str, Any]:
+    counts: dict[str, Any] = {"commits": 0, "statements": [], "param_inserts": 0}
+
+    def on_commit(conn: Any) -> None:
+        counts["commits"] += 1
+
+    def on_execute(conn: Any, cursor: Any, statement: str, *rest: Any) -> None:
+        counts["statements"].append(statement)
+        if statement.lstrip().upper().startswith("INSERT INTO TRIAL_PARAMS"):
+            counts["param_inserts"] += 1
+
+    event.listen(engine, "commit", on_commit)
+    event.listen(engine, "before_cursor_execute", on_execute)
+    return counts
+
+
+def _stored(url: str, number: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    with opened_study(url, "rdb") as study:
+        trial = study.get_trials(deepcopy=False)[number]
+        return trial.params, trial.distributions
+
+
+def test_a_trials_parameters_are_written_in_one_transaction(storage_url: str, full_study: Any) -> None:
+    storage, study, spec = full_study
+    counts = _count(storage.engine)
+    for _ in range(2):  # the first trial of a process also looks up stored distributions
+        trial = study.ask()
+        before, inserts = counts["commits"], counts["param_inserts"]
+        with storage.batched_params(trial._trial_id):
+            sample_config(trial, spec.config(), spec.tuned)
+            assert counts["param_inserts"] == inserts  # nothing written while sampling
+            assert counts["commits"] == before
+        assert counts["commits"] - before == 1
+        assert len(trial.params) > 20, trial.params
+        params, distributions = _stored(storage_url, trial.number)
+        assert params == trial.params
+        assert distributions == trial.distributions
+        study.tell(trial, 1.0)
+    # Optuna itself writes each parameter in its own transaction.
+    trial = study.ask()
+    before = counts["commits"]
+    sample_config(trial, spec.config(), spec.tuned)
+    assert counts["commits"] - before == len(trial.params)
+
+
+def test_parameters_sampled_before_an_error_are_kept(storage_url: str, full_study: Any) -> None:
+    storage, study, _ = full_study
+    trial = study.ask()
+    with pytest.raises(ValueError, match="objective broke"):
+        with storage.batched_params(trial._trial_id):
+            trial.suggest_float("training.learning_rate", 1e-4, 1e-1, log=True)
+            trial.suggest_int("data.batch_size", 2, 32)
+            raise ValueError("objective broke")
+    params, _ = _stored(storage_url, trial.number)
+    assert params == trial.params and set(params) == {"training.learning_rate", "data.batch_size"}
+    # after the block, writes are immediate again
+    trial.suggest_categorical("model.recurrent_type", ["lstm", "gru"])
+    assert "model.recurrent_type" in _stored(storage_url, trial.number)[0]
+
+
+def test_a_failed_write_keeps_every_parameter_for_the_retry(storage_url: str, full_study: Any) -> None:
+    storage, study, spec = full_study
+    trial = study.ask()
+    failures = {"left": 1}
+
+    def break_once(conn: Any, cursor: Any, statement: str, *rest: Any) -> None:
+        if statement.lstrip().upper().startswith("INSERT INTO TRIAL_PARAMS") and failures["left"]:
+            failures["left"] -= 1
+            raise ConnectionError("the connection was cut")
+
+    attempts = []
+
+    def write(flush: Any) -> None:  # what the worker's retry_transient does, in short
+        for attempt in range(3):
+            attempts.append(attempt)
+            try:
+                return flush()
+            except Exception:
+                if attempt == 2:
+                    raise
+
+    event.listen(storage.engine, "before_cursor_execute", break_once)
+    with storage.batched_params(trial._trial_id, write=write):
+        sample_config(trial, spec.config(), spec.tuned)
+    assert attempts == [0, 1]
+    params, _ = _stored(storage_url, trial.number)
+    assert params == trial.params and len(params) > 20
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("backend", ["postgresql", "mysql"])
+def test_claims_open_no_connection_per_trial(backend: str, make_storage_url: Any, tmp_path: Path) -> None:
+    """With one pooled connection per worker, the budget lock's connection also claims the trial."""
+    url = make_storage_url(backend)
+    create_study(url, "rdb", write_speech_data(tmp_path / "data"), num_trials=20)
+    connects = []
+
+    def on_connect(dbapi_conn: Any, record: Any) -> None:
+        connects.append(1)
+
+    event.listen(Pool, "connect", on_connect)
+    try:
+        summary = run_worker(url, "rdb", WorkerOptions(sampler="random", seed=1, objective="quadratic"),
+                             log=lambda _m: None)
+    finally:
+        event.remove(Pool, "connect", on_connect)
+    assert summary.counts["COMPLETE"] == 20
+    # opening, plus a second connection the first time both are needed at once; it
+    # was one more per trial when the claim took a second connection from the pool
+    assert len(connects) <= 3, len(connects)
