@@ -28,9 +28,9 @@ time is trials x S / W. Reported per run:
 
 PostgreSQL and MariaDB are throwaway servers started and stopped here.
 
-Run: ``.venv/bin/python bench/parallel_scaling.py`` (2 minutes on 2 idle cores,
-4.5 under load), ``--quick`` for 1, 4 and 8 workers with 2 trials each (about a
-minute). Results: ``docs/benchmarks.md``.
+Run: ``.venv/bin/python bench/parallel_scaling.py`` (about 3 minutes on 2
+cores, both launches), ``--quick`` for 1, 4 and 8 workers with 2 trials each.
+Results: ``docs/benchmarks.md``.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ import re
 import shutil
 from pathlib import Path
 
+import pytest
 from optim_helpers import assert_one_line_error, budget_spec_args, cli, create_study, trial_states
 
 from stagetune.cli import main
@@ -89,3 +90,10 @@ def test_a_failing_worker_fails_the_pool_and_is_named(tmp_path: Path) -> None:
     assert sum(line.startswith("[w1] stagetune: error: ") for line in lines) == 1, done.stderr
     assert "workers w0 (exit 1), w1 (exit 1) failed" in lines[-1], done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_run_on_a_missing_database_creates_nothing(workers: str, tmp_path: Path) -> None:
+    done = cli(["optim", "sqlite:///nodir/optim.db", "run", *SLEEP, "--workers", workers], tmp_path)
+    assert_one_line_error(done, "no study database", "nodir/optim.db")
+    assert list(tmp_path.iterdir()) == []

@@ -151,6 +151,7 @@ def run_worker(
         heartbeat_interval=options.heartbeat_interval,
         grace_period=options.grace_period,
         heartbeat_stale_trial_callback=retry,
+        create=False,  # a worker joins a study that init created; it never creates a database
     )
     try:
         return _work(storage, url, study_name, options, retry, log)
