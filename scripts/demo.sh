@@ -16,14 +16,9 @@ db="sqlite:///$exp/optim.db"
 mkdir -p "$exp"
 [ -f "$data/test/feats.scp" ] || python -m stagetune.demo "$data"
 
-workers() {  # run two local workers on study $1 with sampler $2
-  local pids=()
-  for seed in 1 2; do
-    stagetune optim --study-name "$1" "$db" run --sampler "$2" --seed "$seed" \
-      --ckpt-dir "$exp/ckpt" --threads 1 &
-    pids+=($!)
-  done
-  wait "${pids[@]}"
+workers() {  # two local workers on study $1 with sampler $2: a pool forks them (seeds 1 and 2)
+  stagetune optim --study-name "$1" "$db" run --workers 2 --sampler "$2" --seed 1 \
+    --ckpt-dir "$exp/ckpt" --threads 1
 }
 
 echo "== stage sm: random search over cell type, direction, nonlinearity and learning rate (adam)"
