@@ -267,7 +267,7 @@ def _work(
                     continue
                 summary.stop_reason = (
                     f"every remaining slot of the {spec.num_trials}-trial budget is claimed "
-                    f"({running} trials running in other workers)"
+                    f"({running} {'trial' if running == 1 else 'trials'} running in other workers)"
                 )
                 break
             num_started += 1
