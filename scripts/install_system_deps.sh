@@ -2,9 +2,10 @@
 # Install the system packages the test suite needs and the base image lacks.
 #
 # Idempotent: safe to run on every CI start. Must run as root (CI machines are).
-# PostgreSQL 15 is already in the image (/usr/lib/postgresql/15/bin); MariaDB is
-# installed here. No service is started: the test fixtures start throwaway
-# servers themselves and stop them by PID.
+# PostgreSQL 15 is already in the image (/usr/lib/postgresql/15/bin); MariaDB and
+# Slurm (slurm-wlm: slurmctld, slurmd, munge) are installed here. No service is
+# started: the test fixtures start throwaway servers and a one-node Slurm
+# cluster themselves and stop them by PID.
 set -euo pipefail
 
 if [[ "$(id -u)" -ne 0 ]]; then
@@ -15,6 +16,9 @@ fi
 packages=()
 if ! command -v mariadbd >/dev/null 2>&1 && [[ ! -x /usr/sbin/mariadbd ]]; then
     packages+=(mariadb-server mariadb-client)
+fi
+if ! command -v slurmctld >/dev/null 2>&1 && [[ ! -x /usr/sbin/slurmctld ]]; then
+    packages+=(slurm-wlm munge)
 fi
 if [[ ! -x /usr/lib/postgresql/15/bin/postgres ]]; then
     packages+=(postgresql-15 postgresql-client-15)

@@ -131,7 +131,7 @@ def test_from_study_chains_a_stage(tmp_path: Path, data: Path) -> None:
         tmp_path,
     )
     assert done.returncode == 0, done.stderr
-    assert "tuning 1 parameters (training.learning_rate)" in done.stdout
+    assert "tuning 1 parameter (training.learning_rate)" in done.stdout
     stage2 = read_spec(url, "stage2")
     assert stage2["parent_study"] == "stage1"
     assert stage2["tuned"] == [top]

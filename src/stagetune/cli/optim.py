@@ -179,10 +179,8 @@ def _init(args: argparse.Namespace, study_name: str) -> int:
     if result.action == "unchanged":
         print(f"study {study_name} in {where} already exists with these settings; nothing to do")
     else:
-        print(
-            f"{result.action} study {study_name} in {where}: tuning {len(spec.tuned)} parameters "
-            f"({', '.join(spec.tuned)}); {budget}"
-        )
+        count = f"{len(spec.tuned)} parameter{'' if len(spec.tuned) == 1 else 's'}"
+        print(f"{result.action} study {study_name} in {where}: tuning {count} ({', '.join(spec.tuned)}); {budget}")
     return 0
 
 

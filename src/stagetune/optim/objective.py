@@ -204,8 +204,14 @@ def _quadratic(ctx: TrialContext, trial: optuna.Trial) -> float:
 
 
 def _sleep(ctx: TrialContext, trial: optuna.Trial) -> float:
+    """``quadratic``, then a sleep that SIGTERM/SIGINT cut short (the trial is handed back)."""
     value = _quadratic(ctx, trial)
-    time.sleep(ctx.sleep_seconds)
+    deadline = time.monotonic() + ctx.sleep_seconds
+    while (left := deadline - time.monotonic()) > 0:
+        signum = ctx.stop_signal()
+        if signum is not None:
+            raise TrainingInterrupted(f"trial {trial.number} interrupted while sleeping", signum)
+        time.sleep(min(left, 0.05))
     return value
 
 
