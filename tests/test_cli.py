@@ -10,6 +10,7 @@ stderr, no traceback and nothing written.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -277,3 +278,19 @@ def test_bad_print_ini_is_one_error_line(tmp_path: Path) -> None:
     result = stagetune("--read-ini", _bad_ini(tmp_path), "--print-ini")
     assert result.returncode == 2
     assert "unknown section [trainig]; allowed: [model], [training], [data]" in assert_one_error_line(result)
+
+
+@pytest.mark.parametrize(
+    "env, taskset, expected",
+    [
+        ({"SLURM_CPUS_PER_TASK": "6"}, None, 3),  # a Slurm job's allocation, not the node's cores
+        ({}, "0", 1),  # CPU affinity: one CPU allowed
+        ({"SLURM_CPUS_PER_TASK": "bogus"}, "0", 1),  # unusable: falls back to the affinity
+    ],
+)
+def test_default_threads_follow_the_cpus_the_process_may_use(
+    env: dict[str, str], taskset: str | None, expected: int
+) -> None:
+    command = [*(["taskset", "-c", taskset] if taskset else []), str(STAGETUNE), "train", "--help"]
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **env}, check=True)
+    assert f"here {expected})" in " ".join(done.stdout.split()), done.stdout

@@ -66,7 +66,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     run_p.add_argument("--verbose", action="store_true", help="a line per epoch too")
     run_p.add_argument("--workers", type=int, default=1, metavar="N", help="run N local worker processes")
     run_p.add_argument("--gpus", default=None, metavar="IDS", help="with --workers: comma-separated GPU ids, one per worker")
-    add_threads_argument(run_p)
+    add_threads_argument(run_p, per_worker=True)
 
     imp = cmds.add_parser("important", help="rank parameters by importance; one dotted name per line")
     imp.add_argument("out", metavar="OUT", nargs="?", default="-", help="file or - for stdout")
