@@ -57,7 +57,8 @@ from stagetune.optim.objective import OBJECTIVES, TrialContext  # noqa: E402
 from stagetune.optim.sampling import select_tunable  # noqa: E402
 from stagetune.optim.spec import StudySpec  # noqa: E402
 from stagetune.optim.storage import close_storage, open_storage  # noqa: E402
-from stagetune.optim.study import init_study  # noqa: E402
+from stagetune.optim.registry import PRUNERS  # noqa: E402
+from stagetune.optim.study import init_study, read_spec  # noqa: E402
 from stagetune.optim.worker import WorkerOptions, run_worker  # noqa: E402
 
 STUDY = "overhead"
@@ -70,7 +71,7 @@ class Timing:
     cpu_s: float
 
 
-def synthetic_spec(num_trials: int) -> StudySpec:
+def synthetic_spec(num_trials: int, pruner: str = "none") -> StudySpec:
     """A study over every tunable parameter of the default config; no data is read."""
     base = Config()
     return StudySpec(
@@ -87,16 +88,16 @@ def synthetic_spec(num_trials: int) -> StudySpec:
         num_train_utterances=1,
         num_dev_utterances=1,
         num_trials=num_trials,
-        pruner="none",
+        pruner=pruner,
     )
 
 
-def create_study(url: str, num_trials: int) -> None:
+def create_study(url: str, num_trials: int, pruner: str = "none") -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         storage = open_storage(url, heartbeat_interval=None)
     try:
-        init_study(storage, STUDY, url, synthetic_spec(num_trials), log=lambda _m: None)
+        init_study(storage, STUDY, url, synthetic_spec(num_trials, pruner), log=lambda _m: None)
     finally:
         close_storage(storage)
 
@@ -114,15 +115,23 @@ def run_stagetune(url: str, num_trials: int, seed: int) -> Timing:
 
 def run_bare(url: str, num_trials: int, seed: int) -> Timing:
     objective = OBJECTIVES["quadratic"]
+    with warnings.catch_warnings():  # untimed: the study's pruner, to give bare optuna the same one
+        warnings.simplefilter("ignore")
+        storage = open_storage(url, heartbeat_interval=None, create=False)
+    try:
+        spec = read_spec(storage, STUDY, url)
+    finally:
+        close_storage(storage)
+    pruner = PRUNERS[spec.pruner](spec.config().training.num_epochs)
     wall, cpu = time.perf_counter(), time.process_time()
     storage = optuna.storages.RDBStorage(url)
     study = optuna.load_study(
         study_name=STUDY,
         storage=storage,
         sampler=optuna.samplers.RandomSampler(seed=seed),
-        pruner=optuna.pruners.NopPruner(),
+        pruner=pruner,
     )
-    ctx = TrialContext(study=study, spec=synthetic_spec(num_trials), device=None, ckpt_dir=Path("unused"))
+    ctx = TrialContext(study=study, spec=spec, device=None, ckpt_dir=Path("unused"))
     study.optimize(lambda trial: objective(ctx, trial), n_trials=num_trials)
     storage.engine.dispose()
     timing = Timing(time.perf_counter() - wall, time.process_time() - cpu)
@@ -179,7 +188,7 @@ def bench_backend(make_url: Callable[[str], str], backend: str, args: argparse.N
         order = SIDES if rep % 2 == 0 else SIDES[::-1]
         for side in order:
             url = make_url(backend)
-            create_study(url, n)
+            create_study(url, n, args.pruner)
             times[side].append(RUNNERS[side](url, n, rep))
         print(
             f"  {backend} rep {rep + 1}/{args.repeats}: "
@@ -198,13 +207,13 @@ def bench_backend(make_url: Callable[[str], str], backend: str, args: argparse.N
     counting_trials = result["counting_trials"] = min(n, 10)
     for side in SIDES:
         url = make_url(backend)
-        create_study(url, counting_trials)
+        create_study(url, counting_trials, args.pruner)
         result[f"sql_{side}"] = count_statements(url, side, counting_trials)
     if args.cli_repeats:
         cli, startup = [], []
         for rep in range(args.cli_repeats):
             url = make_url(backend)
-            create_study(url, n)
+            create_study(url, n, args.pruner)
             cli.append(run_cli(url, rep))
             startup.append(run_cli(url, rep))  # budget met: start-up and shut-down only
         result["cli"] = (statistics.median(cli), statistics.median(startup))
@@ -242,7 +251,7 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
 
 def profile(make_url: Callable[[str], str], backend: str, args: argparse.Namespace) -> None:
     url = make_url(backend)
-    create_study(url, args.trials)
+    create_study(url, args.trials, args.pruner)
     profiler = cProfile.Profile()
     profiler.enable()
     run_stagetune(url, args.trials, 0)
@@ -260,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cli-repeats", type=int, default=3, help="CLI end-to-end runs (0: skip)")
     parser.add_argument("--sqlite-dir", type=Path, default=None,
                         help="where the SQLite files go (default: a temporary dir; /dev/shm takes fsync out)")
+    parser.add_argument("--pruner", default="none", choices=sorted(PRUNERS),
+                        help="the study's pruner, given to both sides (default none; stagetune's default is hyperband)")
     parser.add_argument("--profile", metavar="FILE", default=None,
                         help="instead: profile one stagetune run (first backend) into FILE (pstats)")
     args = parser.parse_args(argv)

@@ -28,6 +28,8 @@ MODULE_LAYERS = {
     "stagetune.space": "config",
     "stagetune.config": "config",
     "stagetune.kaldi": "data",
+    "stagetune.kaldi_io": "data",
+    "stagetune.tokens": "data",
     "stagetune.audio": "data",
     "stagetune.prep": "data",
     "stagetune.dataset": "data",
@@ -44,6 +46,8 @@ MODULE_LAYERS = {
     "stagetune.optim": "objective",  # the package docstring only
     "stagetune.optim.objective": "objective",
     "stagetune.optim.memory": "objective",
+    "stagetune.optim.tracker": "objective",
+    "stagetune.optim.estimate": "objective",
     "stagetune.optim.sampling": "objective",
     "stagetune.optim.spec": "objective",
     "stagetune.optim.registry": "objective",
@@ -52,7 +56,8 @@ MODULE_LAYERS = {
 #: Modules that must not import torch (not even through another module).
 TORCH_FREE = (
     "stagetune.errors", "stagetune.space", "stagetune.config", "stagetune.kaldi",
-    "stagetune.metrics", "stagetune.audio", "stagetune.prep", "stagetune.cli",
+    "stagetune.kaldi_io", "stagetune.tokens", "stagetune.metrics", "stagetune.audio",
+    "stagetune.prep", "stagetune.cli",
 )
 #: Layers that must not import optuna.
 OPTUNA_FREE_LAYERS = ("config", "data", "model", "training")

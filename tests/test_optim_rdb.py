@@ -4,6 +4,7 @@ writes and claims on the lock connection, against real databases.
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -14,6 +15,7 @@ from optim_helpers import create_study, opened_study, write_speech_data
 from sqlalchemy import event
 from sqlalchemy.pool import Pool
 
+import stagetune.optim.storage
 from stagetune.optim.sampling import sample_config
 from stagetune.optim.storage import close_storage, open_storage
 from stagetune.optim.study import load_study
@@ -142,3 +144,42 @@ def test_claims_open_no_connection_per_trial(backend: str, make_storage_url: Any
     # opening, plus a second connection the first time both are needed at once; it
     # was one more per trial when the claim took a second connection from the pool
     assert len(connects) <= 3, len(connects)
+
+
+def test_every_kind_of_statement_failing_once_loses_and_doubles_nothing(
+    storage_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A transient error on the first statement of each kind (claim, lock, parameters,
+    heartbeat, report, ...): the worker retries each and meets the budget exactly."""
+    # ~20 kinds fail one after another; without this the backoff alone takes a minute
+    monkeypatch.setattr(stagetune.optim.storage, "_RETRY_MAX_DELAY_S", 0.25)
+    create_study(storage_url, "faults", write_speech_data(tmp_path / "data"), num_trials=6)
+    failed: list[str] = []
+    lines: list[str] = []  # the worker's log; its first line says the study is open
+
+    def fail_first_of_each_kind(conn: Any, cursor: Any, statement: str, *rest: Any) -> None:
+        kind = " ".join(statement.split()[:3]).upper()
+        if lines and kind not in failed:  # opening is not retried (a wrong URL fails at once)
+            failed.append(kind)
+            raise sqlalchemy.exc.OperationalError(statement, {}, Exception("server closed the connection unexpectedly"))
+
+    event.listen(sqlalchemy.engine.Engine, "before_cursor_execute", fail_first_of_each_kind)
+    try:
+        summary = run_worker(
+            storage_url, "faults", WorkerOptions(sampler="random", seed=1, objective="quadratic"), log=lines.append
+        )
+    finally:
+        event.remove(sqlalchemy.engine.Engine, "before_cursor_execute", fail_first_of_each_kind)
+    assert summary.counts == {"COMPLETE": 6, "PRUNED": 0, "FAIL": 0, "HANDED_BACK": 0}, (summary.counts, lines)
+    kinds = "\n".join(failed)
+    for needed in ("INSERT INTO TRIALS", "INSERT INTO TRIAL_PARAMS", "INSERT INTO TRIAL_HEARTBEATS", "UPDATE TRIALS SET"):
+        assert needed in kinds, kinds
+    with opened_study(storage_url, "faults") as study:
+        trials = study.get_trials(deepcopy=False)
+    states = Counter(t.state.name for t in trials)
+    # claims cut off after creating their trial leave FAILed trials, never a taken slot
+    assert states["COMPLETE"] == 6 and set(states) <= {"COMPLETE", "FAIL"}, (states, lines)
+    assert all(len(t.params) > 20 for t in trials if t.state.name == "COMPLETE")
+    assert any("retrying" in line for line in lines), lines
+    # a claim cut off after creating its trial: that trial is failed and re-queued
+    assert 1 <= sum("re-queued" in line for line in lines) <= states["FAIL"], lines

@@ -13,6 +13,7 @@ from stagetune.dataset import BucketBatchSampler, UtteranceDataset, collate
 from stagetune.kaldi import TokenTable, load_data_dir
 from stagetune.metrics import ErrorCounts, ctc_prefix_beam_search
 from stagetune.model import TASKS, build_model
+from stagetune.training import decode_batches
 
 __all__ = ["Evaluation", "evaluate_model"]
 
@@ -60,25 +61,24 @@ def evaluate_model(
         )
     model = build_model(mf.config, mf.feat_dim, task.num_outputs(len(mf.tokens)))
     model.load_state_dict(mf.state_dict)
-    model.to(device).eval()
+    model.to(device)
     dataset = UtteranceDataset(data, data.utt_ids, apply_cmvn=mf.config.data.apply_cmvn)
-    batches = list(BucketBatchSampler(dataset.lengths, batch_size, shuffle=False))
+    batches = (
+        collate([dataset[i] for i in indices])
+        for indices in BucketBatchSampler(dataset.lengths, batch_size, shuffle=False)
+    )
+
+    def beam_search(logits: torch.Tensor, out_lens: torch.Tensor) -> list[list[int]]:
+        log_probs = logits.float().log_softmax(-1).cpu().numpy()
+        return [
+            ctc_prefix_beam_search(log_probs[i, : out_lens[i]], beam_width=beam_width)
+            for i in range(len(log_probs))
+        ]
+
+    decode = beam_search if task_name == "ctc" and beam_width > 1 else None
     counts = ErrorCounts()
     hypotheses: dict[str, list[str]] = {}
-    for indices in batches:
-        batch = collate([dataset[i] for i in indices]).to(device)
-        logits, out_lens = model(batch.feats, batch.feat_lens)
-        if task_name == "ctc" and beam_width > 1:
-            log_probs = logits.float().log_softmax(-1).cpu().numpy()
-            hyps = [
-                ctc_prefix_beam_search(log_probs[i, : out_lens[i]], beam_width=beam_width)
-                for i in range(len(indices))
-            ]
-        else:
-            hyps = task.decode(logits, out_lens)
-        refs = task.references(
-            batch.targets, batch.target_lens, out_lens, time_stride=model.time_stride
-        )
+    for batch, hyps, refs in decode_batches(model, batches, task_name, device, decode):
         counts += task.errors(refs, hyps)
         for utt, hyp in zip(batch.utt_ids, hyps):
             hypotheses[utt] = [mf.tokens[i] for i in hyp] if tokens is not None else [str(i) for i in hyp]

@@ -20,9 +20,10 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
 import torch
+from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -55,6 +56,7 @@ __all__ = [
     "make_optimizer",
     "train_one_epoch",
     "validate",
+    "decode_batches",
     "fit",
     "CHECKPOINT_NAME",
     "MODEL_NAME",
@@ -257,22 +259,40 @@ def train_one_epoch(
     return float(loss_sum), frames
 
 
+def decode_batches(
+    model: AcousticModel,
+    batches: Iterable[Any],
+    task_name: str,
+    device: torch.device,
+    decode: Callable[[Tensor, Tensor], list[list[int]]] | None = None,
+) -> Iterator[tuple[Any, list[list[int]], list[list[int]]]]:
+    """Run ``model`` (in eval mode) over ``batches``; yield ``(batch, hypotheses, references)``.
+
+    Args:
+        decode: ``(logits, out_lens) -> hypotheses``; default the task's greedy decoder.
+
+    Validation during training and ``stagetune evaluate`` both decode and score
+    through here, so their figures agree.
+    """
+    task = TASKS[task_name]
+    decode = decode or task.decode
+    model.eval()
+    for batch in batches:
+        batch = batch.to(device)
+        logits, out_lens = model(batch.feats, batch.feat_lens)
+        refs = task.references(batch.targets, batch.target_lens, out_lens, time_stride=model.time_stride)
+        yield batch, decode(logits, out_lens), refs
+
+
 @torch.no_grad()
 def validate(
     model: AcousticModel, loader: Any, task_name: str, device: torch.device
 ) -> ErrorCounts:
-    """Decode ``loader`` and count errors with the same code ``evaluate`` uses."""
-    task = TASKS[task_name]
-    model.eval()
+    """Decode ``loader`` greedily and count errors."""
+    errors = TASKS[task_name].errors
     counts = ErrorCounts()
-    for batch in loader:
-        batch = batch.to(device)
-        logits, out_lens = model(batch.feats, batch.feat_lens)
-        hyps = task.decode(logits, out_lens)
-        refs = task.references(
-            batch.targets, batch.target_lens, out_lens, time_stride=model.time_stride
-        )
-        counts += task.errors(refs, hyps)
+    for _, hyps, refs in decode_batches(model, loader, task_name, device):
+        counts += errors(refs, hyps)
     return counts
 
 

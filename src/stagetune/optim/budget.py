@@ -30,6 +30,7 @@ __all__ = [
     "count_trials",
     "count_by_state",
     "heartbeat_ages",
+    "orphaned_trials",
 ]
 
 SLOT_STATES = ("RUNNING", "WAITING", "COMPLETE", "PRUNED")
@@ -76,8 +77,7 @@ def budget_lock(
                 try:
                     yield conn
                 finally:
-                    conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": lock_id})
-                    conn.commit()
+                    _release(conn, "SELECT pg_advisory_unlock(:k)", {"k": lock_id})
             elif dialect in ("mysql", "mariadb"):
                 deadline = time.monotonic() + timeout_s
                 while True:
@@ -89,10 +89,25 @@ def budget_lock(
                 try:
                     yield conn
                 finally:
-                    conn.execute(text("SELECT RELEASE_LOCK(:k)"), {"k": key})
-                    conn.commit()
+                    _release(conn, "SELECT RELEASE_LOCK(:k)", {"k": key})
             else:
                 raise StorageError(f"database dialect {dialect!r} is not supported; use sqlite, postgresql or mysql")
+
+
+def _release(conn: Connection, statement: str, params: dict[str, object]) -> None:
+    """Release a session-level lock; if that fails, close the connection, which releases it.
+
+    A connection that went back to the pool still holding the lock would keep
+    every other worker waiting (and this one would take it again, reentrantly).
+    """
+    try:
+        if conn.in_transaction():
+            conn.rollback()  # a statement under the lock failed; the release must still run
+        conn.execute(text(statement), params)
+        conn.commit()
+    except BaseException:
+        conn.invalidate()
+        raise
 
 
 def count_trials(storage: optuna.storages.RDBStorage, study_id: int, states: tuple[str, ...]) -> int:
@@ -104,23 +119,47 @@ def count_trials(storage: optuna.storages.RDBStorage, study_id: int, states: tup
         return int(conn.execute(query, params).scalar())
 
 
+def _pairs(
+    storage: optuna.storages.RDBStorage, conn: Connection | None, query: str, study_id: int
+) -> list[tuple[object, object]]:
+    """Rows of a two-column query about one study, on ``conn`` (then committed) or a pooled one.
+
+    Committing on ``conn`` (the one :func:`budget_lock` yields) makes the next
+    query see a fresh snapshot (MySQL's REPEATABLE READ would show the first one again).
+    """
+    if conn is not None:
+        rows = [(a, b) for a, b in conn.execute(text(query), {"sid": study_id})]
+        conn.commit()
+        return rows
+    with storage.engine.connect() as own:
+        return [(a, b) for a, b in own.execute(text(query), {"sid": study_id})]
+
+
 def count_by_state(
     storage: optuna.storages.RDBStorage, study_id: int, conn: Connection | None = None
 ) -> dict[str, int]:
     """The study's trials per state name (states without trials are absent), in one query.
 
     Args:
-        conn: Count on this connection (the one :func:`budget_lock` yields) and
-            commit, so that the next count sees a fresh snapshot (MySQL's
-            REPEATABLE READ would otherwise show the first one again).
+        conn: Count on this connection (the one :func:`budget_lock` yields).
     """
-    query = text("SELECT state, COUNT(*) FROM trials WHERE study_id = :sid GROUP BY state")
-    if conn is not None:
-        counts = {str(state): int(n) for state, n in conn.execute(query, {"sid": study_id})}
-        conn.commit()
-        return counts
-    with storage.engine.connect() as own:
-        return {str(state): int(n) for state, n in own.execute(query, {"sid": study_id})}
+    query = "SELECT state, COUNT(*) FROM trials WHERE study_id = :sid GROUP BY state"
+    return {str(state): int(n) for state, n in _pairs(storage, conn, query, study_id)}
+
+
+def orphaned_trials(
+    storage: optuna.storages.RDBStorage, study_id: int, conn: Connection | None = None
+) -> dict[int, int]:
+    """RUNNING trials of the study that have no heartbeat: trial number -> trial id.
+
+    Only meaningful under :func:`budget_lock`, where every finished claim has
+    recorded its trial's first heartbeat. ``conn``: as for :func:`count_by_state`.
+    """
+    query = (
+        "SELECT t.number, t.trial_id FROM trials t LEFT JOIN trial_heartbeats h ON h.trial_id = t.trial_id "
+        "WHERE t.study_id = :sid AND t.state = 'RUNNING' AND h.trial_id IS NULL"
+    )
+    return {int(number): int(trial_id) for number, trial_id in _pairs(storage, conn, query, study_id)}
 
 
 def heartbeat_ages(storage: optuna.storages.RDBStorage, study_id: int) -> dict[int, float]:

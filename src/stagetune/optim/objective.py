@@ -48,6 +48,8 @@ class TrialContext:
     corpus: Any = None
     #: trial -> context in which its parameters are buffered and written at once at the end
     batch_params: Callable[[Any], ContextManager[None]] = lambda trial: contextlib.nullcontext()
+    #: runs a database call ``fn`` described by ``what`` (the worker's: rides out outages)
+    db: Callable[[Callable[[], Any], str], Any] = lambda fn, what: fn()
     _base: Config | None = field(default=None, repr=False)
 
     @property
@@ -65,19 +67,25 @@ class TrialContext:
 class FootprintCache(MutableMapping):
     """Measured bytes per architecture, kept in the study's system attributes."""
 
-    def __init__(self, study: optuna.Study) -> None:
+    def __init__(
+        self, study: optuna.Study, db: Callable[[Callable[[], Any], str], Any] = lambda fn, what: fn()
+    ) -> None:
         self._storage = study._storage
         self._study_id = study._study_id
+        self._db = db
 
     def _all(self) -> dict[str, Any]:
-        attrs = self._storage.get_study_system_attrs(self._study_id)
+        attrs = self._db(lambda: self._storage.get_study_system_attrs(self._study_id), "reading footprints")
         return {k[len(FOOTPRINT_PREFIX):]: v for k, v in attrs.items() if k.startswith(FOOTPRINT_PREFIX)}
 
     def __getitem__(self, key: str) -> int:
         return int(self._all()[key])
 
     def __setitem__(self, key: str, value: int) -> None:
-        self._storage.set_study_system_attr(self._study_id, FOOTPRINT_PREFIX + key, int(value))
+        self._db(
+            lambda: self._storage.set_study_system_attr(self._study_id, FOOTPRINT_PREFIX + key, int(value)),
+            "storing a footprint",
+        )
 
     def __delitem__(self, key: str) -> None:
         raise TypeError("footprints are never deleted")
@@ -103,7 +111,11 @@ def _prune(trial: optuna.Trial, reason: str) -> optuna.TrialPruned:
 
 def _identical_completed(ctx: TrialContext, trial: optuna.Trial) -> optuna.trial.FrozenTrial | None:
     params = trial.params
-    for other in ctx.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+    completed = ctx.db(
+        lambda: ctx.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)),
+        "reading completed trials",
+    )
+    for other in completed:
         if other.params == params and "reused_from" not in other.user_attrs:
             return other
     return None
@@ -134,7 +146,7 @@ def _train(ctx: TrialContext, trial: optuna.Trial) -> float:
             max_target_len=spec.longest_transcript,
             device=device,
             limit_bytes=spec.mem_limit_bytes,
-            cache=FootprintCache(ctx.study),
+            cache=FootprintCache(ctx.study, ctx.db),
         )
         trial.set_user_attr("mem_bytes", int(footprint.bytes))
         trial.set_user_attr("mem_method", footprint.method)
@@ -155,7 +167,8 @@ def _train(ctx: TrialContext, trial: optuna.Trial) -> float:
         if trial.should_prune():
             raise _prune(trial, f"pruned by the study's pruner after epoch {result.epoch}")
 
-    model_dir = ctx.ckpt_dir / f"trial-{original_trial_number(ctx.study, trial)}"
+    original = ctx.db(lambda: original_trial_number(ctx.study, trial), f"trial {trial.number}: reading it")
+    model_dir = ctx.ckpt_dir / f"trial-{original}"
     signum = ctx.stop_signal()
     if signum is not None:  # arrived while sampling or measuring: nothing trained yet
         raise TrainingInterrupted(f"{signal.Signals(signum).name} received before training", signum)

@@ -33,6 +33,7 @@ from stagetune.optim.budget import (
     count_by_state,
     count_trials,
     heartbeat_ages,
+    orphaned_trials,
 )
 from stagetune.optim.objective import OBJECTIVES, TrialContext
 from stagetune.optim.rdb import StagetuneStorage
@@ -80,7 +81,11 @@ class WorkerSummary:
 
 
 class _Heartbeat:
-    """Records a trial's heartbeat every ``interval`` seconds in a daemon thread."""
+    """Records a trial's heartbeat every ``interval`` seconds in a daemon thread.
+
+    The first beat is recorded by the claim itself, under the budget lock (see
+    ``claim`` in :func:`run_worker`), so the thread waits one interval first.
+    """
 
     def __init__(self, storage: optuna.storages.RDBStorage, trial_id: int, interval: float) -> None:
         self._storage, self._trial_id, self._interval = storage, trial_id, interval
@@ -88,7 +93,6 @@ class _Heartbeat:
         self._thread = threading.Thread(target=self._run, daemon=True, name="stagetune-heartbeat")
 
     def _run(self) -> None:
-        # __enter__ recorded the first beat; a second one at once would cost a write per trial.
         while not self._stop.wait(self._interval):
             try:
                 self._storage.record_heartbeat(self._trial_id)
@@ -96,7 +100,6 @@ class _Heartbeat:
                 pass
 
     def __enter__(self) -> _Heartbeat:
-        self._storage.record_heartbeat(self._trial_id)
         self._thread.start()
         return self
 
@@ -188,6 +191,7 @@ def _work(
         keep_models=options.keep_models,
         sleep_seconds=options.sleep_seconds,
         log=log if options.verbose else (lambda _m: None),
+        db=db,
         batch_params=lambda trial: storage.batched_params(
             trial._trial_id, write=lambda flush: db(flush, f"trial {trial.number}: writing its parameters")
         ),
@@ -226,12 +230,23 @@ def _work(
         slots = sum(counts.get(s, 0) for s in SLOT_STATES)
         return slots >= spec.num_trials and counts.get("WAITING", 0) == 0
 
+    def requeue(trial_id: int) -> None:
+        storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
+        retry(study, storage.get_trial(trial_id))
+
     def claim() -> optuna.Trial | None:
         # Everything here runs on the connection that holds the lock: no second one is opened.
+        # A claim creates the trial and records its first heartbeat before it lets go of
+        # the lock, so a RUNNING trial without a heartbeat, seen under the lock, is what a
+        # claim cut off in between left behind (an outage, kill -9): it is failed and
+        # re-queued, or its slot would stay taken for good.
         with budget_lock(storage, study_name) as lock_conn, storage.sessions_on(lock_conn):
             checked = time.monotonic() >= next_stale_check[0]
             if checked:
                 fail_stale()
+            for number, trial_id in orphaned_trials(storage, study_id, lock_conn).items():
+                requeue(trial_id)
+                log(f"trial {number} was claimed but never started (its claim was cut off); re-queued")
             if spec.num_trials is not None:
                 counts = count_by_state(storage, study_id, lock_conn)
                 if budget_full(counts) and not checked:
@@ -239,7 +254,9 @@ def _work(
                     counts = count_by_state(storage, study_id, lock_conn)
                 if budget_full(counts):
                     return None
-            return study.ask()
+            trial = study.ask()
+            storage.record_heartbeat(trial._trial_id)
+            return trial
 
     try:
         while True:
@@ -317,12 +334,12 @@ def _run_one(
             state = None
         except Exception as exc:  # a failed trial must not take the worker down
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            trial.set_user_attr("fail_reason", reason[:500])
+            db(lambda: trial.set_user_attr("fail_reason", reason[:500]), f"trial {trial.number}: storing why it failed")
             state = TrialState.FAIL
     seconds = time.monotonic() - began
     if state is None:
         def hand_back() -> None:
-            with budget_lock(storage, study.study_name):
+            with budget_lock(storage, study.study_name) as lock_conn, storage.sessions_on(lock_conn):
                 storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
                 retry(study, storage.get_trial(trial._trial_id))
 
