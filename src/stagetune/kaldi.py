@@ -36,14 +36,14 @@ from pathlib import Path
 import numpy as np
 
 from stagetune.errors import ConfigError, DataError
-from stagetune.kaldi_io import (  # package-internal helpers
-    _at,
-    _Line,
-    _load_matrix,
-    _read_feats_scp,
-    _read_keyed,
-    _read_scp,
-    _scan_matrices,
+from stagetune.kaldi_io import (
+    Line,
+    line_of,
+    load_matrix,
+    read_feats_scp,
+    read_keyed,
+    read_scp,
+    scan_matrices,
 )
 from stagetune.tokens import BLANK, TokenTable  # re-exported: part of __all__
 
@@ -103,7 +103,7 @@ class DataDir:
         Returns:
             float32 array of shape (T, F).
         """
-        feats = _load_matrix(self.feat_paths[utt_id], f"feats.scp entry of {utt_id!r}")
+        feats = load_matrix(self.feat_paths[utt_id], f"feats.scp entry of {utt_id!r}")
         feats = np.array(feats, dtype=np.float32)  # a writable copy: kaldiio may share its buffer
         if apply_cmvn and self.cmvn is not None:
             mean, std = self.cmvn[self.utt2spk[utt_id] if self.utt2spk else utt_id]
@@ -120,20 +120,20 @@ class DataDir:
 
 
 def _require_listed(
-    utt_ids: Sequence[str], where: dict[str, _Line], entries: dict, path: Path, what: str
+    utt_ids: Sequence[str], where: dict[str, Line], entries: dict, path: Path, what: str
 ) -> None:
     """Every feature utterance has an entry in ``path``."""
     missing = [u for u in utt_ids if u not in entries]
     if missing:
         raise DataError(
-            f"{_at(where[missing[0]])}: utterance {missing[0]!r} has no {what} in {path} "
+            f"{line_of(where[missing[0]])}: utterance {missing[0]!r} has no {what} in {path} "
             f"({len(missing)} of {len(utt_ids)} utterances lack one); add them or remove the "
             "utterances from feats.scp (Kaldi: utils/fix_data_dir.sh)"
         )
 
 
 def _require_covered(
-    utt_ids: Sequence[str], where: dict[str, _Line], entries: dict, path: Path, what: str
+    utt_ids: Sequence[str], where: dict[str, Line], entries: dict, path: Path, what: str
 ) -> None:
     """Every feature utterance has an entry in ``path`` and every entry has features."""
     _require_listed(utt_ids, where, entries, path, what)
@@ -147,7 +147,7 @@ def _require_covered(
 
 
 def _read_ctc_targets(
-    data_dir: Path, utt_ids: list[str], where: dict[str, _Line], tokens: TokenTable | None
+    data_dir: Path, utt_ids: list[str], where: dict[str, Line], tokens: TokenTable | None
 ) -> tuple[dict[str, list[str]], TokenTable, dict[str, np.ndarray]]:
     text_path, tokens_path = data_dir / "text", data_dir / "tokens.txt"
     if not text_path.is_file():
@@ -161,7 +161,7 @@ def _read_ctc_targets(
                 "line per token (or pass the training token table when loading dev/test data)"
             )
         tokens = TokenTable.read(tokens_path)
-    entries = _read_keyed(text_path, "UTT TOKEN ...", min_fields=1)
+    entries = read_keyed(text_path, "UTT TOKEN ...", min_fields=1)
     _require_covered(utt_ids, where, entries, text_path, "transcript")
     text, token_ids = {}, {}
     for utt, (lineno, toks) in entries.items():
@@ -177,12 +177,12 @@ def _read_ctc_targets(
 
 
 def _read_labels(
-    data_dir: Path, utt_ids: list[str], where: dict[str, _Line]
+    data_dir: Path, utt_ids: list[str], where: dict[str, Line]
 ) -> tuple[dict[str, np.ndarray], dict[str, int]]:
     path = data_dir / "utt2label"
     if not path.is_file():
         raise DataError(f"{path} is missing; task 'frame' needs `UTT L1 ... LT` per utterance")
-    entries = _read_keyed(path, "UTT L1 ... LT")
+    entries = read_keyed(path, "UTT L1 ... LT")
     _require_covered(utt_ids, where, entries, path, "label line")
     labels, lines = {}, {}
     for utt, (lineno, values) in entries.items():
@@ -203,16 +203,16 @@ def _read_labels(
 
 
 def _read_cmvn(
-    data_dir: Path, feat_dim: int, utt_ids: list[str], where: dict[str, _Line],
+    data_dir: Path, feat_dim: int, utt_ids: list[str], where: dict[str, Line],
     utt2spk: dict[str, str] | None, spk_lines: dict[str, int],
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     scp = data_dir / "cmvn.scp"
-    cmvn_where: dict[str, _Line] = {}
-    specs = _read_scp(scp, data_dir, cmvn_where, "SPEAKER")
+    cmvn_where: dict[str, Line] = {}
+    specs = read_scp(scp, data_dir, cmvn_where, "SPEAKER")
     for utt in utt_ids:
         spk = utt2spk[utt] if utt2spk else utt
         if spk not in specs:
-            at = f"{data_dir / 'utt2spk'} line {spk_lines[utt]}" if utt2spk else _at(where[utt])
+            at = f"{data_dir / 'utt2spk'} line {spk_lines[utt]}" if utt2spk else line_of(where[utt])
             raise DataError(
                 f"{at}: speaker {spk!r} of utterance {utt!r} has no stats in {scp}"
                 + ("" if utt2spk else " (without utt2spk, cmvn.scp is keyed by utterance)")
@@ -220,8 +220,8 @@ def _read_cmvn(
             )
     cmvn = {}
     for spk, spec in specs.items():
-        at = f"{_at(cmvn_where[spk])} ({spk!r})"
-        stats = _load_matrix(spec, at).astype(np.float64)
+        at = f"{line_of(cmvn_where[spk])} ({spk!r})"
+        stats = load_matrix(spec, at).astype(np.float64)
         if stats.shape[0] != 2 or stats.shape[1] < 2:
             raise DataError(f"{at}: expected Kaldi CMVN stats of shape (2, D+1), got {stats.shape}")
         if stats.shape[1] - 1 != feat_dim:
@@ -239,25 +239,25 @@ def _read_cmvn(
 
 
 def _read_utt2spk(
-    data_dir: Path, utt_ids: list[str], where: dict[str, _Line]
+    data_dir: Path, utt_ids: list[str], where: dict[str, Line]
 ) -> tuple[dict[str, str] | None, dict[str, int]]:
     """Speaker and ``utt2spk`` line per feature utterance; extra entries are ignored."""
     path = data_dir / "utt2spk"
     if not path.is_file():
         return None, {}
-    entries = _read_keyed(path, "UTT SPEAKER")
+    entries = read_keyed(path, "UTT SPEAKER")
     _require_listed(utt_ids, where, entries, path, "speaker")
     return {u: entries[u][1][0] for u in utt_ids}, {u: entries[u][0] for u in utt_ids}
 
 
 def _read_num_frames(
-    data_dir: Path, utt_ids: list[str], where: dict[str, _Line]
+    data_dir: Path, utt_ids: list[str], where: dict[str, Line]
 ) -> tuple[dict[str, int] | None, dict[str, int]]:
     """Frame count and line per utterance from ``utt2num_frames``, if present."""
     path = data_dir / "utt2num_frames"
     if not path.is_file():
         return None, {}
-    entries = _read_keyed(path, "UTT NUM_FRAMES")
+    entries = read_keyed(path, "UTT NUM_FRAMES")
     _require_listed(utt_ids, where, entries, path, "frame count")
     num_frames = {}
     for utt in utt_ids:
@@ -309,7 +309,7 @@ def load_data_dir(
             f"{data_dir / 'feats.scp'} is missing; run `stagetune prep {data_dir}` to compute "
             "features"
         )
-    specs, where, parts = _read_feats_scp(data_dir)
+    specs, where, parts = read_feats_scp(data_dir)
     utt_ids = sorted(specs)
 
     text = labels = token_ids = None
@@ -322,17 +322,17 @@ def load_data_dir(
     utt2spk, spk_lines = _read_utt2spk(data_dir, utt_ids, where)
     num_frames, nf_lines = _read_num_frames(data_dir, utt_ids, where)
     if check or num_frames is None:
-        scanned, feat_dim = _scan_matrices(specs, where, [u for part in parts for u in part])
+        scanned, feat_dim = scan_matrices(specs, where, [u for part in parts for u in part])
         for utt in utt_ids if num_frames is not None else ():
             if num_frames[utt] != scanned[utt]:
                 raise DataError(
                     f"{data_dir / 'utt2num_frames'} line {nf_lines[utt]}: utterance {utt!r} "
-                    f"has {num_frames[utt]} frames but its matrix ({_at(where[utt])}) has "
+                    f"has {num_frames[utt]} frames but its matrix ({line_of(where[utt])}) has "
                     f"{scanned[utt]}; regenerate or delete utt2num_frames"
                 )
         num_frames = scanned
     else:
-        feat_dim = _load_matrix(specs[utt_ids[0]], _at(where[utt_ids[0]])).shape[1]
+        feat_dim = load_matrix(specs[utt_ids[0]], line_of(where[utt_ids[0]])).shape[1]
 
     if labels is not None:
         for utt in utt_ids:

@@ -1,18 +1,17 @@
 """Low-level reading of Kaldi text tables, scp files and matrices.
 
-* :func:`_read_table` / :func:`_read_keyed`: UTF-8 ``KEY VALUE ...`` tables
+* :func:`read_table` / :func:`read_keyed`: UTF-8 ``KEY VALUE ...`` tables
   (``text``, ``utt2spk``, ``tokens.txt``, ...), line by line.
-* :func:`_read_scp` / :func:`_read_feats_scp`: ``KEY RXSPECIFIER`` files, with
+* :func:`read_scp` / :func:`read_feats_scp`: ``KEY RXSPECIFIER`` files, with
   relative ark paths resolved against the scp's directory, then the data
   directory (never the working directory), and ``feats.scp`` as an scp of scp files.
-* :func:`_load_matrix` / :func:`_scan_matrices`: binary, text or compressed
+* :func:`load_matrix` / :func:`scan_matrices`: binary, text or compressed
   matrices through kaldiio (text matrices with a faster float32 parser), one at a
   time or in one validating pass.
 
 :mod:`stagetune.kaldi` builds a data directory from these and
-:mod:`stagetune.tokens` reads ``tokens.txt`` with :func:`_read_table`; the names
-keep their leading underscore because they are internal to the package, not
-part of its API. Every problem is a :class:`~stagetune.errors.DataError` naming
+:mod:`stagetune.tokens` reads ``tokens.txt`` with :func:`read_table`; users
+import those two modules, not this one. Every problem is a :class:`~stagetune.errors.DataError` naming
 the file and line. This module does not import torch (nor stagetune.kaldi).
 """
 
@@ -28,18 +27,29 @@ import numpy as np
 
 from stagetune.errors import DataError
 
+__all__ = [
+    "Line",
+    "line_of",
+    "read_table",
+    "read_keyed",
+    "read_scp",
+    "read_feats_scp",
+    "load_matrix",
+    "scan_matrices",
+]
+
 _MAX_OPEN_ARKS = 64  # bound the open files of the validation pass
 _SLICE = re.compile(r"^(?P<body>.*?)(?P<slice>\[[0-9:,\s]*\])?$")
 
-_Line = tuple[Path, int]  # (file, line number) of an entry, for error messages
+Line = tuple[Path, int]  # (file, line number) of an entry, for error messages
 
 
-def _at(where: _Line) -> str:
-    """Format a :data:`_Line` as ``FILE line N``."""
+def line_of(where: Line) -> str:
+    """Format a :data:`Line` as ``FILE line N``."""
     return f"{where[0]} line {where[1]}"
 
 
-def _read_table(path: Path) -> Iterator[tuple[int, list[str]]]:
+def read_table(path: Path) -> Iterator[tuple[int, list[str]]]:
     """Yield ``(line number, whitespace-split fields)`` for each non-blank line."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
@@ -53,10 +63,10 @@ def _read_table(path: Path) -> Iterator[tuple[int, list[str]]]:
                 yield lineno, fields
 
 
-def _read_keyed(path: Path, usage: str, min_fields: int = 2) -> dict[str, tuple[int, list[str]]]:
+def read_keyed(path: Path, usage: str, min_fields: int = 2) -> dict[str, tuple[int, list[str]]]:
     """Read ``KEY VALUE ...`` lines into ``key -> (line number, values)``."""
     entries: dict[str, tuple[int, list[str]]] = {}
-    for lineno, fields in _read_table(path):
+    for lineno, fields in read_table(path):
         if len(fields) < min_fields:
             raise DataError(
                 f"{path} line {lineno}: expected `{usage}`, got {' '.join(fields)!r}; "
@@ -98,15 +108,15 @@ def _resolve(spec: str, bases: Sequence[Path], cache: dict[str, Path]) -> tuple[
     return f"{cache[name]}{'' if offset is None else f':{offset}'}{slc}", cache[name]
 
 
-def _read_scp(
-    scp: Path, data_dir: Path, where: dict[str, _Line], what: str
+def read_scp(
+    scp: Path, data_dir: Path, where: dict[str, Line], what: str
 ) -> dict[str, str]:
     """Read ``KEY RXSPECIFIER`` lines, resolving paths and checking the ark files exist."""
     bases = list(dict.fromkeys([scp.parent, data_dir]))
     cache: dict[str, Path] = {}
     exists: dict[Path, bool] = {}
     specs: dict[str, str] = {}
-    for lineno, fields in _read_table(scp):
+    for lineno, fields in read_table(scp):
         if len(fields) < 2:
             raise DataError(
                 f"{scp} line {lineno}: expected `{what} PATH:OFFSET`, got {fields[0]!r}; "
@@ -116,7 +126,7 @@ def _read_scp(
         if key in where:
             raise DataError(
                 f"{scp} line {lineno}: duplicate {what.lower()} id {key!r} (first at "
-                f"{_at(where[key])}); each id must appear once"
+                f"{line_of(where[key])}); each id must appear once"
             )
         spec, file = _resolve(" ".join(fields[1:]), bases, cache)
         if file is not None and file not in exists:
@@ -132,15 +142,15 @@ def _read_scp(
     return specs
 
 
-def _read_feats_scp(data_dir: Path) -> tuple[dict[str, str], dict[str, _Line], list[list[str]]]:
+def read_feats_scp(data_dir: Path) -> tuple[dict[str, str], dict[str, Line], list[list[str]]]:
     """Read ``feats.scp``, following an scp of scp files; returns specs, lines, parts."""
     scp = data_dir / "feats.scp"
-    lines = list(_read_table(scp))
+    lines = list(read_table(scp))
     if not lines:
         raise DataError(f"{scp} is empty; run `stagetune prep {data_dir}` to compute features")
-    where: dict[str, _Line] = {}
+    where: dict[str, Line] = {}
     if len(lines[0][1]) > 1:
-        specs = _read_scp(scp, data_dir, where, "UTT")
+        specs = read_scp(scp, data_dir, where, "UTT")
         return specs, where, [sorted(specs)]
     specs, parts = {}, []
     for lineno, fields in lines:
@@ -152,7 +162,7 @@ def _read_feats_scp(data_dir: Path) -> tuple[dict[str, str], dict[str, _Line], l
         part = Path(fields[0]) if Path(fields[0]).is_absolute() else data_dir / fields[0]
         if not part.is_file():
             raise DataError(f"{scp} line {lineno}: part file {part} does not exist")
-        part_specs = _read_scp(part, data_dir, where, "UTT")
+        part_specs = read_scp(part, data_dir, where, "UTT")
         if not part_specs:
             raise DataError(f"{scp} line {lineno}: part file {part} is empty; remove the line")
         specs.update(part_specs)
@@ -204,7 +214,7 @@ def _read_spec(spec: str, fds: dict[str, IO[bytes]]) -> np.ndarray:
     return kaldiio.load_mat(spec, fd_dict=fds)
 
 
-def _load_matrix(spec: str, where: str, fds: dict[str, IO[bytes]] | None = None) -> np.ndarray:
+def load_matrix(spec: str, where: str, fds: dict[str, IO[bytes]] | None = None) -> np.ndarray:
     """Read the matrix at ``spec``; ``fds`` keeps files open across calls."""
     own = {} if fds is None else fds
     try:
@@ -224,8 +234,8 @@ def _load_matrix(spec: str, where: str, fds: dict[str, IO[bytes]] | None = None)
     return mat
 
 
-def _scan_matrices(
-    specs: dict[str, str], where: dict[str, _Line], utt_ids: Iterable[str]
+def scan_matrices(
+    specs: dict[str, str], where: dict[str, Line], utt_ids: Iterable[str]
 ) -> tuple[dict[str, int], int]:
     """One pass over all matrices: frame counts, consistent dim, finite values."""
     fds: dict[str, IO[bytes]] = {}
@@ -238,22 +248,22 @@ def _scan_matrices(
                 for fd in fds.values():
                     fd.close()
                 fds.clear()
-            mat = _load_matrix(specs[utt], f"{_at(where[utt])} ({utt!r})", fds)
+            mat = load_matrix(specs[utt], f"{line_of(where[utt])} ({utt!r})", fds)
             if first is None:
                 first, feat_dim = utt, mat.shape[1]
             elif mat.shape[1] != feat_dim:
                 raise DataError(
-                    f"{_at(where[utt])}: utterance {utt!r} has feature dim {mat.shape[1]}, but "
-                    f"{first!r} ({_at(where[first])}) has {feat_dim}; all features must have "
+                    f"{line_of(where[utt])}: utterance {utt!r} has feature dim {mat.shape[1]}, but "
+                    f"{first!r} ({line_of(where[first])}) has {feat_dim}; all features must have "
                     "the same dim"
                 )
             if mat.shape[0] == 0:
-                raise DataError(f"{_at(where[utt])}: utterance {utt!r} has 0 frames; remove it")
+                raise DataError(f"{line_of(where[utt])}: utterance {utt!r} has 0 frames; remove it")
             finite = np.isfinite(mat)
             if not finite.all():
                 bad = np.flatnonzero(~finite.all(axis=1))[:5].tolist()
                 raise DataError(
-                    f"{_at(where[utt])}: utterance {utt!r} has non-finite values (NaN or "
+                    f"{line_of(where[utt])}: utterance {utt!r} has non-finite values (NaN or "
                     f"inf) in frames {bad}; recompute its features or remove it"
                 )
             num_frames[utt] = mat.shape[0]

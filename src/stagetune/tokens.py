@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from stagetune.errors import DataError
-from stagetune.kaldi_io import _read_table
+from stagetune.kaldi_io import read_table
 
 __all__ = ["BLANK", "TokenTable"]
 
@@ -44,7 +44,7 @@ class TokenTable:
         path = Path(path)
         by_id: dict[int, tuple[str, int]] = {}
         seen: dict[str, int] = {}
-        for lineno, fields in _read_table(path):
+        for lineno, fields in read_table(path):
             if len(fields) != 2 or not fields[1].isdigit():
                 raise DataError(
                     f"{path} line {lineno}: expected `SYMBOL ID` with a non-negative "
