@@ -27,9 +27,12 @@ from stagetune.errors import TrainingInterrupted
 from stagetune.optim.sampling import sample_config
 from stagetune.optim.spec import StudySpec
 
-__all__ = ["TrialContext", "OBJECTIVES", "original_trial_number", "FootprintCache"]
+__all__ = ["TrialContext", "OBJECTIVES", "DbCall", "original_trial_number", "FootprintCache"]
 
 FOOTPRINT_PREFIX = "stagetune_footprint:"
+
+#: Runs a database call ``fn`` described by ``what``; the worker's rides out outages.
+DbCall = Callable[[Callable[[], Any], str], Any]
 
 
 @dataclass
@@ -48,8 +51,7 @@ class TrialContext:
     corpus: Any = None
     #: trial -> context in which its parameters are buffered and written at once at the end
     batch_params: Callable[[Any], ContextManager[None]] = lambda trial: contextlib.nullcontext()
-    #: runs a database call ``fn`` described by ``what`` (the worker's: rides out outages)
-    db: Callable[[Callable[[], Any], str], Any] = lambda fn, what: fn()
+    db: DbCall = lambda fn, what: fn()
     _base: Config | None = field(default=None, repr=False)
 
     @property
@@ -67,9 +69,7 @@ class TrialContext:
 class FootprintCache(MutableMapping):
     """Measured bytes per architecture, kept in the study's system attributes."""
 
-    def __init__(
-        self, study: optuna.Study, db: Callable[[Callable[[], Any], str], Any] = lambda fn, what: fn()
-    ) -> None:
+    def __init__(self, study: optuna.Study, db: DbCall = lambda fn, what: fn()) -> None:
         self._storage = study._storage
         self._study_id = study._study_id
         self._db = db

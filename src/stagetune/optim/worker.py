@@ -35,7 +35,7 @@ from stagetune.optim.budget import (
     heartbeat_ages,
     orphaned_trials,
 )
-from stagetune.optim.objective import OBJECTIVES, TrialContext
+from stagetune.optim.objective import OBJECTIVES, DbCall, TrialContext
 from stagetune.optim.rdb import StagetuneStorage
 from stagetune.optim.registry import make_sampler
 from stagetune.optim.storage import close_storage, mask_url, open_storage, retry_transient
@@ -113,7 +113,7 @@ class _ResilientTrial:
 
     _RETRIED = ("suggest_int", "suggest_float", "suggest_categorical", "report", "should_prune", "set_user_attr")
 
-    def __init__(self, trial: optuna.Trial, db: Callable[[Callable[[], Any], str], Any]) -> None:
+    def __init__(self, trial: optuna.Trial, db: DbCall) -> None:
         self._trial, self._db = trial, db
 
     def __getattr__(self, name: str) -> Any:
@@ -125,6 +125,21 @@ class _ResilientTrial:
             return self._db(lambda: attr(*args, **kwargs), f"trial {self._trial.number}: {name}")
 
         return call
+
+
+def _requeue(
+    storage: StagetuneStorage,
+    study: optuna.Study,
+    retry: optuna.storages.RetryHeartbeatStaleTrialCallback,
+    trial_id: int,
+) -> None:
+    """Fail a trial and queue a retry with its parameters (call under the budget lock).
+
+    FAIL first: cut off in between, the retry is lost but the slot is freed; the
+    other order could leave the trial running beside its retry, counted twice.
+    """
+    storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
+    retry(study, storage.get_trial(trial_id))
 
 
 def _compact(params: dict[str, Any]) -> str:
@@ -230,10 +245,6 @@ def _work(
         slots = sum(counts.get(s, 0) for s in SLOT_STATES)
         return slots >= spec.num_trials and counts.get("WAITING", 0) == 0
 
-    def requeue(trial_id: int) -> None:
-        storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
-        retry(study, storage.get_trial(trial_id))
-
     def claim() -> optuna.Trial | None:
         # Everything here runs on the connection that holds the lock: no second one is opened.
         # A claim creates the trial and records its first heartbeat before it lets go of
@@ -245,7 +256,7 @@ def _work(
             if checked:
                 fail_stale()
             for number, trial_id in orphaned_trials(storage, study_id, lock_conn).items():
-                requeue(trial_id)
+                _requeue(storage, study, retry, trial_id)
                 log(f"trial {number} was claimed but never started (its claim was cut off); re-queued")
             if spec.num_trials is not None:
                 counts = count_by_state(storage, study_id, lock_conn)
@@ -314,7 +325,7 @@ def _run_one(
     summary: WorkerSummary,
     log: Callable[[str], None],
     stop: dict[str, int | None],
-    db: Callable[[Callable[[], Any], str], Any],
+    db: DbCall,
 ) -> str:
     objective = OBJECTIVES[options.objective]
     began = time.monotonic()
@@ -334,14 +345,16 @@ def _run_one(
             state = None
         except Exception as exc:  # a failed trial must not take the worker down
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            db(lambda: trial.set_user_attr("fail_reason", reason[:500]), f"trial {trial.number}: storing why it failed")
+            db(
+                lambda: trial.set_user_attr("fail_reason", reason[:500]),
+                f"trial {trial.number}: storing why it failed",
+            )
             state = TrialState.FAIL
     seconds = time.monotonic() - began
     if state is None:
         def hand_back() -> None:
             with budget_lock(storage, study.study_name) as lock_conn, storage.sessions_on(lock_conn):
-                storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
-                retry(study, storage.get_trial(trial._trial_id))
+                _requeue(storage, study, retry, trial._trial_id)
 
         db(hand_back, f"handing back trial {trial.number}")
         summary.counts["HANDED_BACK"] += 1
