@@ -6,7 +6,8 @@ On Linux the workers are forked from the pool process after it has imported
 what every worker needs (optuna, SQLAlchemy, the database driver and, for
 training, torch), so N workers are up in milliseconds instead of N interpreter
 start-ups (about 0.9 s of CPU each); elsewhere each is a fresh ``python -m
-stagetune`` process. The pool touches no database and no GPU before forking.
+stagetune`` process. Nothing here opens a database or touches a GPU before
+forking (``optim run`` checks the study first and closes its connections).
 SIGTERM/SIGINT to the pool reach every worker, which checkpoint and hand their
 trials back; the pool ends with a combined summary.
 """
@@ -47,12 +48,7 @@ class _Child:
         if self._popen is not None:
             self.code = self._popen.wait()
             return self.code
-        while True:
-            try:
-                _, status = os.waitpid(self.pid, 0)
-                break
-            except InterruptedError:  # pragma: no cover - PEP 475 retries for us
-                continue
+        _, status = os.waitpid(self.pid, 0)  # PEP 475: retried after a signal handler ran
         self.code = os.waitstatus_to_exitcode(status)
         if self.code < 0:  # killed by a signal: the shell's convention
             self.code = 128 - self.code
@@ -91,8 +87,7 @@ def _fork(
             sys.stderr.reconfigure(line_buffering=True)
             for signum in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
-            os.environ.clear()
-            os.environ.update(env)
+            os.environ.update(env)  # the pool's environment plus this worker's GPU
             code = main(list(args))
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)

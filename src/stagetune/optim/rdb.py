@@ -2,7 +2,7 @@
 
 Optuna writes every ``suggest_*`` in its own transaction (a commit, and on a
 server a round trip, per parameter: 32 for the full search space) and every
-storage call takes a pooled connection. The worker adds two things:
+storage call takes a pooled connection. This subclass adds three things:
 
 * :meth:`StagetuneStorage.batched_params`: a trial's parameters are buffered
   while the objective samples its config and written in one transaction when
