@@ -45,6 +45,7 @@ from stagetune.dataset import Batch, BucketBatchSampler, UtteranceDataset, colla
 from stagetune.demo import make_demo_corpus
 from stagetune.kaldi import load_data_dir
 from stagetune.model import TASKS, AcousticModel, build_model
+from stagetune.normalize import fit_normalizer
 from stagetune.training import make_optimizer, train_one_epoch
 
 DEMO_INI = Path(__file__).resolve().parents[1] / "conf" / "demo.ini"
@@ -102,7 +103,8 @@ def measure(train_dir: Path, args: argparse.Namespace) -> int:
     """Print the padding fractions and the interleaved timings."""
     data = load_data_dir(train_dir)
     config = load_config([DEMO_INI], NO_AUGMENTATION)
-    dataset = UtteranceDataset(data, data.utt_ids, apply_cmvn=config.data.apply_cmvn)
+    normalizer = fit_normalizer(config.data.normalization, data, data.utt_ids)
+    dataset = UtteranceDataset(data, data.utt_ids, normalizer=normalizer)
     lengths = np.asarray(dataset.lengths)
     bs = config.data.batch_size
     sampler = BucketBatchSampler(

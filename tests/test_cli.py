@@ -146,7 +146,7 @@ def test_help_lists_every_command() -> None:
 
 
 def test_print_ini_reads_back_equal(tmp_path: Path) -> None:
-    overrides = sets("training.learning_rate=0.003", "model.recurrent_type=lstm", "data.apply_cmvn=false")
+    overrides = sets("training.learning_rate=0.003", "model.recurrent_type=lstm", "data.normalization=none")
     first = stagetune(*overrides, "--print-ini")
     assert first.returncode == 0 and first.stderr == ""
     ini = tmp_path / "resolved.ini"
@@ -155,7 +155,7 @@ def test_print_ini_reads_back_equal(tmp_path: Path) -> None:
     assert second.stdout == first.stdout
     assert load_config([ini]) == load_config([], overrides[1::2])
     # Every field is documented, and later --set wins over --read-ini.
-    assert "# Initial learning rate." in first.stdout
+    assert "# Peak learning rate (reached after the warm-up)." in first.stdout
     third = stagetune("--read-ini", ini, "--set", "training.learning_rate=0.5", "--print-ini")
     assert "learning_rate = 0.5\n" in third.stdout
 
@@ -255,6 +255,8 @@ BAD_INPUTS = [
     ("train with 1 path", lambda t, d, m: ["train", m], 2, "got 1 paths"),
     ("train with 4 paths", lambda t, d, m: ["train", d["train"], d["train"], d["train"], m], 2, "got 4 paths"),
     ("nonexistent model.pt", lambda t, d, m: ["evaluate", m / "model.pt", d["train"]], 1, "no such model file"),
+    ("speaker without cmvn.scp", lambda t, d, m: ["--set", "data.normalization=speaker", "train", d["train"], m],
+     1, "cmvn.scp is missing; per-speaker normalisation (data.normalization = speaker) needs it"),
     ("nonexistent --init-from", lambda t, d, m: ["train", "--init-from", t / "none.pt", d["train"], m],
      1, "no such model file"),
 ]

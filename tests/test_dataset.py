@@ -20,6 +20,7 @@ from stagetune.dataset import (
 from stagetune.corpus import split_dev
 from stagetune.errors import DataError
 from stagetune.kaldi import load_data_dir
+from stagetune.normalize import Normalizer
 
 torch.set_num_threads(1)
 
@@ -44,14 +45,16 @@ def partitioned_dir(tmp_path: Path) -> Path:
 def test_items_are_feature_and_target_tensors(tiny_data_dir: Path) -> None:
     data = load_data_dir(tiny_data_dir)
     ids = data.utt_ids[3:8]
-    dataset = UtteranceDataset(data, ids)
+    dataset = UtteranceDataset(data, ids, normalizer=Normalizer("speaker"))
     assert len(dataset) == 5 and dataset.lengths == [data.num_frames[u] for u in ids]
     feats, targets, utt = dataset[2]
     assert utt == ids[2]
     assert feats.dtype == torch.float32 and feats.shape == (data.num_frames[utt], 8)
-    assert torch.equal(feats, torch.from_numpy(data.load_feats(utt)))
+    mean, std = data.cmvn_of(utt)
+    assert torch.equal(feats, torch.from_numpy((data.load_feats(utt) - mean) / std))
     assert targets.dtype == torch.long and targets.tolist() == data.targets(utt).tolist()
-    raw, _, _ = UtteranceDataset(data, ids, apply_cmvn=False)[2]
+    raw, _, _ = UtteranceDataset(data, ids)[2]  # as stored by default
+    assert torch.equal(raw, torch.from_numpy(data.load_feats(utt)))
     assert not torch.allclose(raw, feats)
 
 

@@ -33,6 +33,7 @@ MODULE_LAYERS = {
     "stagetune.audio": "data",
     "stagetune.prep": "data",
     "stagetune.dataset": "data",
+    "stagetune.normalize": "data",
     "stagetune.corpus": "data",
     "stagetune.demo": "data",
     "stagetune.fsdd": "data",
@@ -40,6 +41,8 @@ MODULE_LAYERS = {
     "stagetune.model": "model",
     "stagetune.augment": "model",
     "stagetune.failures": "model",
+    "stagetune.feasibility": "model",
+    "stagetune.schedule": "training",
     "stagetune.checkpoint": "training",
     "stagetune.training": "training",
     "stagetune.evaluate": "training",
@@ -51,13 +54,14 @@ MODULE_LAYERS = {
     "stagetune.optim.sampling": "objective",
     "stagetune.optim.spec": "objective",
     "stagetune.optim.registry": "objective",
+    "stagetune.optim.metrics": "objective",
     "stagetune.__main__": "cli",
 }
 #: Modules that must not import torch (not even through another module).
 TORCH_FREE = (
     "stagetune.errors", "stagetune.space", "stagetune.config", "stagetune.kaldi",
     "stagetune.kaldi_io", "stagetune.tokens", "stagetune.metrics", "stagetune.audio",
-    "stagetune.prep", "stagetune.cli",
+    "stagetune.prep", "stagetune.normalize", "stagetune.optim.metrics", "stagetune.cli",
 )
 #: Layers that must not import optuna.
 OPTUNA_FREE_LAYERS = ("config", "data", "model", "training")

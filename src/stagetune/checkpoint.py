@@ -3,8 +3,9 @@
 A training checkpoint (``checkpoint.pt``) holds everything needed to resume
 bit-for-bit: model, optimizer, scheduler, scaler, epoch and batch position, RNG
 states, resolved config, history and versions.  A model file (``model.pt``)
-carries the weights with their config, feature dimension and token list, so
-``stagetune evaluate`` needs nothing else.
+carries the weights with their config, feature dimension, token list and feature
+normalisation (``"normalization"``: the resolved mode, and the training mean and
+std for ``global``), so ``stagetune evaluate`` needs nothing else.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ __all__ = [
     "load_model_file",
 ]
 
-CHECKPOINT_FORMAT = "stagetune-checkpoint/1"
+CHECKPOINT_FORMAT = "stagetune-checkpoint/2"  # 2: update-counted LR schedule
 MODEL_FORMAT = "stagetune-model/1"
 
 

@@ -25,6 +25,7 @@ __all__ = [
     "NONLINEARITIES",
     "RECURRENT_TYPES",
     "OPTIMIZERS",
+    "NORMALIZATIONS",
     "ModelConfig",
     "TrainingConfig",
     "DataConfig",
@@ -53,6 +54,8 @@ NONLINEARITIES = ("relu", "gelu", "tanh", "sigmoid")
 RECURRENT_TYPES = ("lstm", "gru", "rnn")
 #: Optimizers (see :mod:`stagetune.training`).
 OPTIMIZERS = ("adam", "adamw", "sgd")
+#: Feature normalisations (see :mod:`stagetune.normalize`).
+NORMALIZATIONS = ("auto", "none", "global", "speaker", "utterance")
 
 _CONV_ON = When("model.convolutional_layers", ">", 0)
 _RNN_ON = When("model.recurrent_layers", ">", 0)
@@ -176,7 +179,18 @@ class TrainingConfig:
     )
     optimizer: str = param("adam", "Optimizer.", choices=OPTIMIZERS, search=Space())
     learning_rate: float = param(
-        2e-3, "Initial learning rate.", min=1e-12, max=10.0, search=Space(1e-4, 5e-2, log=True)
+        2e-3,
+        "Peak learning rate (reached after the warm-up).",
+        min=1e-12,
+        max=10.0,
+        search=Space(1e-4, 5e-2, log=True),
+    )
+    warmup_updates: int = param(
+        100,
+        "The learning rate rises linearly to learning_rate over this many optimizer "
+        "updates (0: no warm-up).",
+        min=0,
+        search=Space(0, 1000),
     )
     momentum: float = param(
         0.9,
@@ -238,14 +252,15 @@ class TrainingConfig:
     )
     reduce_lr_factor: float = param(
         0.5,
-        "Multiply the learning rate by this when the dev error plateaus; 1 disables.",
+        "Multiply the learning rate by this when the dev error plateaus; 1 disables. "
+        "Never while the model still emits only blanks on the dev set.",
         min=0.01,
         max=1.0,
         search=Space(0.1, 0.9),
     )
     reduce_lr_patience: int = param(
         2,
-        "Epochs without improvement before the learning rate is reduced.",
+        "Validations (epochs) without improvement before the learning rate is reduced.",
         min=0,
         search=Space(0, 5),
         when=When("training.reduce_lr_factor", "<", 1.0),
@@ -258,12 +273,12 @@ class TrainingConfig:
         search=Space(0.0, 0.1),
         when=When("training.reduce_lr_factor", "<", 1.0),
     )
-    reduce_lr_burnin: int = param(
+    reduce_lr_burnin_updates: int = param(
         0,
-        "Epochs before the learning rate may be reduced (CTC models often sit on an "
-        "all-blank plateau for the first epochs).",
+        "Optimizer updates before the learning rate may be reduced (it is never reduced "
+        "while a CTC model emits only blanks, whatever this says).",
         min=0,
-        search=Space(0, 10),
+        search=Space(0, 2000),
         when=When("training.reduce_lr_factor", "<", 1.0),
     )
     early_stopping_threshold: float = param(
@@ -299,7 +314,17 @@ class DataConfig:
     """[data]: batching and normalisation."""
 
     batch_size: int = param(
-        16, "Utterances per batch.", min=1, max=4096, search=Space(4, 64, log=True)
+        16,
+        "Utterances per batch (at most; see min_batches_per_epoch).",
+        min=1,
+        max=4096,
+        search=Space(4, 64, log=True),
+    )
+    min_batches_per_epoch: int = param(
+        16,
+        "On a corpus too small for this many batches of batch_size, batches shrink "
+        "(to no fewer than 1 utterance) so an epoch still has this many optimizer updates.",
+        min=1,
     )
     length_jitter: float = param(
         0.1,
@@ -308,10 +333,24 @@ class DataConfig:
         min=0.0,
         max=10.0,
     )
-    apply_cmvn: bool = param(
-        True, "Apply per-speaker mean/variance normalisation from cmvn.scp when present."
+    normalization: str = param(
+        "auto",
+        "Feature mean/variance normalisation: 'speaker' (per speaker from cmvn.scp), "
+        "'global' (per dimension over the training utterances, stored in model.pt), "
+        "'utterance' (each utterance by its own statistics), 'none', or 'auto' "
+        "('speaker' when the training dir has cmvn.scp, else 'global').",
+        choices=NORMALIZATIONS,
     )
     drop_last: bool = param(False, "Drop the last incomplete batch of each epoch.")
+
+    def batch_size_for(self, num_utterances: int) -> int:
+        """The batch size training uses on ``num_utterances`` training utterances.
+
+        ``batch_size``, shrunk so an epoch has at least ``min_batches_per_epoch``
+        batches: a 31-utterance corpus at the defaults gets batches of 1 and 31
+        updates per epoch instead of 2 updates.
+        """
+        return max(1, min(self.batch_size, num_utterances // self.min_batches_per_epoch))
 
 
 @dataclass
@@ -388,6 +427,40 @@ def _suggest(name: str) -> str:
         return f"sections are {', '.join(SECTIONS)}"
     keys = [i.key for i in _FIELDS if i.section == section]
     return f"[{section}] has {', '.join(keys)}"
+
+
+def _apply_cmvn_to_normalization(raw: Any, where: str) -> str:
+    # apply_cmvn = true used cmvn.scp where present, which 'auto' still does.
+    old = FieldInfo("data", "apply_cmvn", bool, True, ParamSpec(doc=""))
+    return "auto" if _convert(old, raw, where) else "none"
+
+
+def _burnin_epochs_to_updates(raw: Any, where: str) -> int:
+    # Epochs cannot be turned into updates without the corpus; only 0 carries over.
+    old = FieldInfo("training", "reduce_lr_burnin", int, 0, ParamSpec(doc=""))
+    if _convert(old, raw, where) != 0:
+        raise ConfigError(
+            f"{where}: reduce_lr_burnin (epochs) is now reduce_lr_burnin_updates "
+            f"(optimizer updates, and never while a CTC model emits only blanks); "
+            f"replace it with training.reduce_lr_burnin_updates=N"
+        )
+    return 0
+
+
+#: Renamed fields still read from old INI files, model files and stored studies:
+#: old dotted name -> (new dotted name, ``(old value, where) -> new value``).
+_RENAMED: dict[str, tuple[str, Any]] = {
+    "data.apply_cmvn": ("data.normalization", _apply_cmvn_to_normalization),
+    "training.reduce_lr_burnin": ("training.reduce_lr_burnin_updates", _burnin_epochs_to_updates),
+}
+
+
+def _upgrade(name: str, raw: Any, where: str) -> tuple[str, Any]:
+    """``(name, raw)`` with a renamed field's new name and value."""
+    if name not in _RENAMED:
+        return name, raw
+    new_name, convert = _RENAMED[name]
+    return new_name, convert(raw, where)
 
 
 def flatten(config: Config) -> dict[str, Any]:
@@ -515,11 +588,12 @@ def parse_ini_text(text: str, source: str, base: Config | None = None) -> Config
                 + ", ".join(f"[{s}]" for s in SECTIONS)
             )
         for key, raw in parser.items(section):
-            name = f"{section}.{key}"
+            where = f"{source} [{section}] {key}"
+            name, raw = _upgrade(f"{section}.{key}", raw, where)
             if name not in _BY_NAME:
                 raise ConfigError(f"{source} [{section}]: unknown key {key!r}; {_suggest(name)}")
             values[name] = raw
-            sources[name] = f"{source} [{section}] {key}"
+            sources[name] = where
     return with_values(base or Config(), values, sources=sources)
 
 
@@ -564,6 +638,7 @@ def apply_overrides(config: Config, overrides: Sequence[str]) -> Config:
             raise ConfigError(
                 f"--set {item!r}: expected SECTION.KEY=VALUE, e.g. training.num_epochs=60"
             )
+        name, raw = _upgrade(name, raw, f"--set {name}")
         field_info(name)
         values[name] = raw
         sources[name] = f"--set {name}"
@@ -642,7 +717,7 @@ def from_dict(data: Mapping[str, Mapping[str, Any]], source: str = "config") -> 
         if section not in SECTIONS:
             raise ConfigError(f"{source}: unknown section {section!r}; allowed: {', '.join(SECTIONS)}")
         for key, value in items.items():
-            name = f"{section}.{key}"
+            name, value = _upgrade(f"{section}.{key}", value, f"{source} {section}.{key}")
             if name not in _BY_NAME:
                 raise ConfigError(f"{source}: unknown key {name!r}; {_suggest(name)}")
             values[name] = value

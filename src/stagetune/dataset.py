@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from stagetune.errors import DataError
 from stagetune.kaldi import DataDir
+from stagetune.normalize import Normalizer
 
 __all__ = [
     "TARGET_PAD",
@@ -46,22 +47,30 @@ class UtteranceDataset(Dataset[Item]):
     Args:
         data: The loaded data directory.
         utt_ids: The utterances to serve, in index order.
-        apply_cmvn: Apply per-speaker CMVN when the directory has ``cmvn.scp``.
+        normalizer: How features are normalised (see :func:`~stagetune.normalize.fit_normalizer`);
+            default: as stored.
 
     Attributes:
         lengths: Frames T per item, from ``data.num_frames``.
+
+    Raises:
+        DataError: For unknown utterances, or data the normalizer cannot apply to
+            (``speaker`` without ``cmvn.scp``, statistics of another dimension).
     """
 
-    def __init__(self, data: DataDir, utt_ids: Sequence[str], *, apply_cmvn: bool = True) -> None:
+    def __init__(
+        self, data: DataDir, utt_ids: Sequence[str], *, normalizer: Normalizer | None = None
+    ) -> None:
         unknown = [u for u in utt_ids if u not in data.num_frames]
         if unknown:
             raise DataError(
                 f"{len(unknown)} utterances are not in {data.path}, e.g. {unknown[0]!r}; "
                 "pass ids from that data directory"
             )
+        self.normalizer = normalizer or Normalizer("none")
+        self.normalizer.check(data)
         self.data = data
         self.utt_ids = list(utt_ids)
-        self.apply_cmvn = apply_cmvn
         self.lengths: list[int] = [data.num_frames[u] for u in self.utt_ids]
 
     def __len__(self) -> int:
@@ -69,7 +78,7 @@ class UtteranceDataset(Dataset[Item]):
 
     def __getitem__(self, index: int) -> Item:
         utt = self.utt_ids[index]
-        feats = torch.from_numpy(self.data.load_feats(utt, apply_cmvn=self.apply_cmvn))
+        feats = torch.from_numpy(self.normalizer(self.data, utt, self.data.load_feats(utt)))
         targets = torch.tensor(self.data.targets(utt), dtype=torch.long)
         return feats, targets, utt
 
@@ -228,7 +237,7 @@ def make_loader(
     shuffle: bool,
     seed: int = 0,
     num_workers: int = 0,
-    apply_cmvn: bool = True,
+    normalizer: Normalizer | None = None,
     drop_last: bool = False,
     jitter: float = 0.1,
 ) -> DataLoader:
@@ -244,11 +253,11 @@ def make_loader(
         shuffle: Reshuffle per epoch (training); else sorted by length.
         seed: Base seed of the batch order.
         num_workers: Reader processes (kept alive across epochs); 0 reads inline.
-        apply_cmvn: Apply per-speaker CMVN when available.
+        normalizer: How features are normalised; default: as stored.
         drop_last: Keep only full batches.
         jitter: Relative length noise for bucketing.
     """
-    dataset = UtteranceDataset(data, utt_ids, apply_cmvn=apply_cmvn)
+    dataset = UtteranceDataset(data, utt_ids, normalizer=normalizer)
     sampler = BucketBatchSampler(
         dataset.lengths, batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last,
         jitter=jitter, parts=dataset.part_indices() if data.partitioned else None,

@@ -8,11 +8,12 @@ from pathlib import Path
 import torch
 
 from stagetune.checkpoint import load_model_file
-from stagetune.errors import UsageError
+from stagetune.errors import DataError, UsageError
 from stagetune.dataset import BucketBatchSampler, UtteranceDataset, collate
 from stagetune.kaldi import TokenTable, load_data_dir
 from stagetune.metrics import ErrorCounts, ctc_prefix_beam_search
 from stagetune.model import TASKS, build_model
+from stagetune.normalize import stored_normalizer
 from stagetune.training import decode_batches
 
 __all__ = ["Evaluation", "evaluate_model"]
@@ -42,6 +43,10 @@ def evaluate_model(
 ) -> Evaluation:
     """Score ``model_path`` on ``data_dir``.
 
+    Features are normalised as in training: with the global statistics stored in
+    the model file (never recomputed on ``data_dir``), the speaker statistics of
+    ``data_dir``'s own ``cmvn.scp``, per utterance, or not at all.
+
     Args:
         model_path: A ``model.pt`` written by ``stagetune train``.
         data_dir: Kaldi data dir with features and references.
@@ -62,7 +67,15 @@ def evaluate_model(
     model = build_model(mf.config, mf.feat_dim, task.num_outputs(len(mf.tokens)))
     model.load_state_dict(mf.state_dict)
     model.to(device)
-    dataset = UtteranceDataset(data, data.utt_ids, apply_cmvn=mf.config.data.apply_cmvn)
+    normalizer = stored_normalizer(
+        mf.extra.get("normalization"), mf.config.data.normalization, data, str(model_path)
+    )
+    if normalizer.mode == "speaker" and data.cmvn is None:
+        raise DataError(
+            f"{data.path / 'cmvn.scp'} is missing; {model_path} was trained with per-speaker "
+            "normalisation: compute it (`stagetune prep`, or Kaldi steps/compute_cmvn_stats.sh)"
+        )
+    dataset = UtteranceDataset(data, data.utt_ids, normalizer=normalizer)
     batches = (
         collate([dataset[i] for i in indices])
         for indices in BucketBatchSampler(dataset.lengths, batch_size, shuffle=False)

@@ -9,7 +9,8 @@ compressed matrices, all read through kaldiio) plus the targets of a task:
 * ``frame``: ``utt2label`` (``UTT L1 ... LT``, one integer label per frame).
 
 Optional files: ``utt2spk`` + ``cmvn.scp`` (per-speaker mean/variance
-normalisation) and ``utt2num_frames`` (lengths without reading the matrices).
+statistics, applied by :mod:`stagetune.normalize`) and ``utt2num_frames``
+(lengths without reading the matrices).
 
 ``feats.scp`` may also be an "scp of scp files": every line a single path to another
 scp. The directory is then *partitioned* and :attr:`DataDir.parts` lists the
@@ -93,23 +94,24 @@ class DataDir:
         """Whether ``feats.scp`` is an scp of scp files."""
         return len(self.parts) > 1
 
-    def load_feats(self, utt_id: str, *, apply_cmvn: bool = True) -> np.ndarray:
-        """Read the features of one utterance.
-
-        Args:
-            utt_id: Utterance id.
-            apply_cmvn: Normalise with the speaker's mean and std when ``cmvn.scp`` exists.
+    def load_feats(self, utt_id: str) -> np.ndarray:
+        """Read the features of one utterance as stored (:mod:`stagetune.normalize` normalises).
 
         Returns:
-            float32 array of shape (T, F).
+            A writable float32 array of shape (T, F).
         """
         feats = load_matrix(self.feat_paths[utt_id], f"feats.scp entry of {utt_id!r}")
-        feats = np.array(feats, dtype=np.float32)  # a writable copy: kaldiio may share its buffer
-        if apply_cmvn and self.cmvn is not None:
-            mean, std = self.cmvn[self.utt2spk[utt_id] if self.utt2spk else utt_id]
-            feats -= mean
-            feats /= std
-        return feats
+        return np.array(feats, dtype=np.float32)  # a writable copy: kaldiio may share its buffer
+
+    def cmvn_of(self, utt_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """The (mean, std), float32 (F,), of the speaker of ``utt_id`` from ``cmvn.scp``.
+
+        Raises:
+            DataError: If the directory has no ``cmvn.scp``.
+        """
+        if self.cmvn is None:
+            raise DataError(f"{self.path / 'cmvn.scp'} is missing; it holds per-speaker statistics")
+        return self.cmvn[self.utt2spk[utt_id] if self.utt2spk else utt_id]
 
     def targets(self, utt_id: str) -> np.ndarray:
         """Token ids, int64 (U,), for ``ctc``; frame labels, int64 (T,), for ``frame``."""

@@ -41,10 +41,13 @@ from stagetune.checkpoint import (
 from stagetune.config import Config, flatten, from_dict, to_dict, write_ini
 from stagetune.corpus import Corpus
 from stagetune.dataset import BucketBatchSampler, UtteranceDataset, collate
+from stagetune.normalize import fit_normalizer, stored_normalizer
 from stagetune.errors import StagetuneError, TrainingInterrupted, UsageError
 from stagetune.failures import is_non_finite_loss
+from stagetune.feasibility import check_feasible
 from stagetune.metrics import ErrorCounts
 from stagetune.model import TASKS, AcousticModel, build_model
+from stagetune.schedule import LearningRateSchedule
 
 __all__ = [
     "EpochResult",
@@ -75,11 +78,18 @@ _RESUMABLE_CHANGES = {"training.num_epochs"}
 
 @dataclass
 class EpochResult:
-    """What one epoch produced; passed to every callback."""
+    """What one epoch produced; passed to every callback.
+
+    ``dev_loss`` is the task's loss over the dev set per unit (CTC: per target
+    token; frame: per labelled output frame), the model in eval mode
+    (:func:`validate`); unlike the dev error it still ranks models on CTC's
+    all-blank plateau.
+    """
 
     epoch: int
     train_loss: float
     dev_error: float
+    dev_loss: float
     learning_rate: float
     seconds: float
     frames_per_second: float
@@ -93,6 +103,7 @@ class EpochResult:
             "epoch": self.epoch,
             "train_loss": f"{self.train_loss:.6g}",
             "dev_error": f"{self.dev_error:.6g}",
+            "dev_loss": f"{self.dev_loss:.6g}",
             "learning_rate": f"{self.learning_rate:.6g}",
             "seconds": f"{self.seconds:.3f}",
             "frames_per_second": f"{self.frames_per_second:.1f}",
@@ -207,6 +218,7 @@ def train_one_epoch(
     scaler: torch.amp.GradScaler | None = None,
     should_stop: Callable[[], bool] = lambda: False,
     progress: tqdm | None = None,
+    schedule: LearningRateSchedule | None = None,
     start_loss_sum: float = 0.0,
 ) -> tuple[float, int]:
     """Train over ``loader`` (batches ``first_batch`` onwards of this epoch).
@@ -250,6 +262,8 @@ def train_one_epoch(
             if t.clip_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad_norm)
             optimizer.step()
+        if schedule is not None:
+            schedule.step()
         loss_sum += loss.detach()
         frames += int(batch.feat_lens.sum())
         if progress is not None:
@@ -265,11 +279,14 @@ def decode_batches(
     task_name: str,
     device: torch.device,
     decode: Callable[[Tensor, Tensor], list[list[int]]] | None = None,
+    observe: Callable[[Any, Tensor, Tensor], None] | None = None,
 ) -> Iterator[tuple[Any, list[list[int]], list[list[int]]]]:
     """Run ``model`` (in eval mode) over ``batches``; yield ``(batch, hypotheses, references)``.
 
     Args:
         decode: ``(logits, out_lens) -> hypotheses``; default the task's greedy decoder.
+        observe: Called with ``(batch, logits, out_lens)`` of every batch before
+            it is decoded; logits are ``(B, T', C)``.
 
     Validation during training and ``stagetune evaluate`` both decode and score
     through here, so their figures agree.
@@ -280,6 +297,8 @@ def decode_batches(
     for batch in batches:
         batch = batch.to(device)
         logits, out_lens = model(batch.feats, batch.feat_lens)
+        if observe is not None:
+            observe(batch, logits, out_lens)
         refs = task.references(batch.targets, batch.target_lens, out_lens, time_stride=model.time_stride)
         yield batch, decode(logits, out_lens), refs
 
@@ -287,13 +306,31 @@ def decode_batches(
 @torch.no_grad()
 def validate(
     model: AcousticModel, loader: Any, task_name: str, device: torch.device
-) -> ErrorCounts:
-    """Decode ``loader`` greedily and count errors."""
-    errors = TASKS[task_name].errors
+) -> tuple[ErrorCounts, float]:
+    """Decode ``loader`` greedily, count errors and compute the loss per unit.
+
+    Returns:
+        ``(counts, dev_loss)``: the error counts, and the task's loss summed
+        over every utterance divided by the summed units
+        (:meth:`Task.summed_loss`: target tokens for CTC, labelled output
+        frames for the frame task), so padding and batching do not change it.
+    """
+    task = TASKS[task_name]
     counts = ErrorCounts()
-    for _, hyps, refs in decode_batches(model, loader, task_name, device):
-        counts += errors(refs, hyps)
-    return counts
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    units = 0
+
+    def add_loss(batch: Any, logits: Tensor, out_lens: Tensor) -> None:
+        nonlocal loss_sum, units
+        loss, n = task.summed_loss(
+            logits, out_lens, batch.targets, batch.target_lens, time_stride=model.time_stride
+        )
+        loss_sum += loss.double()
+        units += n
+
+    for _, hyps, refs in decode_batches(model, loader, task_name, device, observe=add_loss):
+        counts += task.errors(refs, hyps)
+    return counts, float(loss_sum) / max(units, 1)
 
 
 def _loader(
@@ -316,8 +353,11 @@ def _config_changes(old: Config, new: Config) -> list[str]:
 def _write_history(path: Path, rows: list[dict[str, Any]]) -> None:
     tmp = path.with_suffix(".csv.tmp")
     with tmp.open("w", newline="") as handle:
-        fields = list(rows[0]) if rows else list(EpochResult(0, 0, 0, 0, 0, 0, 0, False).row())
-        writer = csv.DictWriter(handle, fieldnames=fields)
+        # Every column of a row today, then any only older rows have; older rows
+        # lacking a newer column (a run resumed across versions) leave it empty.
+        current = EpochResult(0, 0, 0, 0, 0, 0, 0, 0, False).row()
+        fields = list(dict.fromkeys([*current, *(key for row in rows for key in row)]))
+        writer = csv.DictWriter(handle, fieldnames=fields, restval="")
         writer.writeheader()
         writer.writerows(rows)
     tmp.replace(path)
@@ -373,6 +413,8 @@ def fit(
     Raises:
         TrainingInterrupted: After SIGTERM/SIGINT, once the checkpoint is saved.
         NonFiniteLoss: When the training loss is NaN or infinite.
+        InfeasibleStride: When the model's time stride leaves some CTC
+            utterances too few output frames (before anything is written).
     """
     device = device if isinstance(device, torch.device) else resolve_device(device)
     if log is None:
@@ -384,15 +426,7 @@ def fit(
     torch.manual_seed(t.seed)
     model = build_model(config, corpus.feat_dim, task.num_outputs(len(symbols))).to(device)
     optimizer = make_optimizer(model, config)
-    plateau = t.reduce_lr_factor < 1.0
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer,
-        mode="min",
-        factor=t.reduce_lr_factor if plateau else 0.5,
-        patience=t.reduce_lr_patience,
-        threshold=t.reduce_lr_threshold,
-        threshold_mode="rel",
-    )
+    scheduler = LearningRateSchedule(optimizer, t)
     use_amp = device.type == "cuda" and t.autocast
     scaler = torch.amp.GradScaler("cuda") if use_amp else None
 
@@ -441,17 +475,28 @@ def fit(
             log(f"resuming {model_dir} at {at}" + (f", batch {state['batch'] + 1}" if state["batch"] else ""))
     elif init_from is not None:
         _init_from(model, Path(init_from), log)
-    # Only now that data, config, checkpoint and --init-from are known good.
+    # Before any feature is read or anything written: CTC cannot learn utterances
+    # the time stride leaves too few output frames, and would say nothing.
+    check_feasible(config, corpus)
+    # Statistics come from the training utterances only; a resumed run normalises
+    # exactly as before, with what its checkpoint (loaded above) carries.
+    if ckpt_path.exists():
+        normalizer = stored_normalizer(
+            ckpt.get("normalization"), config.data.normalization, corpus.train, str(ckpt_path)
+        )
+    else:
+        normalizer = fit_normalizer(config.data.normalization, corpus.train, corpus.train_ids, log=log)
+    train_set = UtteranceDataset(corpus.train, corpus.train_ids, normalizer=normalizer)
+    dev_set = UtteranceDataset(corpus.dev, corpus.dev_ids, normalizer=normalizer)
+    # Only now that data, normalisation, config, checkpoint and --init-from are known good.
     model_dir.mkdir(parents=True, exist_ok=True)
     (model_dir / CONFIG_NAME).write_text(write_ini(config))
 
-    train_set = UtteranceDataset(corpus.train, corpus.train_ids, apply_cmvn=config.data.apply_cmvn)
-    dev_set = UtteranceDataset(corpus.dev, corpus.dev_ids, apply_cmvn=config.data.apply_cmvn)
     part_index = {u: i for i, u in enumerate(corpus.train_ids)}
     parts = [[part_index[u] for u in p if u in part_index] for p in corpus.train.parts]
     sampler = BucketBatchSampler(
         train_set.lengths,
-        config.data.batch_size,
+        config.data.batch_size_for(len(train_set)),
         shuffle=True,
         seed=t.seed,
         drop_last=config.data.drop_last,
@@ -473,6 +518,7 @@ def fit(
                 "config": to_dict(config),
                 "feat_dim": corpus.feat_dim,
                 "tokens": symbols,
+                "normalization": normalizer.to_dict(),
                 "state": state,
                 "versions": versions(),
             },
@@ -508,6 +554,7 @@ def fit(
                     scaler=scaler,
                     should_stop=lambda: signals.received is not None or stop_signal() is not None,
                     progress=bar,
+                    schedule=scheduler,
                     start_loss_sum=state["loss_sum"],
                 )
             except _Stop as stop:
@@ -529,7 +576,7 @@ def fit(
                     f"training loss became {loss_sum} in epoch {epoch}; lower "
                     f"training.learning_rate or set training.clip_grad_norm"
                 )
-            counts = validate(model, dev_loader, config.model.task, device)
+            counts, dev_loss = validate(model, dev_loader, config.model.task, device)
             seconds = time.perf_counter() - started
             dev_error = counts.rate
             lr = optimizer.param_groups[0]["lr"]
@@ -537,8 +584,8 @@ def fit(
             if best:
                 state["best_error"], state["best_epoch"] = dev_error, epoch
                 atomic_save(model.state_dict(), model_dir / BEST_NAME)
-            if plateau and epoch > t.reduce_lr_burnin:
-                scheduler.step(dev_error)
+            if scheduler.validated(dev_error, counts):
+                log(f"learning rate reduced to {scheduler.lr:.3g} after epoch {epoch}")
             if t.early_stopping_threshold > 0:
                 if dev_error < state["es_reference"] * (1 - t.early_stopping_threshold):
                     state["es_reference"], state["bad_epochs"] = dev_error, 0
@@ -550,6 +597,7 @@ def fit(
                 epoch=epoch,
                 train_loss=loss_sum / max(len(batches), 1),
                 dev_error=dev_error,
+                dev_loss=dev_loss,
                 learning_rate=lr,
                 seconds=seconds,
                 frames_per_second=frames / max(seconds, 1e-9),
@@ -562,7 +610,8 @@ def fit(
             _write_history(model_dir / HISTORY_NAME, state["history"])
             log(
                 f"epoch {epoch}/{t.num_epochs}: train loss {result.train_loss:.4f}, "
-                f"dev error {dev_error:.2%}{' (best)' if best else ''}, lr {lr:.3g}, {seconds:.1f} s"
+                f"dev error {dev_error:.2%}{' (best)' if best else ''}, dev loss {dev_loss:.4f}, "
+                f"lr {lr:.3g}, {seconds:.1f} s"
             )
             checkpoint()
             for callback in callbacks:
@@ -586,7 +635,11 @@ def fit(
         config=config,
         feat_dim=corpus.feat_dim,
         tokens=symbols,
-        extra={"best_epoch": state["best_epoch"], "best_dev_error": state["best_error"]},
+        extra={
+            "best_epoch": state["best_epoch"],
+            "best_dev_error": state["best_error"],
+            "normalization": normalizer.to_dict(),
+        },
     )
     return _result(state, model_dir, resumed_from)
 

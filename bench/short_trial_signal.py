@@ -1,0 +1,128 @@
+"""Do short trials rank configurations?  Spearman correlation of a 3-epoch metric with 20-epoch dev TER.
+
+Random configurations are drawn from the shipped default search space (every
+tunable parameter but ``training.num_epochs``, which is fixed to the long run's
+length) and trained with the project's own CLI: one ``optim`` study, random
+sampler, no pruner, two local workers, the memory check on (configurations over
+``--mem-limit-bytes`` are pruned before training, as in a real study, and do
+not count).  Every trial keeps its model dir, so each ``history.csv`` holds the
+per-epoch dev error and dev loss.  Because the learning-rate schedule counts
+updates and never looks at the planned length, epoch 3 of a 20-epoch run is
+exactly what a 3-epoch trial would have reported.
+
+Printed: one row per trained configuration, then the Spearman rank correlation
+between each candidate short-trial metric at ``--short-epochs`` and the dev TER
+at ``--long-epochs`` ("error" is the token error a study used before the metric
+option existed, i.e. "before").  The run resumes where it stopped (the study is
+SQLite under ``--out``).
+
+    python bench/short_trial_signal.py --train data/fsdd-connected/train \
+        --dev data/fsdd-connected/dev --configs 12
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+STAGETUNE = [sys.executable, "-c", "import sys; from stagetune.cli import main; sys.exit(main())"]
+STUDY = "signal"
+
+
+def _run(args: list[str]) -> None:
+    print("+ stagetune " + " ".join(args), flush=True)
+    subprocess.run(STAGETUNE + args, check=True)
+
+
+def _ranks(values: list[float]) -> np.ndarray:
+    """Average ranks (ties share their mean rank)."""
+    order = np.argsort(values, kind="stable")
+    ranks = np.empty(len(values))
+    ranks[order] = np.arange(len(values), dtype=float)
+    array = np.asarray(values, dtype=float)
+    for value in np.unique(array):
+        tied = array == value
+        ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Spearman's rank correlation (Pearson correlation of average ranks)."""
+    ra, rb = _ranks(a), _ranks(b)
+    if ra.std() == 0 or rb.std() == 0:
+        return math.nan
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def _histories(ckpt: Path) -> dict[int, list[dict[str, str]]]:
+    out = {}
+    for path in sorted(ckpt.glob("trial-*/history.csv")):
+        with path.open() as handle:
+            out[int(path.parent.name.split("-")[1])] = list(csv.DictReader(handle))
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--train", default="data/fsdd-connected/train")
+    p.add_argument("--dev", default="data/fsdd-connected/dev")
+    p.add_argument("--configs", type=int, default=12, help="trials in the study (memory-pruned ones included)")
+    p.add_argument("--short-epochs", type=int, default=3)
+    p.add_argument("--long-epochs", type=int, default=20)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--seed", type=int, default=1, help="sampler seed")
+    p.add_argument("--mem-limit-bytes", type=int, default=400_000_000)
+    p.add_argument("--out", default="exp/short-trial-signal")
+    args = p.parse_args()
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    url = f"sqlite:///{out}/study.db"
+    _run(
+        ["--set", f"training.num_epochs={args.long_epochs}", "optim", "--study-name", STUDY, url,
+         "init", args.train, "--dev-dir", args.dev, "--blacklist", r"training\.num_epochs",
+         "--num-trials", str(args.configs), "--pruner", "none",
+         "--mem-limit-bytes", str(args.mem_limit_bytes)]
+    )
+    _run(
+        ["optim", "--study-name", STUDY, url, "run", "--workers", str(args.workers),
+         "--sampler", "random", "--seed", str(args.seed), "--keep-models",
+         "--ckpt-dir", str(out / "ckpt"), "--threads", "1"]
+    )
+
+    rows = []
+    for trial, history in _histories(out / "ckpt" / STUDY).items():
+        if len(history) < args.long_epochs:
+            continue
+        short, long = history[args.short_epochs - 1], history[args.long_epochs - 1]
+        seconds = sum(float(r["seconds"]) for r in history)
+        rows.append(
+            (trial, float(short["dev_error"]), float(short["dev_loss"]), float(long["dev_error"]),
+             min(float(r["dev_error"]) for r in history), seconds)
+        )
+    print(f"\n{len(rows)} configurations trained for {args.long_epochs} epochs "
+          f"({args.configs} trials, memory limit {args.mem_limit_bytes} bytes)")
+    print(f"{'trial':>5} {'err@' + str(args.short_epochs):>8} {'loss@' + str(args.short_epochs):>8} "
+          f"{'err@' + str(args.long_epochs):>8} {'best err':>8} {'seconds':>8}")
+    for trial, err_s, loss_s, err_l, best, seconds in sorted(rows, key=lambda r: r[3]):
+        print(f"{trial:>5} {err_s:>8.2%} {loss_s:>8.4f} {err_l:>8.2%} {best:>8.2%} {seconds:>8.0f}")
+    if len(rows) < 3:
+        print("too few trained configurations for a correlation")
+        return 1
+    long_err = [r[3] for r in rows]
+    error_loss = [r[1] + 1e-3 * min(r[2], 100.0) for r in rows]
+    print(f"\nSpearman vs dev TER after {args.long_epochs} epochs (N={len(rows)}):")
+    print(f"  before: dev TER after {args.short_epochs} epochs          {spearman([r[1] for r in rows], long_err):+.3f}")
+    print(f"  dev loss per token after {args.short_epochs} epochs       {spearman([r[2] for r in rows], long_err):+.3f}")
+    print(f"  dev TER + 0.001 loss after {args.short_epochs} epochs     {spearman(error_loss, long_err):+.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
