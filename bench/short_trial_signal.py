@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from stagetune.optim.metrics import METRICS
+
 STAGETUNE = [sys.executable, "-c", "import sys; from stagetune.cli import main; sys.exit(main())"]
 STUDY = "signal"
 
@@ -98,29 +100,34 @@ def main() -> int:
 
     rows = []
     for trial, history in _histories(out / "ckpt" / STUDY).items():
-        if len(history) < args.long_epochs:
-            continue
-        short, long = history[args.short_epochs - 1], history[args.long_epochs - 1]
+        finished = (out / "ckpt" / STUDY / f"trial-{trial}" / "model.pt").exists()
+        if not finished or len(history) < args.short_epochs:
+            continue  # still training (or pruned before its short epochs)
+        short = history[args.short_epochs - 1]
         seconds = sum(float(r["seconds"]) for r in history)
+        # The long figure is the best dev TER of the run (the model training keeps);
+        # a run that early-stopped (a sampled setting) ends before --long-epochs.
+        best = min(float(r["dev_error"]) for r in history)
         rows.append(
-            (trial, float(short["dev_error"]), float(short["dev_loss"]), float(long["dev_error"]),
-             min(float(r["dev_error"]) for r in history), seconds)
+            (trial, float(short["dev_error"]), float(short["dev_loss"]), best,
+             float(history[-1]["dev_error"]), len(history), seconds)
         )
-    print(f"\n{len(rows)} configurations trained for {args.long_epochs} epochs "
-          f"({args.configs} trials, memory limit {args.mem_limit_bytes} bytes)")
+    print(f"\n{len(rows)} configurations trained (up to {args.long_epochs} epochs; "
+          f"{args.configs} trials, memory limit {args.mem_limit_bytes} bytes)")
     print(f"{'trial':>5} {'err@' + str(args.short_epochs):>8} {'loss@' + str(args.short_epochs):>8} "
-          f"{'err@' + str(args.long_epochs):>8} {'best err':>8} {'seconds':>8}")
-    for trial, err_s, loss_s, err_l, best, seconds in sorted(rows, key=lambda r: r[3]):
-        print(f"{trial:>5} {err_s:>8.2%} {loss_s:>8.4f} {err_l:>8.2%} {best:>8.2%} {seconds:>8.0f}")
+          f"{'best err':>8} {'last err':>8} {'epochs':>6} {'seconds':>8}")
+    for trial, err_s, loss_s, best, last, epochs, seconds in sorted(rows, key=lambda r: r[3]):
+        print(f"{trial:>5} {err_s:>8.2%} {loss_s:>8.4f} {best:>8.2%} {last:>8.2%} {epochs:>6} {seconds:>8.0f}")
     if len(rows) < 3:
         print("too few trained configurations for a correlation")
         return 1
     long_err = [r[3] for r in rows]
-    error_loss = [r[1] + 1e-3 * min(r[2], 100.0) for r in rows]
-    print(f"\nSpearman vs dev TER after {args.long_epochs} epochs (N={len(rows)}):")
-    print(f"  before: dev TER after {args.short_epochs} epochs          {spearman([r[1] for r in rows], long_err):+.3f}")
-    print(f"  dev loss per token after {args.short_epochs} epochs       {spearman([r[2] for r in rows], long_err):+.3f}")
-    print(f"  dev TER + 0.001 loss after {args.short_epochs} epochs     {spearman(error_loss, long_err):+.3f}")
+    print(f"\nSpearman vs best dev TER within {args.long_epochs} epochs (N={len(rows)}), "
+          f"short-trial value after {args.short_epochs} epochs by `optim init --metric`:")
+    for name, metric in METRICS.items():
+        short = [metric.value(r[1], r[2]) for r in rows]
+        before = " (before: the only metric until now)" if name == "error" else ""
+        print(f"  {name:<12} {spearman(short, long_err):+.3f}{before}")
     return 0
 
 

@@ -180,6 +180,6 @@ run_stage train-md random
 echo
 echo "== summary ($((SECONDS - started)) s)"
 for study in model-sm model-lg train-sm train-md; do
-  optim "$study" status | sed -n '1,4p' | sed 's/^/  /'
+  optim "$study" status | sed -n '1,5p' | sed 's/^/  /'
 done
 echo "configs and importance lists: $conf; studies: $DB_URL"

@@ -27,6 +27,7 @@ import pytest
 from fixtures_data import TINY_TOKENS, random_feats, write_data_dir
 
 from stagetune.config import load_config
+from stagetune.optim.metrics import DEFAULT_METRIC
 from stagetune.optim.sampling import sample_values
 from stagetune.optim.spec import StudySpec
 from stagetune.optim.storage import storage_session
@@ -142,6 +143,7 @@ def create_study(
     num_trials: int | None = None,
     pruner: str = "hyperband",
     mem_limit_bytes: int | None = None,
+    metric: str = DEFAULT_METRIC,
 ) -> StudySpec:
     """What ``stagetune --set ... optim URL --study-name NAME init DATA ...`` creates."""
     spec = build_spec(
@@ -152,6 +154,7 @@ def create_study(
         num_trials=num_trials,
         pruner=pruner,
         mem_limit_bytes=mem_limit_bytes,
+        metric=metric,
     )
     with storage_session(url) as storage:
         result = init_study(storage, study_name, url, spec, log=lambda _message: None)

@@ -1,4 +1,5 @@
-"""Tests for the FSDD connected-digit builder, on a small copy of real recordings."""
+"""Tests for the FSDD corpus builders: connected digits on a small copy of real
+recordings, the tiny yesno-like corpus on all of them."""
 
 from __future__ import annotations
 
@@ -13,7 +14,14 @@ import pytest
 
 from stagetune.audio import read_wav
 from stagetune.errors import DataError
-from stagetune.fsdd import DIGIT_WORDS, FSDD_SPLITS, build_fsdd_corpus
+from stagetune.fsdd import (
+    DIGIT_WORDS,
+    FSDD_SPLITS,
+    TINY_SIZES,
+    TINY_SPLITS,
+    build_fsdd_corpus,
+    build_tiny_fsdd_corpus,
+)
 from stagetune.kaldi import load_data_dir
 
 REPO = Path(__file__).resolve().parents[1]
@@ -138,3 +146,81 @@ def test_prep_script_builds_and_prepares_every_split(recordings: Path, tmp_path:
         assert loaded.feat_dim == 40 and loaded.cmvn is not None
         assert set(loaded.tokens.symbols[1:]) == set(DIGIT_WORDS)
         assert f"prepared {tmp_path / 'fsdd' / split}:" in done.stdout
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_fsdd_corpus(FSDD, tmp_path_factory.mktemp("tiny") / "corpus", seed=0)
+
+
+def _files(root: Path) -> list[Path]:
+    return sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file())
+
+
+def test_tiny_corpus_is_yesno_sized_with_two_digits_and_held_out_speakers(tiny: Path) -> None:
+    sizes = {"train": 31, "dev": 10, "test": 29}
+    assert TINY_SIZES == sizes
+    speakers: dict[str, set[str]] = {}
+    for split, count in sizes.items():
+        split_dir = tiny / split
+        assert (split_dir / "tokens.txt").read_text() == "<blank> 0\nONE 1\nSIX 2\n"
+        texts, sources = _table(split_dir / "text"), _table(split_dir / "utt2sources")
+        assert len(texts) == count and sources.keys() == texts.keys()
+        assert all(len(tokens) == 8 and set(tokens) <= {"ONE", "SIX"} for tokens in texts.values())
+        assert texts == {
+            utt: [DIGIT_WORDS[int(stem.split("_")[0])] for stem in stems]
+            for utt, stems in sources.items()
+        }
+        speakers[split] = {s for (s,) in _table(split_dir / "utt2spk").values()}
+        assert speakers[split] == set(TINY_SPLITS[split]) and len(speakers[split]) == 1
+        assert {stem.split("_")[1] for stems in sources.values() for stem in stems} == (
+            speakers[split]
+        )
+        durations = [len(read_wav(split_dir / "wav" / f"{utt}.wav")[0]) / RATE for utt in texts]
+        assert all(2.5 < d < 10.0 for d in durations)
+    assert speakers["train"].isdisjoint(speakers["test"] | speakers["dev"])
+    assert speakers["dev"].isdisjoint(speakers["test"])
+    # 248 train tokens from jackson's 100 recordings of ONE and SIX: reuse, but broad coverage.
+    train_sources = _table(tiny / "train" / "utt2sources").values()
+    train_stems = [stem for stems in train_sources for stem in stems]
+    assert 60 <= len(set(train_stems)) < len(train_stems) == 248
+    train_words = [w for tokens in _table(tiny / "train" / "text").values() for w in tokens]
+    assert 0.3 < train_words.count("ONE") / len(train_words) < 0.7
+
+
+def test_tiny_corpus_same_seed_same_bytes(tiny: Path, tmp_path: Path) -> None:
+    again = build_tiny_fsdd_corpus(FSDD, tmp_path / "again", seed=0)
+    other = build_tiny_fsdd_corpus(FSDD, tmp_path / "other", seed=1)
+    files = _files(tiny)
+    assert files == _files(again) and len(files) == 3 * 5 + sum(TINY_SIZES.values())
+    assert all((again / f).read_bytes() == (tiny / f).read_bytes() for f in files)
+    for split in TINY_SPLITS:
+        assert (other / split / "utt2sources").read_text() != (
+            tiny / split / "utt2sources"
+        ).read_text()
+
+
+def test_tiny_corpus_needs_both_digits_of_a_present_speaker(tmp_path: Path) -> None:
+    subset = tmp_path / "jackson-ones"
+    subset.mkdir()
+    for index in range(3):
+        shutil.copyfile(FSDD / f"1_jackson_{index}.wav", subset / f"1_jackson_{index}.wav")
+    with pytest.raises(DataError, match=r"speaker jackson has no recordings of SIX"):
+        build_tiny_fsdd_corpus(subset, tmp_path / "out")
+
+
+def test_prep_script_tiny_option(tmp_path: Path) -> None:
+    env = dict(os.environ, FSDD_DIR=str(FSDD))
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    done = subprocess.run(
+        ["bash", str(REPO / "scripts" / "prep_fsdd.sh"), "--tiny", str(tmp_path / "tiny")],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr
+    assert f"{tmp_path / 'tiny' / 'train'}: 31 utterances of 248 recordings" in done.stdout
+    for split, count in TINY_SIZES.items():
+        loaded = load_data_dir(tmp_path / "tiny" / split)
+        assert len(loaded.utt_ids) == count and loaded.cmvn is not None
+        assert loaded.tokens.symbols == ["<blank>", "ONE", "SIX"]

@@ -21,6 +21,8 @@ from sqlalchemy.engine import make_url
 
 from stagetune.config import load_config
 from stagetune.optim.analysis import rank_parameters
+from stagetune.optim.metrics import LEGACY_METRIC
+from stagetune.optim.spec import SPEC_ATTR, StudySpec
 
 
 def _expected_name(url: str) -> str:
@@ -73,10 +75,11 @@ def test_force_replaces_safe_settings_but_never_the_base_config(tmp_path: Path, 
         return ["--set", f"training.num_epochs={num_epochs}", "optim", "--study-name", "optim",
                 urls[key], "init", data, "--whitelist", "training.learning_rate", *more]
 
-    unforced, unsafe, forced = cli_many(
+    unforced, unsafe, other_metric, forced = cli_many(
         [
             init("refused", 2, "--num-trials", "6"),
             init("refused", 3, "--num-trials", "6", "--force"),
+            init("refused", 2, "--metric", "loss", "--force"),
             init("forced", 2, "--num-trials", "6", "--force", "--mem-limit-bytes", "1000000000",
                  "--pruner", "median"),
         ],
@@ -86,6 +89,8 @@ def test_force_replaces_safe_settings_but_never_the_base_config(tmp_path: Path, 
     assert_one_line_error(unforced, "num_trials: 4 -> 6", "add --force to replace them")
     assert unsafe.returncode == 2
     assert_one_line_error(unsafe, "these invalidate its trials: training.num_epochs")
+    assert other_metric.returncode == 2  # the values of its trials are another metric's
+    assert_one_line_error(other_metric, "metric: 'error' -> 'loss'", "these invalidate its trials: metric")
     assert read_spec(urls["refused"], "optim") == before
 
     assert forced.returncode == 0, forced.stderr
@@ -104,6 +109,7 @@ def test_bad_input_is_one_line_and_creates_no_study(tmp_path: Path, data: Path) 
                      ["matches no tunable parameter; valid names:", "model.recurrent_size"]),
         "zero-trials": ([data, "--num-trials", "0"], 2, ["--num-trials must be >= 1, got 0"]),
         "bad-pruner": ([data, "--pruner", "sometimes"], 2, ["--pruner 'sometimes'", "hyperband"]),
+        "bad-metric": ([data, "--metric", "wer"], 2, ["--metric 'wer'", "error, error+loss, loss"]),
         "bad-set": ([data, "--set", "training.num_epochs=zero"], 2, ["training.num_epochs", "'zero'"]),
     }
     urls = {case: f"sqlite:///{tmp_path / case}.db" for case in cases}
@@ -146,3 +152,42 @@ def test_from_study_chains_a_stage(tmp_path: Path, data: Path) -> None:
     status = cli(["optim", "--study-name", "stage2", url, "status"], tmp_path)
     assert status.returncode == 0, status.stderr
     assert status.stdout.splitlines()[0] == "study stage2 (from stage1)"
+
+
+def test_a_chained_stage_inherits_the_metric_and_an_older_study_ranks_by_error(
+    tmp_path: Path, data: Path
+) -> None:
+    url = f"sqlite:///{tmp_path / 'optim.db'}"
+    spec = create_study(url, "by-loss", data, whitelist=LR_DOMINATED, num_trials=16, metric="loss")
+    fill_study(url, "by-loss", spec, 16)
+    # A study created before metrics existed: its stored spec has no "metric".
+    spec = create_study(url, "older", data, whitelist=LR_DOMINATED, num_trials=16)
+    fill_study(url, "older", spec, 16)
+    with opened_study(url, "older") as study:
+        stored = dict(study.user_attrs[SPEC_ATTR])
+        del stored["metric"]
+        study.set_user_attr(SPEC_ATTR, stored)
+    assert StudySpec.from_json(stored, "older").metric == LEGACY_METRIC == "error"
+
+    def chain(name: str, parent: str, *more: str) -> list[object]:
+        return ["optim", "--study-name", name, url, "init", "--from-study", parent, "--top-k", "1", *more]
+
+    results = cli_many(
+        [
+            chain("inherits", "by-loss"),
+            chain("overrides", "by-loss", "--metric", "error+loss"),
+            chain("from-older", "older"),
+            ["optim", "--study-name", "older", url, "status"],
+            ["optim", "--study-name", "older", url, "init", data, "--whitelist", *LR_DOMINATED,
+             "--num-trials", "16"],
+        ],
+        tmp_path,
+    )
+    for done in results:
+        assert done.returncode == 0, done.stderr
+    assert results[0].stdout.rstrip().endswith("; metric loss")
+    metrics = {name: read_spec(url, name)["metric"] for name in ("inherits", "overrides", "from-older")}
+    assert metrics == {"inherits": "loss", "overrides": "error+loss", "from-older": "error"}
+    assert results[3].stdout.splitlines()[1] == "metric: error"
+    assert "already exists with these settings; nothing to do" in results[4].stdout
+    assert "metric" not in read_spec(url, "older")  # read as error, never rewritten

@@ -84,6 +84,10 @@ def _check_resumed(url: str, tmp_path: Path, before: list[dict[str, str]]) -> li
     # The epochs before the interruption were not trained again: their rows, timings
     # included, are the ones written before it.
     assert after[: len(before)] == before
+    # The value covers every epoch, those of the interrupted attempt too.
+    assert retry.value == min(retry.intermediate_values.values())
+    assert retry.intermediate_values[retry.user_attrs["value_epoch"]] == retry.value
+    assert retry.value == pytest.approx(min(float(row["dev_error"]) for row in after), rel=1e-5)
     assert sorted(os.listdir(tmp_path / "ckpt" / "optim")) == ["trial-0"]
     return trials
 

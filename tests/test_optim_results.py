@@ -12,12 +12,15 @@ from optim_helpers import (
     cli_many,
     create_study,
     fill_study,
+    lr_dominated,
     opened_study,
     write_speech_data,
 )
 from optuna.distributions import CategoricalDistribution, IntDistribution
 
 from stagetune.config import RECURRENT_TYPES
+from stagetune.optim.metrics import METRICS
+from stagetune.optim.sampling import sample_values
 
 
 @pytest.fixture
@@ -84,7 +87,7 @@ def test_best_writes_the_best_trials_config(
     assert to_file.returncode == to_stdout.returncode == 0, to_file.stderr + to_stdout.stderr
     text = (tmp_path / "best.ini").read_text()
     assert to_file.stdout == "" and to_stdout.stdout == text  # only the config on stdout
-    assert to_stdout.stderr.splitlines() == [f"best trial {best.number}: value {best.value:.6g}"]
+    assert to_stdout.stderr.splitlines() == [f"best trial {best.number}: value {best.value:.6g} (metric error)"]
     for dotted, value in best.params.items():
         section, key = dotted.split(".")
         expected = str(value) if not isinstance(value, float) else repr(value)
@@ -162,5 +165,39 @@ def test_best_independent_picks_each_lowest_median_value(tmp_path: Path, data: P
     }
     assert picks == {"joint": ("1", "1", "lstm"), "independent": ("1", "2", "gru")}
     assert independent.stderr.splitlines() == [
-        "repaired model.convolutional_factor_sched: 3 -> 2 (model.convolutional_layers + 1 = 2)"
+        "each value by its lowest median value (metric error)",
+        "repaired model.convolutional_factor_sched: 3 -> 2 (model.convolutional_layers + 1 = 2)",
     ]
+
+
+def test_on_the_all_blank_plateau_error_plus_loss_still_ranks_and_picks_by_the_loss(
+    storage_url: str, tmp_path: Path, data: Path
+) -> None:
+    """Every trial at 100% dev error, as short CTC trials often are: the error alone ranks
+    nothing, the loss as tie-breaker ranks by the learning rate that drives it."""
+    spec = create_study(storage_url, "plateau", data, whitelist=LR_DOMINATED, num_trials=16,
+                        metric="error+loss")
+    metric = METRICS["error+loss"]
+    losses = {}
+    with opened_study(storage_url, "plateau") as study:
+        study.sampler = optuna.samplers.RandomSampler(seed=3)
+        for _ in range(16):
+            trial = study.ask()
+            loss = 0.5 + lr_dominated(sample_values(trial, spec.config(), spec.tuned))
+            for key, figure in (("value_epoch", 3), ("dev_error", 1.0), ("dev_loss", loss)):
+                trial.set_user_attr(key, figure)
+            study.tell(trial, metric.value(1.0, loss))
+            losses[trial.number] = loss
+    lowest = min(losses, key=losses.get)
+    optim = ["optim", "--study-name", "plateau", storage_url]
+    important, best = cli_many([[*optim, "important", "--top-k", "1"], [*optim, "best", "-"]], tmp_path)
+    assert important.returncode == best.returncode == 0, important.stderr + best.stderr
+    assert important.stdout.splitlines() == ["training.learning_rate"]
+    with opened_study(storage_url, "plateau") as study:
+        value, params = study.trials[lowest].value, study.trials[lowest].params
+    assert value == pytest.approx(1.0 + 1e-6 * losses[lowest] / (1 + losses[lowest]), abs=1e-15)
+    assert best.stderr.splitlines() == [
+        f"best trial {lowest}: value {value:.6g} (metric error+loss; epoch 3: dev error 100.00%, "
+        f"dev loss {losses[lowest]:.4f})"
+    ]
+    assert _ini_value(best.stdout, "training", "learning_rate") == repr(params["training.learning_rate"])

@@ -45,7 +45,7 @@ def test_no_warmup_starts_at_the_peak() -> None:
 
 
 def test_plateau_never_fires_while_only_blanks_are_emitted() -> None:
-    schedule = _schedule(learning_rate=0.01, warmup_updates=0, reduce_lr_patience=0)
+    schedule = _schedule(learning_rate=0.01, warmup_updates=0, reduce_lr_patience=0, reduce_lr_patience_updates=0)
     for _ in range(50):
         schedule.step()
         assert not schedule.validated(1.0, ALL_BLANK)
@@ -54,7 +54,8 @@ def test_plateau_never_fires_while_only_blanks_are_emitted() -> None:
 
 def test_plateau_fires_after_patience_once_tokens_appear() -> None:
     schedule = _schedule(
-        learning_rate=0.01, warmup_updates=0, reduce_lr_patience=2, reduce_lr_factor=0.5
+        learning_rate=0.01, warmup_updates=0, reduce_lr_patience=2, reduce_lr_factor=0.5,
+        reduce_lr_patience_updates=0,
     )
     assert not schedule.validated(0.4, SOME_TOKENS)  # first: the best so far
     assert not schedule.validated(0.4, SOME_TOKENS)
@@ -64,9 +65,26 @@ def test_plateau_fires_after_patience_once_tokens_appear() -> None:
     assert not schedule.validated(0.3, SOME_TOKENS)
 
 
+def test_patience_also_counts_updates_since_the_best() -> None:
+    """A 31-utterance epoch is 31 updates: two bad epochs must not halve the rate."""
+    schedule = _schedule(
+        learning_rate=0.01, warmup_updates=0, reduce_lr_patience=1, reduce_lr_patience_updates=100
+    )
+    assert not schedule.validated(0.5, SOME_TOKENS)
+    for epoch in range(1, 4):
+        for _ in range(31):
+            schedule.step()
+        assert not schedule.validated(0.6, SOME_TOKENS), epoch  # 31, 62, 93 updates
+    for _ in range(31):
+        schedule.step()
+    assert schedule.validated(0.6, SOME_TOKENS)  # 124 updates since the best
+    assert schedule.lr == pytest.approx(0.005)
+
+
 def test_burnin_counts_updates() -> None:
     schedule = _schedule(
-        learning_rate=0.01, warmup_updates=0, reduce_lr_patience=0, reduce_lr_burnin_updates=10
+        learning_rate=0.01, warmup_updates=0, reduce_lr_patience=0, reduce_lr_burnin_updates=10,
+        reduce_lr_patience_updates=0,
     )
     for _ in range(9):
         schedule.step()
@@ -78,17 +96,17 @@ def test_burnin_counts_updates() -> None:
 
 
 def test_factor_one_disables_reductions() -> None:
-    schedule = _schedule(warmup_updates=0, reduce_lr_factor=1.0, reduce_lr_patience=0)
+    schedule = _schedule(warmup_updates=0, reduce_lr_factor=1.0, reduce_lr_patience=0, reduce_lr_patience_updates=0)
     assert not any(schedule.validated(0.5, SOME_TOKENS) for _ in range(10))
 
 
 def test_state_round_trip_restores_the_learning_rate() -> None:
-    schedule = _schedule(learning_rate=0.01, warmup_updates=10, reduce_lr_patience=0)
+    schedule = _schedule(learning_rate=0.01, warmup_updates=10, reduce_lr_patience=0, reduce_lr_patience_updates=0)
     for _ in range(3):
         schedule.step()
     schedule.validated(0.5, SOME_TOKENS)
     schedule.validated(0.6, SOME_TOKENS)
-    restored = _schedule(learning_rate=0.01, warmup_updates=10, reduce_lr_patience=0)
+    restored = _schedule(learning_rate=0.01, warmup_updates=10, reduce_lr_patience=0, reduce_lr_patience_updates=0)
     restored.load_state_dict(schedule.state_dict())
     assert restored.state_dict() == schedule.state_dict()
     assert restored.optimizer.param_groups[0]["lr"] == pytest.approx(schedule.lr)
@@ -117,7 +135,11 @@ def test_min_batches_per_epoch_one_keeps_the_batch_size() -> None:
 
 def test_a_short_run_is_the_prefix_of_a_longer_one(tmp_path: Path, corpus) -> None:
     """Same seed: 2 epochs give the first 2 rows of 4 (what short trials rely on)."""
-    settings = ("training.warmup_updates=7", "training.reduce_lr_patience=0")
+    settings = (
+        "training.warmup_updates=7",
+        "training.reduce_lr_patience=0",
+        "training.reduce_lr_patience_updates=0",
+    )
     fit_quiet(make_config(*settings, "training.num_epochs=2"), corpus, tmp_path / "short")
     fit_quiet(make_config(*settings, "training.num_epochs=4"), corpus, tmp_path / "long")
     assert exact_history(tmp_path / "short") == exact_history(tmp_path / "long")[:2]

@@ -54,7 +54,7 @@ SETTINGS = (
     "data.batch_size=2",
 )
 #: history.csv columns that do not depend on wall-clock time.
-EXACT_COLUMNS = ("epoch", "train_loss", "dev_error", "learning_rate", "padding_fraction")
+EXACT_COLUMNS = ("epoch", "train_loss", "dev_error", "dev_loss", "learning_rate", "padding_fraction")
 STAGETUNE = Path(sys.executable).with_name("stagetune")
 
 
@@ -264,13 +264,16 @@ def test_kill_9_mid_epoch_then_rerun_matches_uninterrupted(
 def test_history_has_one_row_per_epoch(reference: Path) -> None:
     rows = read_history(reference)
     assert list(rows[0]) == [
-        "epoch", "train_loss", "dev_error", "learning_rate", "seconds",
+        "epoch", "train_loss", "dev_error", "dev_loss", "learning_rate", "seconds",
         "frames_per_second", "padding_fraction",
     ]
     assert [row["epoch"] for row in rows] == ["1", "2", "3"]
     losses = [float(row["train_loss"]) for row in rows]
     assert losses[-1] < losses[0], "the reference run did not learn"
     assert float(rows[-1]["dev_error"]) < 0.5
+    dev_losses = [float(row["dev_loss"]) for row in rows]
+    assert all(np.isfinite(dev_losses)) and min(dev_losses) > 0
+    assert dev_losses[-1] < dev_losses[0], "the dev loss does not follow the learning"
 
 
 def test_model_file_carries_config_dims_and_tokens(reference: Path, corpus: Corpus) -> None:
@@ -450,3 +453,88 @@ def test_diverging_training_is_a_one_line_error_and_saves_nothing(
     )
     assert not (model_dir / "checkpoint.pt").exists()
     assert not (model_dir / "model.pt").exists()
+
+
+# -- dev loss and CTC feasibility ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("task_name", ["ctc", "frame"])
+def test_dev_loss_is_per_unit_whatever_the_batching(task_name: str) -> None:
+    from stagetune.dataset import collate
+    from stagetune.model import TASKS, build_model
+    from stagetune.training import validate
+
+    torch.manual_seed(0)
+    model = build_model(make_config(f"model.task={task_name}"), 8, 4)
+    gen = torch.Generator().manual_seed(1)
+    items = []
+    for i, frames in enumerate((9, 30, 24, 21, 16)):
+        feats = torch.randn(frames, 8, generator=gen)
+        if task_name == "ctc":
+            targets = torch.randint(1, 4, (1 + i % 3 * 2,), generator=gen)  # 1, 3 or 5 tokens
+        else:
+            targets = torch.randint(0, 4, (frames,), generator=gen)
+        items.append((feats, targets, f"u{i}"))
+    padded = [collate(items[:3]), collate(items[3:])]
+    alone = [collate([item]) for item in items]
+    counts, dev_loss = validate(model, padded, task_name, torch.device("cpu"))
+    alone_counts, alone_loss = validate(model, alone, task_name, torch.device("cpu"))
+    assert counts == alone_counts
+    assert dev_loss == pytest.approx(alone_loss, rel=1e-5)
+    assert not model.training  # dropout off: validation is deterministic
+    assert validate(model, padded, task_name, torch.device("cpu"))[1] == dev_loss
+    if task_name == "ctc":
+        # CTC summed over utterances over the number of target tokens; not the batch
+        # mean of per-utterance means that training's loss uses.
+        with torch.no_grad():
+            losses = []
+            for feats, targets, _ in items:
+                logits, out_lens = model(feats[None], torch.tensor([len(feats)]))
+                losses.append(float(torch.nn.functional.ctc_loss(
+                    logits.log_softmax(-1).transpose(0, 1), targets[None], out_lens,
+                    torch.tensor([len(targets)]), reduction="sum",
+                )))
+        tokens = [len(t) for _, t, _ in items]
+        assert dev_loss == pytest.approx(sum(losses) / sum(tokens), rel=1e-5)
+        assert dev_loss != pytest.approx(np.mean([l / n for l, n in zip(losses, tokens)]), rel=1e-3)
+        needed = TASKS["ctc"].frames_needed([t for _, t, _ in items])
+        assert (model.output_lengths(np.array([len(f) for f, _, _ in items])) >= needed).all()
+
+
+def _feasibility_data(root: Path) -> tuple[Path, Path]:
+    rng = np.random.default_rng(0)
+
+    def feats(frames: int) -> np.ndarray:
+        return rng.normal(size=(frames, 8)).astype(np.float32)
+
+    # With one conv layer of stride 2, T frames give ceil(T / 2) output frames.
+    train_text = {"long-1": ["A", "B"], "long-2": ["C", "A", "B"], "long-3": ["D"], "short": ["A", "A", "B"]}
+    train_frames = {"long-1": 20, "long-2": 24, "long-3": 12, "short": 5}  # short: 3 < 3 + 1 repeat
+    dev_text = {"dev-1": ["B", "C"], "dev-rep": ["D", "D"]}
+    dev_frames = {"dev-1": 16, "dev-rep": 4}  # dev-rep: 2 < 2 + 1 repeat
+    return tuple(
+        write_data_dir(root / name, {u: feats(n) for u, n in frames.items()}, text, tokens=TOKENS)
+        for name, frames, text in (("train", train_frames, train_text), ("dev", dev_frames, dev_text))
+    )
+
+
+def test_a_stride_too_large_for_ctc_is_one_error_line_before_anything_is_written(tmp_path: Path) -> None:
+    train, dev = _feasibility_data(tmp_path)
+    model_dir = tmp_path / "model"
+    command = [str(STAGETUNE), "--device", "cpu", *set_args("training.num_epochs=1"), "train",
+               "--threads", "1", "--quiet", str(train), str(dev), str(model_dir)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert one_error_line(done.stderr) == (
+        "stagetune: error: a total time stride of 2 leaves 1 of 4 train and 1 of 2 dev utterances "
+        "fewer output frames than CTC needs (e.g. 'short' in train: 5 frames -> 3 output frames, "
+        "needs 4 = 3 tokens + 1 adjacent repeat); subsample time less: lower "
+        "model.convolutional_time_factor, raise model.convolutional_factor_sched or use fewer "
+        "model.convolutional_layers"
+    )
+    assert not model_dir.exists()
+    # The fix the message names trains.
+    fixed = [*command[:3], "--set", "model.convolutional_time_factor=1", *command[3:]]
+    done = subprocess.run(fixed, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert (model_dir / "model.pt").exists()

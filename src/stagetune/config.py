@@ -265,6 +265,14 @@ class TrainingConfig:
         search=Space(0, 5),
         when=When("training.reduce_lr_factor", "<", 1.0),
     )
+    reduce_lr_patience_updates: int = param(
+        300,
+        "Also needed before a reduction: this many optimizer updates since the dev error "
+        "last improved (on a small corpus an epoch is a handful of updates).",
+        min=0,
+        search=Space(0, 2000),
+        when=When("training.reduce_lr_factor", "<", 1.0),
+    )
     reduce_lr_threshold: float = param(
         0.0,
         "Relative improvement of the dev error below which an epoch does not count as better.",

@@ -14,8 +14,9 @@ frame.
 from __future__ import annotations
 
 import abc
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -29,6 +30,8 @@ __all__ = [
     "RECURRENT_CELLS",
     "AcousticModel",
     "build_model",
+    "time_geometry",
+    "output_lengths",
     "subsample_labels",
     "Task",
     "CTCTask",
@@ -60,6 +63,38 @@ def _conv_length(length: Tensor, kernel: int, stride: int) -> Tensor:
 def _frame_mask(lengths: Tensor, num_frames: int) -> Tensor:
     """``(B, num_frames)`` bool mask, true on frames ``< lengths``."""
     return torch.arange(num_frames, device=lengths.device) < lengths.unsqueeze(1)
+
+
+def _scheduled(config: ModelConfig, layer: int) -> bool:
+    """Whether conv layer ``layer`` (0-based) strides (see :class:`AcousticModel`)."""
+    return (layer + 1) % config.convolutional_factor_sched == 0
+
+
+def time_geometry(config: ModelConfig) -> list[tuple[int, int]]:
+    """``(kernel_time, stride_time)`` of each conv layer of the model ``config`` describes."""
+    return [
+        (config.convolutional_kernel_time, config.convolutional_time_factor if _scheduled(config, i) else 1)
+        for i in range(config.convolutional_layers)
+    ]
+
+
+def _output_lengths(geometry: Sequence[tuple[int, int]], lengths: Any) -> Any:
+    for kernel, stride in geometry:
+        lengths = _conv_length(lengths, kernel, stride)
+    return lengths
+
+
+def output_lengths(config: ModelConfig, feat_lens: Any) -> Any:
+    """:meth:`AcousticModel.output_lengths` without building the model.
+
+    Args:
+        config: The ``[model]`` section.
+        feat_lens: Input frames: an ``int``, a numpy array or a tensor.
+
+    Returns:
+        Output frames, of the same type.
+    """
+    return _output_lengths(time_geometry(config), feat_lens)
 
 
 class AcousticModel(nn.Module):
@@ -122,7 +157,7 @@ class AcousticModel(nn.Module):
         self.num_outputs = num_outputs
 
         #: ``(kernel_time, stride_time)`` of each conv layer, for :meth:`output_lengths`.
-        self._time_geometry: list[tuple[int, int]] = []
+        self._time_geometry = time_geometry(config)
         self.convs = nn.ModuleList()
         self.conv_activations = nn.ModuleList()
         self.conv_dropouts = nn.ModuleList()
@@ -130,10 +165,9 @@ class AcousticModel(nn.Module):
         kernel = (config.convolutional_kernel_time, config.convolutional_kernel_freq)
         sched = config.convolutional_factor_sched
         for i in range(config.convolutional_layers):
-            scheduled = (i + 1) % sched == 0
             stride = (
                 (config.convolutional_time_factor, config.convolutional_freq_factor)
-                if scheduled
+                if _scheduled(config, i)
                 else (1, 1)
             )
             channels = config.convolutional_initial_channels * (
@@ -143,7 +177,6 @@ class AcousticModel(nn.Module):
             self.convs.append(nn.Conv2d(in_channels, channels, kernel, stride, padding))
             self.conv_activations.append(NONLINEARITIES[config.convolutional_nonlinearity]())
             self.conv_dropouts.append(nn.Dropout2d(dropout_prob))
-            self._time_geometry.append((kernel[0], stride[0]))
             in_channels, freq = channels, _conv_length(freq, kernel[1], stride[1])
         #: Total subsampling of the time axis (product of the time strides).
         self.time_stride = 1
@@ -177,10 +210,7 @@ class AcousticModel(nn.Module):
         Returns:
             ``(B,)`` output frames, same type and device as ``feat_lens``.
         """
-        lengths = feat_lens
-        for kernel, stride in self._time_geometry:
-            lengths = _conv_length(lengths, kernel, stride)
-        return lengths
+        return _output_lengths(self._time_geometry, feat_lens)
 
     def forward(self, feats: Tensor, feat_lens: Tensor) -> tuple[Tensor, Tensor]:
         """Per-frame logits.
@@ -335,6 +365,35 @@ class Task(abc.ABC):
         """
 
     @abc.abstractmethod
+    def summed_loss(
+        self,
+        logits: Tensor,
+        out_lens: Tensor,
+        targets: Tensor,
+        target_lens: Tensor,
+        *,
+        time_stride: int | None = None,
+    ) -> tuple[Tensor, int]:
+        """``(loss summed over the batch, number of units it is summed over)``.
+
+        Summed over batches and divided by the summed units, this is the loss
+        per unit (CTC: per target token; frame: per labelled output frame)
+        whatever the batching and padding; the dev loss of validation.
+        Arguments as for :meth:`loss`.
+        """
+
+    def frames_needed(self, targets: Sequence[Sequence[int]]) -> np.ndarray:
+        """Fewest output frames each utterance needs for its targets (0: any number will do).
+
+        Args:
+            targets: Per utterance, its targets as :meth:`DataDir.targets` gives them.
+
+        Returns:
+            int64 ``(len(targets),)``.
+        """
+        return np.zeros(len(targets), dtype=np.int64)
+
+    @abc.abstractmethod
     def decode(self, logits: Tensor, out_lens: Tensor) -> list[list[int]]:
         """Best hypothesis per utterance from ``(B, T', C)`` logits."""
 
@@ -397,8 +456,27 @@ class CTCTask(Task):
 
         ``targets`` may be ``(B, U)`` padded or ``(sum U,)`` concatenated.
         Infeasible utterances (more targets than frames allow) contribute zero
-        loss and gradient instead of infinity.
+        loss and gradient instead of infinity; training refuses such data
+        beforehand (:mod:`stagetune.feasibility`).
         """
+        return self._ctc_loss(logits, out_lens, targets, target_lens, "mean")
+
+    def summed_loss(
+        self,
+        logits: Tensor,
+        out_lens: Tensor,
+        targets: Tensor,
+        target_lens: Tensor,
+        *,
+        time_stride: int | None = None,
+    ) -> tuple[Tensor, int]:
+        """Summed CTC loss and the number of target tokens (loss per token = ratio of sums)."""
+        loss = self._ctc_loss(logits, out_lens, targets, target_lens, "sum")
+        return loss, int(target_lens.sum())
+
+    def _ctc_loss(
+        self, logits: Tensor, out_lens: Tensor, targets: Tensor, target_lens: Tensor, reduction: str
+    ) -> Tensor:
         log_probs = logits.float().log_softmax(-1).transpose(0, 1)  # (T', B, C)
         target_lens = target_lens.to(torch.long)
         if targets.dim() == 2:
@@ -410,9 +488,22 @@ class CTCTask(Task):
             out_lens.to(torch.long),
             target_lens,
             blank=self.blank,
-            reduction="mean",
+            reduction=reduction,
             zero_infinity=True,
         )
+
+    def frames_needed(self, targets: Sequence[Sequence[int]]) -> np.ndarray:
+        """Tokens plus adjacent repeats: CTC must put a blank between two equal tokens."""
+        lens = np.fromiter((len(t) for t in targets), dtype=np.int64, count=len(targets))
+        if not lens.sum():
+            return lens
+        flat = np.concatenate([np.asarray(t, dtype=np.int64) for t in targets])
+        starts = np.cumsum(lens) - lens
+        repeat = np.zeros(len(flat), dtype=bool)  # token i equals token i - 1 of its utterance
+        repeat[1:] = flat[1:] == flat[:-1]
+        repeat[starts[lens > 0]] = False
+        counted = np.concatenate([[0], np.cumsum(repeat)])
+        return lens + counted[starts + lens] - counted[starts]
 
     def decode(self, logits: Tensor, out_lens: Tensor) -> list[list[int]]:
         """Greedy (best-path) decoding: argmax, merge repeats, drop blanks."""
@@ -477,6 +568,31 @@ class FrameTask(Task):
         :func:`subsample_labels` to the model's output frames.  Frames whose
         label is ``-1`` are ignored.
         """
+        losses, frames = self._summed(logits, out_lens, targets, target_lens, time_stride)
+        # A batch without labelled frames gives 0 rather than 0/0.
+        return losses / frames.clamp(min=1)
+
+    def summed_loss(
+        self,
+        logits: Tensor,
+        out_lens: Tensor,
+        targets: Tensor,
+        target_lens: Tensor,
+        *,
+        time_stride: int | None = None,
+    ) -> tuple[Tensor, int]:
+        """Summed cross-entropy and the number of labelled output frames."""
+        losses, frames = self._summed(logits, out_lens, targets, target_lens, time_stride)
+        return losses, int(frames)
+
+    def _summed(
+        self,
+        logits: Tensor,
+        out_lens: Tensor,
+        targets: Tensor,
+        target_lens: Tensor,
+        time_stride: int | None,
+    ) -> tuple[Tensor, Tensor]:
         labels, _ = subsample_labels(
             targets.to(logits.device),
             target_lens,
@@ -491,8 +607,7 @@ class FrameTask(Task):
             ignore_index=-1,
             reduction="sum",
         )
-        # A batch without labelled frames gives 0 rather than 0/0.
-        return losses / (flat_labels >= 0).sum().clamp(min=1)
+        return losses, (flat_labels >= 0).sum()
 
     def decode(self, logits: Tensor, out_lens: Tensor) -> list[list[int]]:
         """The most likely class of every valid output frame."""

@@ -5,8 +5,8 @@
 * ``warmup`` rises linearly from ``1 / (warmup_updates + 1)`` to 1 over the
   first ``training.warmup_updates`` updates;
 * ``reduction`` starts at 1 and is multiplied by ``training.reduce_lr_factor``
-  when the dev error has not improved for ``training.reduce_lr_patience``
-  validations.  The plateau rule is *armed* only after
+  when the dev error has not improved for more than ``training.reduce_lr_patience``
+  validations *and* ``training.reduce_lr_patience_updates`` updates.  The plateau rule is *armed* only after
   ``training.reduce_lr_burnin_updates`` updates **and** once the model emits
   something other than blanks on the dev set: a CTC model on its all-blank
   plateau (every dev token deleted) has nothing to gain from a smaller step,
@@ -50,6 +50,7 @@ class LearningRateSchedule:
         self.armed = False
         self.best = math.inf
         self.bad_validations = 0
+        self.updates_at_best = 0
         self._apply()
 
     @property
@@ -79,13 +80,14 @@ class LearningRateSchedule:
                 return False
             self.armed = True
         if dev_error < self.best * (1.0 - t.reduce_lr_threshold):
-            self.best, self.bad_validations = dev_error, 0
+            self.best, self.bad_validations, self.updates_at_best = dev_error, 0, self.updates
             return False
         self.bad_validations += 1
-        if self.bad_validations <= t.reduce_lr_patience:
+        waited = self.updates - self.updates_at_best
+        if self.bad_validations <= t.reduce_lr_patience or waited < t.reduce_lr_patience_updates:
             return False
         self.reduction *= t.reduce_lr_factor
-        self.bad_validations = 0
+        self.bad_validations, self.updates_at_best = 0, self.updates
         self._apply()
         return True
 
@@ -97,6 +99,7 @@ class LearningRateSchedule:
             "armed": self.armed,
             "best": self.best,
             "bad_validations": self.bad_validations,
+            "updates_at_best": self.updates_at_best,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -106,4 +109,5 @@ class LearningRateSchedule:
         self.armed = bool(state["armed"])
         self.best = float(state["best"])
         self.bad_validations = int(state["bad_validations"])
+        self.updates_at_best = int(state["updates_at_best"])
         self._apply()

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from stagetune.cli._common import add_threads_argument, set_threads
+from stagetune.optim.metrics import DEFAULT_METRIC, METRICS
 
 __all__ = ["add_parser", "run"]
 
@@ -41,6 +42,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     init.add_argument("--mem-limit-bytes", type=int, default=None, metavar="N", help="prune trials whose training step needs more")
     init.add_argument("--num-trials", type=int, default=None, metavar="N", help="finished (complete + pruned) trials to run in all")
     init.add_argument("--pruner", default="hyperband", help="hyperband, median, successive-halving or none")
+    init.add_argument(
+        "--metric",
+        default=None,
+        help=f"what a trial's value is, per epoch and at its best epoch: {', '.join(sorted(METRICS))} "
+        f"(dev error rate; dev loss per token or frame; the error with the loss as tie-breaker); "
+        f"default {DEFAULT_METRIC}, or PREV's with --from-study",
+    )
     init.add_argument("--num-data-workers", type=int, default=0, metavar="N")
     init.add_argument("--force", action="store_true", help="replace settings that do not invalidate trials")
     init.add_argument("--from-study", metavar="PREV", help="chain: whitelist from PREV's importance, base config from PREV's best")
@@ -151,6 +159,7 @@ def _init(args: argparse.Namespace, study_name: str) -> int:
                 _err(f"repaired {name}: {change}")
             config = apply_overrides(config, args.overrides + args.init_set)
             parent = args.from_study
+            metric = args.metric or prev_spec.metric
             train_dir = args.train_dir or prev_spec.train_dir
             dev_dir = args.dev_dir if args.train_dir else (args.dev_dir or prev_spec.dev_dir)
             dev_prop = args.dev_proportion if args.train_dir or args.dev_dir else prev_spec.dev_proportion
@@ -159,6 +168,7 @@ def _init(args: argparse.Namespace, study_name: str) -> int:
                 raise UsageError("init needs TRAIN_DIR (or --from-study to reuse a previous study's data)")
             config = load_config(args.read_ini, args.overrides + args.init_set)
             train_dir, dev_dir, dev_prop = args.train_dir, args.dev_dir, args.dev_proportion
+            metric = args.metric or DEFAULT_METRIC
         spec = build_spec(
             config,
             train_dir,
@@ -172,6 +182,7 @@ def _init(args: argparse.Namespace, study_name: str) -> int:
             device=args.device,
             num_data_workers=args.num_data_workers,
             parent_study=parent,
+            metric=metric,
         )
         result = init_study(storage, study_name, args.url, spec, force=args.force, log=_err)
     where = mask_url(args.url)
@@ -180,7 +191,10 @@ def _init(args: argparse.Namespace, study_name: str) -> int:
         print(f"study {study_name} in {where} already exists with these settings; nothing to do")
     else:
         count = f"{len(spec.tuned)} parameter{'' if len(spec.tuned) == 1 else 's'}"
-        print(f"{result.action} study {study_name} in {where}: tuning {count} ({', '.join(spec.tuned)}); {budget}")
+        print(
+            f"{result.action} study {study_name} in {where}: tuning {count} ({', '.join(spec.tuned)}); "
+            f"{budget}; metric {spec.metric}"
+        )
     return 0
 
 
@@ -285,7 +299,7 @@ def _important(args: argparse.Namespace, study_name: str) -> int:
 
 def _best(args: argparse.Namespace, study_name: str) -> int:
     from stagetune.config import to_dict, write_ini
-    from stagetune.optim.analysis import best_config
+    from stagetune.optim.analysis import best_config, describe_best
     from stagetune.optim.storage import storage_session
     from stagetune.optim.study import load_study
 
@@ -298,8 +312,10 @@ def _best(args: argparse.Namespace, study_name: str) -> int:
         config, repairs = best_config(
             study, spec, independent=args.independent, overrides=args.overrides + args.best_set
         )
-        if not args.independent:
-            _err(f"best trial {study.best_trial.number}: value {study.best_value:.6g}")
+        if args.independent:
+            _err(f"each value by its lowest median value (metric {spec.metric})")
+        else:
+            _err(describe_best(study.best_trial, spec))
     for name, change in repairs.items():
         _err(f"repaired {name}: {change}")
     if fmt == "ini":

@@ -1,7 +1,9 @@
 """Everything that touches optuna: the study database, samplers, pruners, workers.
 
 Submodules import optuna at module level, so import them only inside CLI
-commands (``stagetune --help`` must not pay for optuna).
+commands (``stagetune --help`` must not pay for optuna); only
+:mod:`stagetune.optim.metrics`, whose names the CLI's help lists, imports
+nothing heavy.
 """
 
 from __future__ import annotations

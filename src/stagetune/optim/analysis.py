@@ -14,6 +14,7 @@ from sqlalchemy import text
 
 from stagetune.config import Config, field_info, flatten, with_values
 from stagetune.errors import StagetuneError, UsageError
+from stagetune.optim.metrics import DEV_ERROR_ATTR, DEV_LOSS_ATTR, VALUE_EPOCH_ATTR
 from stagetune.optim.registry import EVALUATORS, make_evaluator
 from stagetune.optim.spec import StudySpec
 from stagetune.space import Ref
@@ -23,6 +24,7 @@ __all__ = [
     "rank_parameters",
     "select_important",
     "best_trial_values",
+    "describe_best",
     "independent_values",
     "repair_dependent_bounds",
     "best_config",
@@ -171,6 +173,18 @@ def best_trial_values(study: optuna.Study) -> tuple[FrozenTrial, dict[str, Any]]
     return best, dict(best.params)
 
 
+def describe_best(trial: FrozenTrial, spec: StudySpec) -> str:
+    """One line: the best trial, its value, the study's metric and, when known, its dev figures."""
+    line = f"best trial {trial.number}: value {trial.value:.6g} (metric {spec.metric}"
+    attrs = trial.user_attrs
+    if all(k in attrs for k in (VALUE_EPOCH_ATTR, DEV_ERROR_ATTR, DEV_LOSS_ATTR)):
+        line += (
+            f"; epoch {attrs[VALUE_EPOCH_ATTR]}: dev error {attrs[DEV_ERROR_ATTR]:.2%}, "
+            f"dev loss {attrs[DEV_LOSS_ATTR]:.4f}"
+        )
+    return line + ")"
+
+
 def _groups(values: list[Any], errors: list[float]) -> list[tuple[Any, list[float], float]]:
     """``(representative value, errors, best error)`` per group of equal or binned values."""
     distinct = sorted({repr(v): v for v in values}.values(), key=lambda v: (str(type(v)), v))
@@ -193,7 +207,7 @@ def _groups(values: list[Any], errors: list[float]) -> list[tuple[Any, list[floa
 
 
 def independent_values(study: optuna.Study, names: Sequence[str]) -> dict[str, Any]:
-    """Per parameter, the value with the lowest median error over completed trials.
+    """Per parameter, the value with the lowest median trial value (the study's metric).
 
     cnn-mellin's semantics: each parameter is chosen independently of the
     others.  Numeric parameters with many distinct values are grouped into

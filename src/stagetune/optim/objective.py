@@ -1,8 +1,11 @@
 """Objectives: what a worker runs for one trial.
 
-``train`` samples a config from the study spec, checks its memory footprint
-against the budget, reuses the result of an identical completed trial, and
-otherwise trains with per-epoch reporting and pruning.  ``quadratic`` and
+``train`` samples a config from the study spec, reuses the result of an
+identical completed trial, prunes a config whose time stride leaves some
+utterances too few output frames for CTC, checks its memory footprint against
+the budget, and otherwise trains with per-epoch reporting and pruning.  Each
+epoch's value is the study's metric (:mod:`stagetune.optim.metrics`) of its
+dev error and dev loss; the trial's value is the lowest.  ``quadratic`` and
 ``sleep`` are trivial objectives over the same search space, for benchmarks
 and tests of the search machinery.
 """
@@ -24,6 +27,7 @@ import optuna
 
 from stagetune.config import Config, flatten
 from stagetune.errors import TrainingInterrupted
+from stagetune.optim.metrics import DEV_ERROR_ATTR, DEV_LOSS_ATTR, METRICS, VALUE_EPOCH_ATTR, Metric
 from stagetune.optim.sampling import sample_config
 from stagetune.optim.spec import StudySpec
 
@@ -109,6 +113,42 @@ def _prune(trial: optuna.Trial, reason: str) -> optuna.TrialPruned:
     return optuna.TrialPruned(reason)
 
 
+class _BestEpoch:
+    """The epoch with the lowest metric value so far, kept in the trial's user attributes.
+
+    A retried trial inherits the attributes (and the pruner's intermediate values) of
+    the attempt it retries, so its value also covers the epochs trained before.
+    """
+
+    _ATTRS = (VALUE_EPOCH_ATTR, DEV_ERROR_ATTR, DEV_LOSS_ATTR)
+
+    def __init__(self, metric: Metric, trial: optuna.Trial) -> None:
+        self.metric, self.trial = metric, trial
+        self.value: float | None = None
+        attrs = trial.user_attrs
+        #: The last epoch an earlier attempt reported.
+        self.last_epoch = int(attrs.get("epoch", 0))
+        if all(key in attrs for key in self._ATTRS):
+            self.value = metric.value(attrs[DEV_ERROR_ATTR], attrs[DEV_LOSS_ATTR])
+
+    def see(self, epoch: int, dev_error: float, dev_loss: float) -> float:
+        """The epoch's value; stored in the trial when it is the lowest so far."""
+        value = self.metric.value(dev_error, dev_loss)
+        self.last_epoch = max(self.last_epoch, epoch)
+        if self.value is None or value < self.value:
+            self.value = value
+            for key, figure in zip(self._ATTRS, (epoch, dev_error, dev_loss)):
+                self.trial.set_user_attr(key, figure)
+        return value
+
+    def see_history(self, rows: list[dict[str, Any]]) -> None:
+        """Epochs trained but never reported (the worker died between checkpoint and report)."""
+        for row in rows:
+            if int(row["epoch"]) > self.last_epoch:
+                dev_loss = float(row.get("dev_loss") or "nan")  # history.csv written before dev_loss
+                self.see(int(row["epoch"]), float(row["dev_error"]), dev_loss)
+
+
 def _identical_completed(ctx: TrialContext, trial: optuna.Trial) -> optuna.trial.FrozenTrial | None:
     params = trial.params
     completed = ctx.db(
@@ -123,6 +163,7 @@ def _identical_completed(ctx: TrialContext, trial: optuna.Trial) -> optuna.trial
 
 def _train(ctx: TrialContext, trial: optuna.Trial) -> float:
     from stagetune.failures import is_out_of_memory
+    from stagetune.feasibility import find_shortfall
     from stagetune.model import TASKS
     from stagetune.optim.memory import check_footprint
     from stagetune.training import NonFiniteLoss, fit, resolve_device
@@ -132,8 +173,15 @@ def _train(ctx: TrialContext, trial: optuna.Trial) -> float:
     twin = _identical_completed(ctx, trial)
     if twin is not None:
         trial.set_user_attr("reused_from", twin.number)
+        for key in _BestEpoch._ATTRS:
+            if key in twin.user_attrs:
+                trial.set_user_attr(key, twin.user_attrs[key])
         ctx.log(f"trial {trial.number}: same config as completed trial {twin.number}; reusing its result")
         return float(twin.value)
+    shortfall = find_shortfall(config, ctx.corpus)
+    if shortfall is not None:
+        trial.set_user_attr("short_utterances", shortfall.affected)
+        raise _prune(trial, shortfall.message())
     device = resolve_device(spec.device if ctx.device is None else ctx.device)
     num_outputs = TASKS[config.model.task].num_outputs(len(spec.tokens))
     if spec.mem_limit_bytes is not None:
@@ -141,7 +189,7 @@ def _train(ctx: TrialContext, trial: optuna.Trial) -> float:
             config,
             spec.feat_dim,
             num_outputs,
-            batch_size=config.data.batch_size,
+            batch_size=config.data.batch_size_for(len(ctx.corpus.train_ids)),
             max_frames=spec.longest_utterance,
             max_target_len=spec.longest_transcript,
             device=device,
@@ -157,12 +205,15 @@ def _train(ctx: TrialContext, trial: optuna.Trial) -> float:
                 f"--mem-limit-bytes {spec.mem_limit_bytes}",
             )
 
+    best = _BestEpoch(METRICS[spec.metric], trial)
+
     def report(result: Any) -> None:
-        trial.report(result.dev_error, result.epoch)
+        value = best.see(result.epoch, result.dev_error, result.dev_loss)
+        trial.report(value, result.epoch)
         trial.set_user_attr("epoch", result.epoch)
         ctx.log(
             f"trial {trial.number}: epoch {result.epoch}/{config.training.num_epochs} "
-            f"dev error {result.dev_error:.2%}"
+            f"dev error {result.dev_error:.2%}, dev loss {result.dev_loss:.4f}"
         )
         if trial.should_prune():
             raise _prune(trial, f"pruned by the study's pruner after epoch {result.epoch}")
@@ -193,8 +244,11 @@ def _train(ctx: TrialContext, trial: optuna.Trial) -> float:
             raise _prune(trial, f"out of memory during training: {str(exc).splitlines()[0][:200]}") from None
         raise
     trial.set_user_attr("best_epoch", result.best_epoch)
+    best.see_history(result.history)
     _cleanup(ctx, model_dir)
-    return float(result.best_dev_error)
+    if best.value is None:  # fit trains at least one epoch; never here
+        raise RuntimeError(f"trial {trial.number}: training reported no epoch")
+    return float(best.value)
 
 
 def _cleanup(ctx: TrialContext, model_dir: Path) -> None:

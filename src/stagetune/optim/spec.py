@@ -10,6 +10,7 @@ from typing import Any
 from stagetune import __version__
 from stagetune.config import Config, from_dict
 from stagetune.errors import StagetuneError
+from stagetune.optim.metrics import LEGACY_METRIC, METRICS
 
 __all__ = ["SPEC_VERSION", "SPEC_ATTR", "StudySpec", "spec_differences", "SAFE_TO_REPLACE"]
 
@@ -43,6 +44,9 @@ class StudySpec:
     device: str | None = None
     num_data_workers: int = 0
     parent_study: str | None = None
+    #: Key of :data:`~stagetune.optim.metrics.METRICS`: what a trial's value is.
+    #: A spec stored before metrics existed has none and reads as the dev error.
+    metric: str = LEGACY_METRIC
     version: int = SPEC_VERSION
     created_by: str = field(default_factory=lambda: f"stagetune {__version__}")
 
@@ -67,7 +71,13 @@ class StudySpec:
                 f"with spec version {data['version']}; this stagetune reads version {SPEC_VERSION}"
             )
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        spec = cls(**{k: v for k, v in data.items() if k in names})
+        if spec.metric not in METRICS:
+            raise StagetuneError(
+                f"study {study_name!r} ranks trials by metric {spec.metric!r}, which this stagetune "
+                f"does not know (it knows {', '.join(sorted(METRICS))}); use the stagetune that created it"
+            )
+        return spec
 
     def dumps(self) -> str:
         """Canonical JSON text (sorted keys)."""

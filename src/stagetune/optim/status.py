@@ -8,6 +8,7 @@ import optuna
 from optuna.trial import TrialState
 
 from stagetune.optim.budget import heartbeat_ages
+from stagetune.optim.metrics import METRICS
 from stagetune.optim.spec import StudySpec
 
 __all__ = ["study_status", "format_status"]
@@ -29,7 +30,7 @@ def study_status(
         {
             "number": t.number,
             "epoch": t.user_attrs.get("epoch", 0),
-            "last_dev_error": t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None,
+            "last_value": t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None,
             "heartbeat_age_s": round(ages[t.number], 1) if t.number in ages else None,
         }
         for t in trials
@@ -38,6 +39,7 @@ def study_status(
     return {
         "study": study.study_name,
         "parent_study": spec.parent_study,
+        "metric": spec.metric,
         "states": by_state,
         "finished": finished,
         "num_trials": spec.num_trials,
@@ -54,6 +56,7 @@ def format_status(status: dict[str, Any]) -> str:
     budget = status["num_trials"]
     lines = [
         f"study {status['study']}" + (f" (from {status['parent_study']})" if status["parent_study"] else ""),
+        f"metric: {status['metric']}",
         f"trials: {states or 'none'}",
         f"budget: {status['finished']}/{budget if budget is not None else 'unlimited'} finished"
         + (" (met)" if status["budget_met"] else ""),
@@ -62,6 +65,7 @@ def format_status(status: dict[str, Any]) -> str:
     lines.append(f"best: {best['value']:.6g} (trial {best['number']})" if best else "best: none yet")
     for r in status["running"]:
         age = f"{r['heartbeat_age_s']:.0f} s ago" if r["heartbeat_age_s"] is not None else "none"
-        err = f", dev error {r['last_dev_error']:.4g}" if r["last_dev_error"] is not None else ""
+        label = METRICS[status["metric"]].label
+        err = f", {label} {r['last_value']:.4g}" if r["last_value"] is not None else ""
         lines.append(f"running: trial {r['number']} epoch {r['epoch']}{err}, heartbeat {age}")
     return "\n".join(lines) + "\n"

@@ -11,6 +11,7 @@ import optuna
 
 from stagetune.config import Config, to_dict
 from stagetune.errors import StagetuneError, UsageError
+from stagetune.optim.metrics import DEFAULT_METRIC, METRICS
 from stagetune.optim.registry import PRUNERS
 from stagetune.optim.sampling import select_tunable
 from stagetune.optim.spec import SAFE_TO_REPLACE, SPEC_ATTR, StudySpec, spec_differences
@@ -78,6 +79,7 @@ def build_spec(
     device: str | None = None,
     num_data_workers: int = 0,
     parent_study: str | None = None,
+    metric: str = DEFAULT_METRIC,
 ) -> StudySpec:
     """Validate the data and the search space; nothing is written."""
     if num_trials is not None and num_trials < 1:
@@ -86,6 +88,8 @@ def build_spec(
         raise UsageError(f"--mem-limit-bytes must be >= 1, got {mem_limit_bytes}")
     if pruner not in PRUNERS:
         raise UsageError(f"--pruner {pruner!r}: choose one of {', '.join(sorted(PRUNERS))}")
+    if metric not in METRICS:
+        raise UsageError(f"--metric {metric!r}: choose one of {', '.join(sorted(METRICS))}")
     if num_data_workers < 0:
         raise UsageError(f"--num-data-workers must be >= 0, got {num_data_workers}")
     selection = select_tunable(config, whitelist, blacklist)
@@ -113,6 +117,7 @@ def build_spec(
         device=device,
         num_data_workers=num_data_workers,
         parent_study=parent_study,
+        metric=metric,
     )
 
 

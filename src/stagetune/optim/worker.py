@@ -190,8 +190,9 @@ def _work(
     study_id = study._study_id
     gpu = os.environ.get("CUDA_VISIBLE_DEVICES")
     log(
-        f"worker {os.getpid()} on study {study_name} in {mask_url(url)}: objective {options.objective}, "
-        f"sampler {options.sampler}" + (f", CUDA_VISIBLE_DEVICES={gpu}" if gpu is not None else "")
+        f"worker {os.getpid()} on study {study_name} in {mask_url(url)}: objective {options.objective}"
+        + (f" (metric {spec.metric})" if options.objective == "train" else "")
+        + f", sampler {options.sampler}" + (f", CUDA_VISIBLE_DEVICES={gpu}" if gpu is not None else "")
     )
 
     def db(fn: Callable[[], Any], what: str) -> Any:
