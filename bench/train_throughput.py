@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.corpus is not None:
         return measure(args.corpus, args)
     with tempfile.TemporaryDirectory() as tmp:
-        return measure(make_demo_corpus(Path(tmp) / "demo", num_dev=0, num_test=0) / "train", args)
+        return measure(make_demo_corpus(Path(tmp) / "demo", num_dev=0, num_test=0, variant="easy") / "train", args)
 
 
 def measure(train_dir: Path, args: argparse.Namespace) -> int:

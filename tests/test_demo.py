@@ -11,7 +11,14 @@ import numpy as np
 import pytest
 
 from stagetune.audio import read_wav
-from stagetune.demo import SPEAKERS, TOKENS, make_demo_corpus
+from stagetune.demo import (
+    DEFAULT_VARIANT,
+    SPEAKERS,
+    TOKENS,
+    VARIANTS,
+    make_demo_corpus,
+    synthesize_utterance,
+)
 from stagetune.errors import UsageError
 from stagetune.kaldi import TokenTable, load_data_dir
 
@@ -40,7 +47,7 @@ def test_splits_are_prepared_data_dirs(corpus: Path) -> None:
         assert loaded.feat_dim == 40
         for utt in loaded.utt_ids:
             samples, rate = read_wav(corpus / split / "wav" / f"{utt}.wav")
-            assert rate == 8000 and 0.3 < len(samples) / rate < 4.0
+            assert rate == 8000 and 0.25 < len(samples) / rate < 5.5
             feats = kaldiio.load_mat(loaded.feat_paths[utt])
             assert np.all(np.isfinite(feats))
 
@@ -75,9 +82,38 @@ def test_same_seed_same_bytes_other_seed_differs(corpus: Path, tmp_path: Path) -
     assert (other / "train" / "text").read_bytes() != (corpus / "train" / "text").read_bytes()
 
 
-def test_bad_sizes_are_usage_errors(tmp_path: Path) -> None:
+def test_bad_sizes_and_variants_are_usage_errors(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="num_train >= 1"):
         make_demo_corpus(tmp_path, num_train=0)
+    with pytest.raises(UsageError, match="variant must be one of easy, hard, got 'medium'"):
+        make_demo_corpus(tmp_path, variant="medium")
+
+
+def test_easy_variant_is_the_original_corpus() -> None:
+    # Samples of the corpus as it was before the hard variant (within 2 of int16
+    # rounding, for other CPUs' FFTs): old results stay reproducible.
+    speaker = VARIANTS["easy"].speakers["train"][0]
+    rng = np.random.default_rng(0)
+    samples = synthesize_utterance(["ASI", "EME", "UXO"], speaker, rng, variant="easy")
+    assert samples.shape == (11543,)
+    expected = [2516, -4365, -138, -363, 798, 6408]
+    assert np.allclose(samples[[1000, 2500, 4000, 6000, 8000, 10000]], expected, atol=2)
+
+
+def test_hard_variant_is_the_default_with_confusable_tokens_and_edge_speakers() -> None:
+    hard = VARIANTS["hard"]
+    assert DEFAULT_VARIANT == "hard" and TOKENS == hard.tokens and SPEAKERS == hard.speakers
+    # Tokens that differ only in a long vowel or only in the fricative.
+    assert {"ASI", "AASI", "AXI", "ISA", "ISAA", "IXA"} <= set(hard.tokens)
+    assert len(set(hard.tokens.values())) == len(hard.tokens)
+    # Dev and test speakers at opposite edges of the training speakers' range.
+    train, (dev,), (test,) = (hard.speakers[split] for split in ("train", "dev", "test"))
+    for attribute in ("pitch_hz", "formant_scale"):
+        values = sorted(getattr(s, attribute) for s in train)
+        assert values[0] <= getattr(dev, attribute) < values[1]
+        assert values[-2] < getattr(test, attribute) <= values[-1]
+    rates = [s.rate for s in train]
+    assert max(rates) / min(rates) > 1.7 and dev.rate < 0.85 < 1.25 < test.rate
 
 
 def test_module_cli_reports_what_it_made(tmp_path: Path) -> None:
@@ -89,5 +125,15 @@ def test_module_cli_reports_what_it_made(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert f"{tmp_path / 'c' / 'train'}: 3 utterances" in done.stdout
-    assert f"{len(TOKENS)} tokens, seed 5" in done.stdout
+    assert f"hard variant, {len(TOKENS)} tokens, seed 5" in done.stdout
     assert (tmp_path / "c" / "test" / "feats.scp").is_file()
+
+    done = subprocess.run(
+        [sys.executable, "-m", "stagetune.demo", str(tmp_path / "e"), *args, "--variant", "easy"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "easy variant, 12 tokens, seed 5" in done.stdout
+    tokens = TokenTable.read(tmp_path / "e" / "train" / "tokens.txt")
+    assert set(tokens.symbols[1:]) == set(VARIANTS["easy"].tokens) != set(TOKENS)

@@ -51,7 +51,7 @@ def train_and_test_ter(corpus: Path, model_dir: Path, *settings: str) -> float:
 @pytest.fixture(scope="module")
 def demo_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_demo_corpus(
-        tmp_path_factory.mktemp("demo"), num_train=120, num_dev=30, num_test=30
+        tmp_path_factory.mktemp("demo"), num_train=120, num_dev=30, num_test=30, variant="easy"
     )
 
 

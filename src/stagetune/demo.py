@@ -4,16 +4,30 @@
 dirs (``wav/*.wav``, ``wav.scp``, ``text``, ``utt2spk``) and runs
 :func:`stagetune.prep.prep_data_dir` on each, so they are ready to train on.
 
-Each of the twelve tokens is a sequence of three "phones" from a small inventory
-(five vowels with formant targets, two fricative noise bands, a nasal murmur and
-a stop burst), synthesised as harmonics of a per-speaker pitch contour shaped by
-moving formant resonances.  Tokens share phones and phone pairs on purpose
-(``ASI``, ``ISI``, ``ASA``, ``ISA``): a model that sees only a few frames at a
-time cannot tell them apart, while one with sentence context (a recurrent layer,
-or several conv layers) can.  Speakers differ in pitch, formant scale and
-speaking rate; dev and test each hold out one speaker whose parameters lie
-inside the range of the six training speakers.  The same seed gives the same
-bytes.
+Each token is a sequence of three "phones" from a small inventory (five vowels
+with formant targets, one of them also long, two fricative noise bands, a nasal
+murmur and a stop burst), synthesised as harmonics of a per-speaker pitch contour
+shaped by moving formant resonances.  Tokens share phones and phone pairs on
+purpose (``ASI``, ``ISI``, ``ASA``, ``ISA``): a model that sees only a few frames
+at a time cannot tell them apart, while one with sentence context (a recurrent
+layer, or several conv layers) can.  The same seed gives the same bytes.
+
+Two variants (:data:`VARIANTS`):
+
+* ``hard`` (the default): 12 tokens, eight of them in one confusable group.
+  ``AASI`` and ``ISAA`` differ from ``ASI`` and ``ISA`` only in a long "a", and
+  since speaking rates span almost a factor of two (and vary per utterance), a
+  long "a" of a fast speaker lasts about as long as a short one of a slow
+  speaker: only the durations around it tell them apart.  ``AXI`` and ``IXA``
+  differ from ``ASI`` and ``ISA`` only in the fricative.  Background noise is
+  coloured (white to brown) at 10 to 25 dB SNR, every utterance passes its own
+  channel (high-pass, low-pass and spectral tilt, which per-speaker CMVN does
+  not remove), and the dev and test speakers sit at opposite edges of the six
+  training speakers' range of pitch, formant scale and rate.
+* ``easy``: the original corpus: 12 tokens with fewer confusions, white noise at
+  15 to 30 dB SNR, no channel, dev and test speakers inside the training range.
+  A model that reaches 0% token error on it leaves a search nothing to find.
+  Its bytes are those of the corpus before ``hard`` existed.
 """
 
 from __future__ import annotations
@@ -22,16 +36,26 @@ import argparse
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 
 from stagetune.audio import Utterance, to_int16, write_wav_data_dir
 from stagetune.errors import DataError, UsageError
 
-__all__ = ["TOKENS", "SPEAKERS", "Speaker", "make_demo_corpus", "synthesize_utterance", "main"]
+__all__ = [
+    "DEFAULT_VARIANT",
+    "SPEAKERS",
+    "Speaker",
+    "TOKENS",
+    "VARIANTS",
+    "Variant",
+    "main",
+    "make_demo_corpus",
+    "synthesize_utterance",
+]
 
 
 @dataclass(frozen=True)
@@ -56,10 +80,13 @@ _PHONES: dict[str, _Phone] = {
     "x": _Phone(None, 0.0, 0.35, (1700.0, 2700.0), duration_ms=90),  # "sh"
     "t": _Phone(None, 0.0, 0.45, (900.0, 3800.0), duration_ms=60),  # closure + burst
 }
+# A long "a": the short one's targets, 1.8 times as long.
+_PHONES["A"] = replace(_PHONES["a"], duration_ms=1.8 * _PHONES["a"].duration_ms)
 
-#: Token -> its phones (``x`` is "sh").  Pairs such as ASI/ISI/ASA/ISA share every
-#: phone and phone pair with another token, so they need context to tell apart.
-TOKENS: dict[str, str] = {
+# Token -> its phones (``x`` is "sh", capitals are long vowels).  Pairs such as
+# ASI/ISI/ASA/ISA share every phone and phone pair with another token, so they
+# need context to tell apart.
+_EASY_TOKENS: dict[str, str] = {
     "ASI": "asi",
     "ISA": "isa",
     "ASA": "asa",
@@ -72,6 +99,17 @@ TOKENS: dict[str, str] = {
     "OXU": "oxu",
     "EME": "eme",
     "UTU": "utu",
+}
+# As many tokens, eight of them in one confusable group: ASI and ISA, each also
+# with a long first or last vowel (which only the durations around it tell from
+# a short one) and with "sh" for "s", and ASA and ISI.
+_HARD_TOKENS: dict[str, str] = {
+    **{token: _EASY_TOKENS[token] for token in ("ASI", "ISA", "ASA", "ISI")},
+    "AASI": "Asi",
+    "ISAA": "isA",
+    "AXI": "axi",
+    "IXA": "ixa",
+    **{token: _EASY_TOKENS[token] for token in ("UMA", "OTE", "UXO", "EME")},
 }
 
 
@@ -94,19 +132,76 @@ class Speaker:
     tilt: float
 
 
-#: Speakers per split; dev and test speakers lie inside the training range.
-SPEAKERS: dict[str, tuple[Speaker, ...]] = {
-    "train": (
-        Speaker("spk1", 95.0, 0.89, 1.15, 1.1),
-        Speaker("spk2", 120.0, 0.93, 0.90, 0.9),
-        Speaker("spk3", 150.0, 1.00, 1.05, 1.0),
-        Speaker("spk4", 190.0, 1.06, 0.85, 0.8),
-        Speaker("spk5", 220.0, 1.10, 1.20, 0.9),
-        Speaker("spk6", 250.0, 1.13, 0.95, 0.7),
-    ),
-    "dev": (Speaker("spk7", 135.0, 0.96, 1.00, 1.0),),
-    "test": (Speaker("spk8", 205.0, 1.08, 1.10, 0.85),),
+# Speaker -> (pitch_hz, formant_scale, rate, tilt) in the easy, then the hard
+# variant; spk1-spk6 train, spk7 is dev and spk8 test.  Easy: dev and test lie
+# inside the training range.  Hard: wider ranges (rate 0.75 to 1.35), dev at the
+# low-pitch, long-tract, fast edge of the training speakers, test at the
+# high-pitch, short-tract, slow edge.
+_SPEAKER_ROWS: dict[str, tuple[tuple[float, float, float, float], ...]] = {
+    "spk1": ((95.0, 0.89, 1.15, 1.1), (85.0, 0.86, 1.30, 1.25)),
+    "spk2": ((120.0, 0.93, 0.90, 0.9), (115.0, 0.92, 0.80, 0.95)),
+    "spk3": ((150.0, 1.00, 1.05, 1.0), (145.0, 0.97, 1.10, 1.10)),
+    "spk4": ((190.0, 1.06, 0.85, 0.8), (185.0, 1.04, 0.75, 0.70)),
+    "spk5": ((220.0, 1.10, 1.20, 0.9), (225.0, 1.10, 1.25, 0.85)),
+    "spk6": ((250.0, 1.13, 0.95, 0.7), (270.0, 1.17, 0.95, 0.60)),
+    "spk7": ((135.0, 0.96, 1.00, 1.0), (95.0, 0.88, 0.80, 1.20)),
+    "spk8": ((205.0, 1.08, 1.10, 0.85), (255.0, 1.15, 1.30, 0.70)),
 }
+
+
+def _speakers(column: int) -> dict[str, tuple[Speaker, ...]]:
+    """Speakers per split from one column of :data:`_SPEAKER_ROWS`."""
+    speakers = [Speaker(name, *rows[column]) for name, rows in _SPEAKER_ROWS.items()]
+    return {"train": tuple(speakers[:6]), "dev": (speakers[6],), "test": (speakers[7],)}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """How a demo corpus is made: vocabulary, speakers and recording conditions.
+
+    Attributes:
+        tokens: Token -> its phones.
+        speakers: Speakers per split.
+        snr_db: Range of each utterance's signal-to-noise ratio (uniform).
+        phone_stretch: Range of each phone's random duration factor (uniform).
+        utterance_rate: Range of a per-utterance factor on the speaker's rate, or
+            ``None`` for none.
+        noise_slope_db: Range of the background noise's spectral slope in dB per
+            octave (0 is white, -6 brown), or ``None`` for white noise.
+        channel: Whether each utterance passes its own random channel: high-pass
+            (:data:`_HIGHPASS_HZ`), low-pass (:data:`_LOWPASS_HZ`) and spectral tilt
+            (:data:`_TILT_DB`).
+    """
+
+    tokens: Mapping[str, str]
+    speakers: Mapping[str, tuple[Speaker, ...]]
+    snr_db: tuple[float, float]
+    phone_stretch: tuple[float, float]
+    utterance_rate: tuple[float, float] | None = None
+    noise_slope_db: tuple[float, float] | None = None
+    channel: bool = False
+
+
+#: Named corpus variants (see the module docstring).
+VARIANTS: dict[str, Variant] = {
+    "easy": Variant(_EASY_TOKENS, _speakers(0), snr_db=(15.0, 30.0), phone_stretch=(0.85, 1.15)),
+    "hard": Variant(
+        _HARD_TOKENS,
+        _speakers(1),
+        snr_db=(10.0, 25.0),
+        phone_stretch=(0.88, 1.12),
+        utterance_rate=(0.9, 1.1),
+        noise_slope_db=(-6.0, 0.0),
+        channel=True,
+    ),
+}
+
+#: The variant ``python -m stagetune.demo`` and :func:`make_demo_corpus` make.
+DEFAULT_VARIANT = "hard"
+#: Token -> its phones, in the default variant.
+TOKENS: Mapping[str, str] = VARIANTS[DEFAULT_VARIANT].tokens
+#: Speakers per split, in the default variant.
+SPEAKERS: Mapping[str, tuple[Speaker, ...]] = VARIANTS[DEFAULT_VARIANT].speakers
 
 _SPLIT_INDEX = {"train": 0, "dev": 1, "test": 2}
 _BANDWIDTHS = np.array([90.0, 120.0, 180.0])
@@ -115,26 +210,40 @@ _TRANSITION_S = 0.03  # formant glide between neighbouring phones
 _RAMP_S = 0.008  # amplitude on/offset of a phone
 _CONTROL_HZ = 1000  # rate of the formant/amplitude tracks
 _ASPIRATION = 0.02
+_HIGHPASS_HZ = (60.0, 200.0)  # 2nd-order corner of the hard variant's channel
+_LOWPASS_HZ = (3400.0, 4000.0)  # 4th-order corner; above 3400 Hz to keep most of "s"
+_TILT_DB = (-2.0, 2.0)  # per octave around 1 kHz
 
 
 def synthesize_utterance(
-    tokens: Sequence[str], speaker: Speaker, rng: np.random.Generator, sample_rate: int = 8000
+    tokens: Sequence[str],
+    speaker: Speaker,
+    rng: np.random.Generator,
+    sample_rate: int = 8000,
+    *,
+    variant: str = DEFAULT_VARIANT,
 ) -> np.ndarray:
     """Synthesise one utterance of ``tokens`` spoken by ``speaker``.
 
     Tokens are separated by 50 to 200 ms pauses, with 50 to 150 ms of silence at
-    each end; background noise (15 to 30 dB below the speech) and a random gain
-    are applied to the whole utterance.
+    each end; background noise (at the variant's SNR, the noise's level relative
+    to the speech), the variant's channel and a random gain are applied to the
+    whole utterance.
 
     Args:
-        tokens: Token names from :data:`TOKENS`.
+        tokens: Token names from the variant's tokens.
         speaker: Who speaks.
-        rng: Source of all randomness (durations, pitch, noise, gain).
+        rng: Source of all randomness (durations, pitch, noise, channel, gain).
         sample_rate: Output rate in Hz.
+        variant: Name in :data:`VARIANTS`.
 
     Returns:
         1-D ``int16`` samples.
     """
+    how = VARIANTS[variant]
+    rate = speaker.rate
+    if how.utterance_rate is not None:
+        rate *= rng.uniform(*how.utterance_rate)
     pieces: list[np.ndarray] = [np.zeros(int(rng.uniform(0.05, 0.15) * sample_rate))]
     # Declination: pitch falls by about 20% over the utterance.
     start_pitch = speaker.pitch_hz * rng.uniform(1.05, 1.15)
@@ -144,22 +253,62 @@ def synthesize_utterance(
             pieces.append(np.zeros(int(rng.uniform(0.05, 0.2) * sample_rate)))
         fraction = index / max(len(tokens) - 1, 1)
         pitch = start_pitch + (end_pitch - start_pitch) * fraction
-        pieces.append(_synthesize_token(TOKENS[token], speaker, pitch, rng, sample_rate))
+        phones = how.tokens[token]
+        pieces.append(_synthesize_token(phones, speaker, rate, pitch, how, rng, sample_rate))
     pieces.append(np.zeros(int(rng.uniform(0.05, 0.15) * sample_rate)))
     speech = np.concatenate(pieces)
     speech_rms = np.sqrt(np.mean(np.square(speech[speech != 0]))) if np.any(speech) else 1.0
-    snr_db = rng.uniform(15.0, 30.0)
-    noise = rng.standard_normal(speech.shape[0]) * speech_rms * 10 ** (-snr_db / 20)
-    signal = speech + noise
+    snr_db = rng.uniform(*how.snr_db)
+    if how.noise_slope_db is None:
+        noise = rng.standard_normal(speech.shape[0])
+    else:
+        slope_db = rng.uniform(*how.noise_slope_db)
+        noise = _filtered(rng.standard_normal(speech.shape[0]), sample_rate, tilt_db=slope_db)
+        noise /= np.sqrt(np.mean(noise**2)) + 1e-9
+    signal = speech + noise * speech_rms * 10 ** (-snr_db / 20)
+    if how.channel:
+        signal = _filtered(
+            signal,
+            sample_rate,
+            tilt_db=rng.uniform(*_TILT_DB),
+            highpass_hz=rng.uniform(*_HIGHPASS_HZ),
+            lowpass_hz=rng.uniform(*_LOWPASS_HZ),
+        )
     peak = rng.uniform(0.1, 0.7) * 32767
     return to_int16(signal * (peak / np.max(np.abs(signal))))
 
 
+def _filtered(
+    samples: np.ndarray,
+    sample_rate: int,
+    *,
+    tilt_db: float,
+    highpass_hz: float | None = None,
+    lowpass_hz: float | None = None,
+) -> np.ndarray:
+    """``samples`` through a zero-phase filter: a tilt of ``tilt_db`` per octave
+    around 1 kHz (flat below 50 Hz), then optional 2nd-order high-pass and
+    4th-order low-pass magnitude responses."""
+    freqs = np.fft.rfftfreq(samples.shape[0], 1.0 / sample_rate)
+    gain = (np.maximum(freqs, 50.0) / 1000.0) ** (tilt_db / (20 * np.log10(2)))
+    if highpass_hz is not None:
+        gain /= np.sqrt(1.0 + (highpass_hz / np.maximum(freqs, 1.0)) ** 4)
+    if lowpass_hz is not None:
+        gain /= np.sqrt(1.0 + (freqs / lowpass_hz) ** 8)
+    return np.fft.irfft(np.fft.rfft(samples) * gain, n=samples.shape[0])
+
+
 def _synthesize_token(
-    phones: str, speaker: Speaker, pitch_hz: float, rng: np.random.Generator, sample_rate: int
+    phones: str,
+    speaker: Speaker,
+    rate: float,
+    pitch_hz: float,
+    how: Variant,
+    rng: np.random.Generator,
+    sample_rate: int,
 ) -> np.ndarray:
     durations = [
-        _PHONES[p].duration_ms * 0.001 * speaker.rate * rng.uniform(0.85, 1.15) for p in phones
+        _PHONES[p].duration_ms * 0.001 * rate * rng.uniform(*how.phone_stretch) for p in phones
     ]
     bounds = np.concatenate([[0.0], np.cumsum(durations)])
     total_s = bounds[-1]
@@ -254,11 +403,12 @@ def make_demo_corpus(
     num_test: int = 60,
     sample_rate: int = 8000,
     num_mel_bins: int = 40,
+    variant: str = DEFAULT_VARIANT,
 ) -> Path:
     """Write the demo corpus to ``out_dir/{train,dev,test}`` and prepare its features.
 
     Each utterance holds 1 to 7 tokens drawn uniformly.  Every split gets the same
-    ``tokens.txt`` (``<blank> 0``, then the sorted tokens), so ids agree.
+    ``tokens.txt`` (``<blank> 0``, then the variant's sorted tokens), so ids agree.
 
     Args:
         out_dir: Output directory; existing split dirs in it are replaced.
@@ -268,12 +418,14 @@ def make_demo_corpus(
         num_test: Test utterances (one held-out speaker).
         sample_rate: Audio rate in Hz; a multiple of 1000 and at least 8000.
         num_mel_bins: Feature dimension passed to :func:`stagetune.prep.prep_data_dir`.
+        variant: Name in :data:`VARIANTS`.
 
     Returns:
         ``out_dir``.
 
     Raises:
-        UsageError: A count is negative, train is empty, or the rate is unusable.
+        UsageError: A count is negative, train is empty, the rate is unusable or
+            the variant unknown.
     """
     from stagetune.kaldi import BLANK, TokenTable
     from stagetune.prep import prep_data_dir
@@ -283,15 +435,18 @@ def make_demo_corpus(
         raise UsageError(f"need num_train >= 1 and num_dev, num_test >= 0, got {counts}")
     if sample_rate < 8000 or sample_rate % _CONTROL_HZ:
         raise UsageError(f"sample_rate must be a multiple of 1000 and >= 8000, got {sample_rate}")
+    if variant not in VARIANTS:
+        raise UsageError(f"variant must be one of {', '.join(sorted(VARIANTS))}, got {variant!r}")
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise DataError(f"{out_dir}: exists and is not a directory; pick another OUT_DIR")
-    token_table = TokenTable([BLANK, *sorted(TOKENS)])
+    token_table = TokenTable([BLANK, *sorted(VARIANTS[variant].tokens)])
     for split, count in counts.items():
         split_dir = out_dir / split
         if split_dir.exists():
             shutil.rmtree(split_dir)
-        write_wav_data_dir(split_dir, _utterances(split, count, seed, sample_rate), sample_rate)
+        utterances = _utterances(split, count, seed, sample_rate, variant)
+        write_wav_data_dir(split_dir, utterances, sample_rate)
         # The whole inventory, not just the tokens of this split's text, so that
         # ids agree across splits however small they are.
         token_table.write(split_dir / "tokens.txt")
@@ -300,15 +455,17 @@ def make_demo_corpus(
     return out_dir
 
 
-def _utterances(split: str, count: int, seed: int, sample_rate: int) -> Iterator[Utterance]:
+def _utterances(
+    split: str, count: int, seed: int, sample_rate: int, variant: str
+) -> Iterator[Utterance]:
     """The utterances of one split; each has its own generator, seeded by its index."""
-    token_names = sorted(TOKENS)
-    speakers = SPEAKERS[split]
+    token_names = sorted(VARIANTS[variant].tokens)
+    speakers = VARIANTS[variant].speakers[split]
     for index in range(count):
         rng = np.random.default_rng([seed, _SPLIT_INDEX[split], index])
         speaker = speakers[index % len(speakers)]
         tokens = [str(token) for token in rng.choice(token_names, size=int(rng.integers(1, 8)))]
-        samples = synthesize_utterance(tokens, speaker, rng, sample_rate)
+        samples = synthesize_utterance(tokens, speaker, rng, sample_rate, variant=variant)
         yield Utterance(f"{speaker.name}-{split}{index:05d}", speaker.name, tokens, samples)
 
 
@@ -327,6 +484,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--num-test", type=int, default=60, help="test utterances (default: 60)")
     parser.add_argument("--sample-rate", type=int, default=8000, help="Hz (default: 8000)")
     parser.add_argument("--num-mel-bins", type=int, default=40, help="feature dim (default: 40)")
+    parser.add_argument(
+        "--variant",
+        choices=sorted(VARIANTS),
+        default=DEFAULT_VARIANT,
+        help=f"how hard a corpus (default: {DEFAULT_VARIANT}; 'easy' is the original one)",
+    )
     args = parser.parse_args(argv)
     from stagetune.errors import StagetuneError
 
@@ -340,6 +503,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             num_test=args.num_test,
             sample_rate=args.sample_rate,
             num_mel_bins=args.num_mel_bins,
+            variant=args.variant,
         )
     except StagetuneError as exc:
         print(f"stagetune.demo: error: {exc}", file=sys.stderr)
@@ -351,7 +515,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"(mean {np.mean(durations) if durations else 0.0:.2f} s)"
         )
     print(
-        f"{len(TOKENS)} tokens, seed {args.seed}, {args.num_mel_bins} mel bins, "
+        f"{args.variant} variant, {len(VARIANTS[args.variant].tokens)} tokens, seed {args.seed}, "
+        f"{args.num_mel_bins} mel bins, "
         f"made in {time.monotonic() - started:.1f} s"
     )
     return 0
