@@ -13,6 +13,7 @@ export PATH="$PWD/.venv/bin:$PATH"
 exp=exp/demo
 data=$exp/data
 db="sqlite:///$exp/optim.db"
+final_epochs=10
 mkdir -p "$exp"
 [ -f "$data/test/feats.scp" ] || python -m stagetune.demo "$data"
 
@@ -21,27 +22,31 @@ workers() {  # two local workers on study $1 with sampler $2: a pool forks them 
     --ckpt-dir "$exp/ckpt" --threads 1
 }
 
-echo "== stage sm: random search over cell type, direction, nonlinearity and learning rate (adam)"
-stagetune --read-ini conf/demo.ini --set training.num_epochs=5 optim --study-name demo-sm "$db" \
-  init "$data/train" --dev-dir "$data/dev" \
-  --whitelist 'model\.recurrent_(type|bidirectional)' 'model\.convolutional_nonlinearity' 'training\.learning_rate' \
-  --mem-limit-bytes 40000000 --num-trials 8 --pruner none
+echo "== stage sm: random search over 8 knobs, 3-epoch trials ranked by dev loss per token"
+stagetune --set training.num_epochs=3 optim --study-name demo-sm "$db" init "$data/train" --dev-dir "$data/dev" \
+  --whitelist 'model\.recurrent_(layers|size|type)' 'model\.convolutional_(layers|initial_channels)' \
+    'training\.(learning_rate|dropout_prob|num_time_mask|num_freq_mask)' \
+  --mem-limit-bytes 150000000 --num-trials 10 --pruner none --metric loss
 stagetune optim --study-name demo-sm "$db" status --check >/dev/null || workers demo-sm random
 
-echo "== stage lg: TPE over the 2 most important parameters, from the best sm config, with pruning"
-stagetune optim --study-name demo-lg "$db" init --from-study demo-sm --top-k 2 \
-  --set training.num_epochs=6 --mem-limit-bytes 40000000 --num-trials 6 --pruner median
+echo "== stage lg: TPE over the 3 most important parameters, from the best sm config, 6-epoch trials, pruning"
+stagetune optim --study-name demo-lg "$db" init --from-study demo-sm --top-k 3 \
+  --set training.num_epochs=6 --num-trials 6 --pruner median --metric error+loss
 stagetune optim --study-name demo-lg "$db" status --check >/dev/null || workers demo-lg tpe
 
-echo "== final model: the best lg config, trained longer"
+echo "== final: the best lg config and the shipped default config, each trained $final_epochs epochs"
 stagetune optim --study-name demo-lg "$db" important --verbose "$exp/lg.params" 2>"$exp/lg.importance"
-stagetune optim --study-name demo-lg "$db" best "$exp/best.ini" --set training.num_epochs=10
-stagetune --read-ini "$exp/best.ini" train "$data/train" "$data/dev" "$exp/final" --threads 2 --quiet
-stagetune evaluate "$exp/final/model.pt" "$data/test" --out "$exp/final/test.hyp" | tee "$exp/test.result"
+stagetune optim --study-name demo-lg "$db" best "$exp/best.ini" --set training.num_epochs=$final_epochs
+stagetune --read-ini "$exp/best.ini" train "$data/train" "$data/dev" "$exp/final" --threads 1 --quiet &
+stagetune --set training.num_epochs=$final_epochs train "$data/train" "$data/dev" "$exp/default" --threads 1 --quiet &
+wait
+stagetune evaluate "$exp/final/model.pt" "$data/test" --out "$exp/final/test.hyp" >"$exp/test.result"
+stagetune evaluate "$exp/default/model.pt" "$data/test" --out "$exp/default/test.hyp" >"$exp/default.result"
 
 echo
 echo "== summary"
-echo "test: $(cat "$exp/test.result")"
+echo "default config, test: $(cat "$exp/default.result")"
+echo "best found,     test: $(cat "$exp/test.result")"
 echo "most important parameters (demo-lg):"; sed 's/^/  /' "$exp/lg.importance" | head -5
 echo "best config: $exp/best.ini; model: $exp/final/model.pt"
 echo "studies: $db (stagetune optim --study-name demo-lg $db status)"

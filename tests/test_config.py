@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import threading
 
 import pytest
 
@@ -168,3 +170,74 @@ def test_inline_comments_and_case_sensitive_keys():
     assert config.training.num_epochs == 5
     with pytest.raises(ConfigError, match="unknown key 'Num_Epochs'"):
         parse_ini_text("[training]\nNum_Epochs = 5\n", "x.ini")
+
+
+def test_a_byte_order_mark_is_accepted(tmp_path):
+    path = tmp_path / "windows.ini"
+    path.write_bytes("[model]\r\nrecurrent_size = 3\r\n".encode("utf-8-sig"))
+    assert read_ini(path).model.recurrent_size == 3
+    assert parse_ini_text("\ufeff[model]\nrecurrent_size = 4\n", "x.ini").model.recurrent_size == 4
+
+
+@pytest.mark.parametrize("text", ["[DEFAULT]\nrecurrent_size = 3\n", "[DEFAULT]\nfoo = 1\n[model]\n"])
+def test_a_default_section_is_refused_not_spread_over_sections(text):
+    # configparser would copy [DEFAULT] keys into every section: silently ignored
+    # without other sections, blamed on [model] with them.
+    with pytest.raises(ConfigError, match=r"x.ini: unknown section \[DEFAULT\]"):
+        parse_ini_text(text, "x.ini")
+
+
+def test_read_ini_refuses_devices_and_huge_files_but_reads_pipes(tmp_path):
+    with pytest.raises(ConfigError, match="/dev/zero: not a regular file"):
+        read_ini("/dev/zero")  # would never end
+    with pytest.raises(ConfigError, match="a directory"):
+        read_ini(tmp_path)
+    huge = tmp_path / "huge.ini"
+    huge.write_text("[model]\n" + "#" * (1 << 20))
+    with pytest.raises(ConfigError, match="too large for a config file"):
+        read_ini(huge)
+    # --read-ini <(stagetune optim ... best -) is a pipe.
+    fifo = tmp_path / "fifo.ini"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_text("[model]\nrecurrent_size = 5\n"))
+    writer.start()
+    try:
+        assert read_ini(fifo).model.recurrent_size == 5
+    finally:
+        writer.join(timeout=10)
+
+
+def test_search_spaces_lie_within_the_valid_bounds():
+    for info in iter_fields():
+        space = info.search_space()
+        if space is None or space.choices is not None:
+            continue
+        low, high = info.spec.min, info.spec.max
+        for bound in (space.low, space.high):
+            if isinstance(bound, Ref):
+                continue
+            assert low is None or isinstance(low, Ref) or bound >= low, info.name
+            assert high is None or isinstance(high, Ref) or bound <= high, info.name
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        # A typo of 100000 hidden units would try to allocate ~120 GB at training.
+        ("model.recurrent_size=8193", "must be <= 8192"),
+        ("model.convolutional_initial_channels=4097", "must be <= 4096"),
+        # torch.manual_seed overflows beyond a signed 64-bit integer.
+        ("training.seed=9223372036854775808", "must be <= 9223372036854775807"),
+    ],
+)
+def test_sanity_upper_bounds(setting, message):
+    with pytest.raises(ConfigError, match=message):
+        apply_overrides(Config(), [setting])
+
+
+def test_the_largest_seed_is_one_torch_takes():
+    import torch
+
+    seed = field_info("training.seed").spec.max
+    torch.manual_seed(seed)
+    torch.Generator().manual_seed(seed)

@@ -219,8 +219,10 @@ def test_bad_wav_scp_is_a_data_error_naming_the_line(
 
 def test_options_out_of_range_are_usage_errors(tmp_path: Path) -> None:
     data = _make_dir(tmp_path, {"a": 2000})
-    with pytest.raises(UsageError, match="num_mel_bins must be >= 1, got 0"):
+    with pytest.raises(UsageError, match="num_mel_bins must be >= 3, got 0"):
         prep_data_dir(data, num_mel_bins=0)
+    with pytest.raises(UsageError, match="num_mel_bins must be >= 3, got 2"):  # Kaldi's minimum
+        prep_data_dir(data, num_mel_bins=2)
     with pytest.raises(UsageError, match="dither must be >= 0"):
         prep_data_dir(data, dither=-1.0)
     with pytest.raises(ValueError, match="needs an rng"):

@@ -280,7 +280,7 @@ def test_create_false_refuses_a_missing_sqlite_file(tmp_path: Path) -> None:
 @pytest.mark.server
 def test_create_false_refuses_a_database_without_study(make_storage_url) -> None:
     url = make_storage_url("postgresql")
-    with pytest.raises(StorageError, match="holds no optuna study; check --storage"):
+    with pytest.raises(StorageError, match="holds no optuna study; check the DB_URL of "):
         open_storage(url, create=False)
 
 

@@ -12,6 +12,7 @@ import configparser
 import dataclasses
 import io
 import math
+import stat
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,8 +81,11 @@ class ModelConfig:
     )
     convolutional_initial_channels: int = param(
         32,
-        "Output channels of the first convolutional layer.",
+        "Output channels of the first convolutional layer. At most 4096, a sanity bound "
+        "(later layers multiply it by convolutional_channel_factor): a typo such as 40960 "
+        "is an error here, not an allocation of many gigabytes at training.",
         min=1,
+        max=4096,
         search=Space(4, 128, log=True),
         when=_CONV_ON,
     )
@@ -150,8 +154,10 @@ class ModelConfig:
     )
     recurrent_size: int = param(
         128,
-        "Hidden units per recurrent layer and direction.",
+        "Hidden units per recurrent layer and direction. At most 8192, a sanity bound: two "
+        "bidirectional GRU layers of 8192 already hold 1.6 billion weights.",
         min=1,
+        max=8192,
         search=Space(16, 512, log=True),
         when=_RNN_ON,
     )
@@ -179,7 +185,7 @@ class TrainingConfig:
     )
     optimizer: str = param("adam", "Optimizer.", choices=OPTIMIZERS, search=Space())
     learning_rate: float = param(
-        2e-3,
+        4e-3,
         "Peak learning rate (reached after the warm-up).",
         min=1e-12,
         max=10.0,
@@ -311,7 +317,13 @@ class TrainingConfig:
         search=Space(0, 10),
         when=When("training.early_stopping_threshold", ">", 0.0),
     )
-    seed: int = param(0, "Seed for weight initialisation, shuffling and augmentation.", min=0)
+    seed: int = param(
+        0,
+        "Seed for weight initialisation, shuffling and augmentation (a signed 64-bit "
+        "integer, as torch.manual_seed takes).",
+        min=0,
+        max=2**63 - 1,
+    )
     autocast: bool = param(
         True, "Mixed precision (bfloat16/float16 autocast) when training on CUDA.", choices=None
     )
@@ -329,7 +341,7 @@ class DataConfig:
         search=Space(4, 64, log=True),
     )
     min_batches_per_epoch: int = param(
-        16,
+        64,
         "On a corpus too small for this many batches of batch_size, batches shrink "
         "(to no fewer than 1 utterance) so an epoch still has this many optimizer updates.",
         min=1,
@@ -577,13 +589,21 @@ def with_values(
 
 
 def parse_ini_text(text: str, source: str, base: Config | None = None) -> Config:
-    """Parse INI text (``source`` names it in errors) over ``base``."""
+    """Parse INI text (``source`` names it in errors) over ``base``.
+
+    A leading UTF-8 byte order mark (Windows editors write one) is ignored, and
+    ``[DEFAULT]`` is an ordinary, hence unknown, section: configparser would copy
+    its keys into every section and blame the first of them.
+    """
     parser = configparser.ConfigParser(
-        interpolation=None, inline_comment_prefixes=("#", ";"), strict=True
+        interpolation=None,
+        inline_comment_prefixes=("#", ";"),
+        strict=True,
+        default_section="\0no default section",  # no INI header can name it
     )
     parser.optionxform = str  # keys are case sensitive, like the dataclass fields
     try:
-        parser.read_string(text, source=source)
+        parser.read_string(text.removeprefix("\ufeff"), source=source)
     except configparser.Error as exc:
         message = " ".join(str(exc).split())
         raise ConfigError(f"{source}: not a valid INI file: {message}") from None
@@ -594,6 +614,7 @@ def parse_ini_text(text: str, source: str, base: Config | None = None) -> Config
             raise ConfigError(
                 f"{source}: unknown section [{section}]; allowed: "
                 + ", ".join(f"[{s}]" for s in SECTIONS)
+                + ("; there are no defaults shared by sections" if section == "DEFAULT" else "")
             )
         for key, raw in parser.items(section):
             where = f"{source} [{section}] {key}"
@@ -609,7 +630,7 @@ def read_ini(path: str | Path, base: Config | None = None) -> Config:
     """Read an INI (or, by extension, JSON/YAML) file over ``base`` (defaults when ``None``)."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = _read_config_text(path)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file") from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -617,6 +638,30 @@ def read_ini(path: str | Path, base: Config | None = None) -> Config:
     if path.suffix.lower() in (".json", ".yaml", ".yml"):
         return _read_structured(text, path, base)
     return parse_ini_text(text, str(path), base)
+
+
+#: A config file larger than this is refused (a full ``--print-ini`` is ~15 KB).
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def _read_config_text(path: Path) -> str:
+    """The file's text, refusing what cannot be a config file before reading it.
+
+    Regular files and pipes (``--read-ini <(...)``) are read, at most
+    :data:`MAX_CONFIG_BYTES`; a directory or device (``/dev/zero`` would never
+    end) is refused. A UTF-8 byte order mark is dropped.
+    """
+    mode = path.stat().st_mode
+    if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode)):
+        kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+        raise ConfigError(f"{path}: {kind}; --read-ini takes an INI, JSON or YAML file")
+    with path.open("rb") as handle:
+        data = handle.read(MAX_CONFIG_BYTES + 1)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            f"{path}: larger than {MAX_CONFIG_BYTES} bytes, too large for a config file"
+        )
+    return data.decode("utf-8-sig")
 
 
 def _read_structured(text: str, path: Path, base: Config | None) -> Config:

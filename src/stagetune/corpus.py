@@ -105,6 +105,17 @@ def load_corpus(
                 f"{dev_dir}: features have dimension {dev.feat_dim} but {train_dir} has "
                 f"{train.feat_dim}; compute both with the same `stagetune prep` options"
             )
-        return Corpus(train, list(train.utt_ids), dev, list(dev.utt_ids))
+        return _with_dev_targets(Corpus(train, list(train.utt_ids), dev, list(dev.utt_ids)), str(dev_dir))
     train_ids, dev_ids = split_dev(train.utt_ids, 0.1 if dev_proportion is None else dev_proportion)
-    return Corpus(train, train_ids, train, dev_ids)
+    return _with_dev_targets(Corpus(train, train_ids, train, dev_ids), f"the dev split of {train_dir}")
+
+
+def _with_dev_targets(corpus: Corpus, dev_name: str) -> Corpus:
+    """``corpus``, once its dev set is known to have a reference to measure an error against."""
+    if all(len(corpus.dev.targets(u)) == 0 for u in corpus.dev_ids):
+        what = "transcripts are" if corpus.dev.labels is None else "label sequences are"
+        raise DataError(
+            f"{dev_name}: all {len(corpus.dev_ids)} {what} empty, so no dev error can be "
+            f"measured; give a dev set with transcribed utterances"
+        )
+    return corpus

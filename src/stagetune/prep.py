@@ -103,6 +103,34 @@ def num_frames(
     return 1 + (num_samples - frame_length) // frame_shift
 
 
+#: Kaldi's (and kaldi-native-fbank's) smallest filterbank.
+_MIN_MEL_BINS = 3
+
+
+def _max_mel_bins(sample_rate: int, frame_length_ms: float) -> int:
+    """The most mel bins kaldi-native-fbank accepts at this rate and frame length."""
+    import kaldi_native_fbank as knf
+
+    def fits(bins: int) -> bool:
+        opts = knf.FbankOptions()
+        opts.frame_opts.samp_freq = float(sample_rate)
+        opts.frame_opts.frame_length_ms = float(frame_length_ms)
+        opts.mel_opts.num_bins = bins
+        try:
+            knf.OnlineFbank(opts)
+        except ValueError:
+            return False
+        return True
+
+    low, high = _MIN_MEL_BINS, 2 * _MIN_MEL_BINS  # fits(low) (or nothing does), not fits(high)
+    while fits(high):
+        low, high = high, 2 * high
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low
+
+
 def compute_fbank(
     samples: np.ndarray,
     sample_rate: int,
@@ -145,7 +173,16 @@ def compute_fbank(
     opts.frame_opts.frame_shift_ms = float(frame_shift_ms)
     opts.frame_opts.snip_edges = True
     opts.mel_opts.num_bins = int(num_mel_bins)
-    fbank = knf.OnlineFbank(opts)
+    try:
+        fbank = knf.OnlineFbank(opts)
+    except ValueError as exc:
+        if "num_mel_bins" not in str(exc):
+            raise
+        raise UsageError(
+            f"--num-mel-bins {num_mel_bins} is too many for {sample_rate} Hz audio in "
+            f"{frame_length_ms:g} ms frames (some mel bins would cover no FFT bin); use at "
+            f"most {_max_mel_bins(sample_rate, frame_length_ms)}"
+        ) from None
     fbank.accept_waveform(float(sample_rate), waveform)
     fbank.input_finished()
     count = fbank.num_frames_ready
@@ -248,8 +285,8 @@ def _read_text(data_dir: Path) -> list[tuple[int, list[str]]] | None:
 def _check_options(
     num_mel_bins: int, dither: float, frame_length_ms: float, frame_shift_ms: float
 ) -> None:
-    if num_mel_bins < 1:
-        raise UsageError(f"num_mel_bins must be >= 1, got {num_mel_bins}")
+    if num_mel_bins < _MIN_MEL_BINS:
+        raise UsageError(f"num_mel_bins must be >= {_MIN_MEL_BINS}, got {num_mel_bins}")
     if not dither >= 0.0:
         raise UsageError(f"dither must be >= 0 (Kaldi uses 1.0, 0 turns it off), got {dither}")
     if not 0.0 < frame_shift_ms <= frame_length_ms:

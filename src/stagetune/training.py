@@ -61,6 +61,7 @@ __all__ = [
     "validate",
     "decode_batches",
     "fit",
+    "check_model_dir",
     "CHECKPOINT_NAME",
     "MODEL_NAME",
     "HISTORY_NAME",
@@ -71,6 +72,13 @@ BEST_NAME = "best.pt"
 MODEL_NAME = "model.pt"
 HISTORY_NAME = "history.csv"
 CONFIG_NAME = "config.ini"
+
+#: What :func:`fit` writes into a model dir (temporary files start with one of these,
+#: or with a dot and one of these).
+MODEL_DIR_FILES = (CHECKPOINT_NAME, BEST_NAME, MODEL_NAME, HISTORY_NAME, CONFIG_NAME)
+#: Files that make a directory a Kaldi data dir: one named as MODEL_DIR is a
+#: forgotten MODEL_DIR argument (``train TRAIN_DIR DEV_DIR``).
+_DATA_DIR_FILES = ("feats.scp", "wav.scp", "segments", "utt2spk", "spk2utt", "cmvn.scp", "utt2label")
 
 #: Config fields that may change between runs resuming one model dir.
 _RESUMABLE_CHANGES = {"training.num_epochs"}
@@ -132,6 +140,36 @@ class Callback(Protocol):
 
 class NonFiniteLoss(StagetuneError):
     """The training loss became NaN or infinite."""
+
+
+def check_model_dir(model_dir: str | Path) -> None:
+    """Refuse a model dir that :func:`fit` would write into by mistake.
+
+    A new or empty directory, or one holding what ``fit`` writes, is fine; a
+    file, a Kaldi data dir (a forgotten MODEL_DIR argument turns DEV_DIR into the
+    model dir) or any other non-empty directory is a :class:`UsageError`.
+    """
+    path = Path(model_dir)
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        where = "is a file" if existing == path else f"is inside {existing}, which is a file"
+        raise UsageError(f"model dir {path} {where}; give a new directory (or one of an earlier run)")
+    if existing != path:
+        return
+    names = sorted(p.name for p in path.iterdir())
+    data_files = [name for name in names if name in _DATA_DIR_FILES]
+    if data_files:
+        raise UsageError(
+            f"model dir {path} is a Kaldi data dir (it holds {', '.join(data_files)}); was "
+            f"MODEL_DIR forgotten? train takes TRAIN_DIR [DEV_DIR] MODEL_DIR, MODEL_DIR last"
+        )
+    ours = [n for n in names if n.lstrip(".").startswith(MODEL_DIR_FILES)]
+    if names and not ours:
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        raise UsageError(
+            f"model dir {path} is not empty ({shown}) and holds no stagetune model; give a new "
+            f"or empty directory"
+        )
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -415,11 +453,14 @@ def fit(
         NonFiniteLoss: When the training loss is NaN or infinite.
         InfeasibleStride: When the model's time stride leaves some CTC
             utterances too few output frames (before anything is written).
+        UsageError: When ``model_dir`` is a file, a Kaldi data dir or another
+            non-empty directory (see :func:`check_model_dir`).
     """
     device = device if isinstance(device, torch.device) else resolve_device(device)
     if log is None:
         log = (lambda _msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     model_dir = Path(model_dir)
+    check_model_dir(model_dir)
     t = config.training
     task = TASKS[config.model.task]
     symbols = corpus.token_symbols

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from typing import Sequence
+from typing import NoReturn, Sequence
 
 from stagetune import __version__
 from stagetune.errors import StagetuneError
@@ -22,9 +22,19 @@ __all__ = ["main", "build_parser", "COMMAND_MODULES"]
 COMMAND_MODULES = ("prep", "train", "evaluate", "optim")
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line, like every other error.
+
+    Sub-parsers inherit the class (``add_subparsers`` uses the parent's type).
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"stagetune: error: {' '.join(message.split())} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with the global config options and every command."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="stagetune",
         description="Staged hyperparameter search for PyTorch speech models on Kaldi data.",
     )

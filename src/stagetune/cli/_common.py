@@ -3,9 +3,87 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
+from pathlib import Path
 
-__all__ = ["add_threads_argument", "set_threads", "default_threads", "available_cpus"]
+__all__ = [
+    "add_threads_argument",
+    "set_threads",
+    "default_threads",
+    "available_cpus",
+    "positive_int",
+    "non_negative_int",
+    "positive_float",
+    "check_output_file",
+    "write_output_file",
+]
+
+
+def _number(text: str, kind: type, lowest: int, what: str) -> int | float:
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if not (math.isfinite(value) and value >= lowest) or (kind is float and value == 0):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An argparse ``type``: an integer >= 1."""
+    return int(_number(text, int, 1, "an integer >= 1"))
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse ``type``: an integer >= 0."""
+    return int(_number(text, int, 0, "an integer >= 0"))
+
+
+def positive_float(text: str) -> float:
+    """An argparse ``type``: a finite number > 0."""
+    return float(_number(text, float, 0, "a finite number > 0"))
+
+
+def check_output_file(out: str | Path, what: str, example: str) -> Path:
+    """``out`` as a path, refused before any work when it is an existing directory.
+
+    Args:
+        out: The output file the user named.
+        what: How the user named it, for the message (``--out``, ``OUT``).
+        example: A file name to suggest inside the directory.
+
+    Raises:
+        UsageError: ``out`` is a directory.
+    """
+    from stagetune.errors import UsageError
+
+    path = Path(out)
+    if path.is_dir():
+        raise UsageError(f"{what} {out} is a directory; name a file, e.g. {path / example}")
+    return path
+
+
+def write_output_file(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file, so that ``path`` is whole or absent.
+
+    Raises:
+        StagetuneError: The file cannot be written (read-only filesystem, disk
+            full, ...); no temporary file is left behind.
+    """
+    from stagetune.errors import StagetuneError
+
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text)
+        tmp.replace(path)
+    except OSError as exc:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise StagetuneError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 def available_cpus() -> int:
@@ -34,7 +112,7 @@ def add_threads_argument(parser: argparse.ArgumentParser, *, per_worker: bool = 
     )
     parser.add_argument(
         "--threads",
-        type=int,
+        type=positive_int,
         default=None,
         metavar="N",
         help=f"torch CPU threads {'per worker' if per_worker else 'for this process'} (default {default})",

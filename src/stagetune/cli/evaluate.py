@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
-from stagetune.cli._common import add_threads_argument, set_threads
+from stagetune.cli._common import (
+    add_threads_argument,
+    check_output_file,
+    set_threads,
+    write_output_file,
+)
 
 __all__ = ["add_parser", "run"]
 
@@ -33,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.beam_width < 0 or args.batch_size < 1:
         raise UsageError("--beam-width must be >= 0 and --batch-size >= 1")
+    out = check_output_file(args.out, "--out", "hyp.txt") if args.out else None  # before decoding
     set_threads(args.threads)
     from stagetune.evaluate import evaluate_model
     from stagetune.training import resolve_device
@@ -44,12 +49,8 @@ def run(args: argparse.Namespace) -> int:
         beam_width=args.beam_width,
         batch_size=args.batch_size,
     )
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(result.text())
-        tmp.replace(out)
+    if out is not None:
+        write_output_file(out, result.text())
     name = "TER" if result.task == "ctc" else "FER"
     if args.json:
         print(json.dumps({"metric": name, "rate": result.counts.rate, **result.counts.as_dict()}))

@@ -9,7 +9,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from stagetune.cli._common import add_threads_argument, set_threads
+from stagetune.cli._common import (
+    add_threads_argument,
+    check_output_file,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    set_threads,
+    write_output_file,
+)
 from stagetune.optim.metrics import DEFAULT_METRIC, METRICS
 
 __all__ = ["add_parser", "run"]
@@ -49,7 +57,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         f"(dev error rate; dev loss per token or frame; the error with the loss as tie-breaker); "
         f"default {DEFAULT_METRIC}, or PREV's with --from-study",
     )
-    init.add_argument("--num-data-workers", type=int, default=0, metavar="N")
+    init.add_argument("--num-data-workers", type=non_negative_int, default=0, metavar="N")
     init.add_argument("--force", action="store_true", help="replace settings that do not invalidate trials")
     init.add_argument("--from-study", metavar="PREV", help="chain: whitelist from PREV's importance, base config from PREV's best")
     init.add_argument("--top-k", type=int, default=None, metavar="K", help="with --from-study: the K most important parameters")
@@ -61,13 +69,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     run_p = cmds.add_parser("run", help="a worker: pull trials, train, report, prune")
     run_p.add_argument("--sampler", default="tpe", help="tpe (default), random, gp, cmaes, nsgaii or qmc")
     run_p.add_argument("--n-trials", type=int, default=None, metavar="N", help="at most N trials in this worker")
-    run_p.add_argument("--timeout", type=float, default=None, metavar="SECONDS", help="start no trial after this long")
+    run_p.add_argument("--timeout", type=positive_float, default=None, metavar="SECONDS", help="start no trial after this long")
     run_p.add_argument("--ckpt-dir", default="stagetune-ckpt", metavar="DIR", help="trial checkpoints (shared by all workers)")
     run_p.add_argument("--max-retries", type=int, default=3, metavar="N", help="retries of a trial whose worker died")
     run_p.add_argument("--seed", type=int, default=None, help="sampler seed")
-    run_p.add_argument("--heartbeat-interval", type=int, default=30, metavar="SECONDS")
-    run_p.add_argument("--grace-period", type=int, default=None, metavar="SECONDS", help="stale after this (default 2x interval)")
-    run_p.add_argument("--num-data-workers", type=int, default=None, metavar="N", help="override the study's DataLoader workers")
+    run_p.add_argument("--heartbeat-interval", type=positive_int, default=30, metavar="SECONDS")
+    run_p.add_argument("--grace-period", type=positive_int, default=None, metavar="SECONDS", help="stale after this (default 2x interval)")
+    run_p.add_argument("--num-data-workers", type=non_negative_int, default=None, metavar="N", help="override the study's DataLoader workers")
     run_p.add_argument("--keep-models", action="store_true", help="keep every trial's model dir")
     run_p.add_argument("--objective", default="train", help="train (default); quadratic or sleep for benchmarks")
     run_p.add_argument("--sleep-seconds", type=float, default=1.0, help="for --objective sleep")
@@ -102,11 +110,7 @@ def _write_output(out: str, text: str) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()
         return
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    write_output_file(Path(out), text)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -127,7 +131,7 @@ def _init(args: argparse.Namespace, study_name: str) -> int:
     from stagetune.config import apply_overrides, load_config
     from stagetune.errors import UsageError
     from stagetune.optim.storage import mask_url, storage_session
-    from stagetune.optim.study import build_spec, init_study, load_study
+    from stagetune.optim.study import init_study, load_study
 
     chain = (args.top_k, args.threshold, args.independent)
     if args.from_study is None and any(v not in (None, False) for v in chain):
@@ -136,10 +140,20 @@ def _init(args: argparse.Namespace, study_name: str) -> int:
         raise UsageError("--from-study takes the base config from the previous study's best; drop --read-ini")
     if args.from_study is not None and args.whitelist:
         raise UsageError("--from-study takes the whitelist from the previous study's importance; drop --whitelist")
-    with storage_session(args.url) as storage:
-        whitelist = args.whitelist
-        parent = None
-        if args.from_study is not None:
+    spec = None
+    if args.from_study is None:
+        if args.train_dir is None:
+            raise UsageError("init needs TRAIN_DIR (or --from-study to reuse a previous study's data)")
+        # Arguments and data are checked before the database is opened: a mistake
+        # leaves no new, empty database file behind.
+        config = load_config(args.read_ini, args.overrides + args.init_set)
+        spec = _init_spec(
+            args, config, args.train_dir, args.dev_dir, args.dev_proportion,
+            args.whitelist, None, args.metric or DEFAULT_METRIC,
+        )
+    # --from-study reads PREV from the database, which must exist already.
+    with storage_session(args.url, create=args.from_study is None) as storage:
+        if spec is None:
             from stagetune.optim.analysis import (
                 best_config,
                 completed_in_memory,
@@ -158,32 +172,11 @@ def _init(args: argparse.Namespace, study_name: str) -> int:
             for name, change in repairs.items():
                 _err(f"repaired {name}: {change}")
             config = apply_overrides(config, args.overrides + args.init_set)
-            parent = args.from_study
             metric = args.metric or prev_spec.metric
             train_dir = args.train_dir or prev_spec.train_dir
             dev_dir = args.dev_dir if args.train_dir else (args.dev_dir or prev_spec.dev_dir)
             dev_prop = args.dev_proportion if args.train_dir or args.dev_dir else prev_spec.dev_proportion
-        else:
-            if args.train_dir is None:
-                raise UsageError("init needs TRAIN_DIR (or --from-study to reuse a previous study's data)")
-            config = load_config(args.read_ini, args.overrides + args.init_set)
-            train_dir, dev_dir, dev_prop = args.train_dir, args.dev_dir, args.dev_proportion
-            metric = args.metric or DEFAULT_METRIC
-        spec = build_spec(
-            config,
-            train_dir,
-            dev_dir=dev_dir,
-            dev_proportion=dev_prop if dev_dir is None else None,
-            whitelist=whitelist,
-            blacklist=args.blacklist,
-            mem_limit_bytes=args.mem_limit_bytes,
-            num_trials=args.num_trials,
-            pruner=args.pruner,
-            device=args.device,
-            num_data_workers=args.num_data_workers,
-            parent_study=parent,
-            metric=metric,
-        )
+            spec = _init_spec(args, config, train_dir, dev_dir, dev_prop, whitelist, args.from_study, metric)
         result = init_study(storage, study_name, args.url, spec, force=args.force, log=_err)
     where = mask_url(args.url)
     budget = f"{spec.num_trials} trials" if spec.num_trials else "no trial budget"
@@ -196,6 +189,36 @@ def _init(args: argparse.Namespace, study_name: str) -> int:
             f"{budget}; metric {spec.metric}"
         )
     return 0
+
+
+def _init_spec(
+    args: argparse.Namespace,
+    config: Any,
+    train_dir: str,
+    dev_dir: str | None,
+    dev_proportion: float | None,
+    whitelist: list[str],
+    parent_study: str | None,
+    metric: str,
+) -> Any:
+    """The validated study spec of ``optim init`` (reads the data; writes nothing)."""
+    from stagetune.optim.study import build_spec
+
+    return build_spec(
+        config,
+        train_dir,
+        dev_dir=dev_dir,
+        dev_proportion=dev_proportion if dev_dir is None else None,
+        whitelist=whitelist,
+        blacklist=args.blacklist,
+        mem_limit_bytes=args.mem_limit_bytes,
+        num_trials=args.num_trials,
+        pruner=args.pruner,
+        device=args.device,
+        num_data_workers=args.num_data_workers,
+        parent_study=parent_study,
+        metric=metric,
+    )
 
 
 def _run(args: argparse.Namespace, study_name: str) -> int:
@@ -286,6 +309,8 @@ def _important(args: argparse.Namespace, study_name: str) -> int:
         sys.modules["sklearn"] = None  # type: ignore[assignment]
     from stagetune.optim.analysis import completed_in_memory
 
+    if args.out != "-":
+        check_output_file(args.out, "OUT", "important.txt")
     with storage_session(args.url, heartbeat_interval=None, create=False) as storage:
         study, _ = load_study(storage, study_name, args.url)
         ranking = rank_parameters(completed_in_memory(storage, study), evaluator=args.evaluator, seed=args.seed)
@@ -303,6 +328,8 @@ def _best(args: argparse.Namespace, study_name: str) -> int:
     from stagetune.optim.storage import storage_session
     from stagetune.optim.study import load_study
 
+    if args.out != "-":
+        check_output_file(args.out, "OUT", "best.ini")
     fmt = args.format
     if fmt is None:
         suffix = Path(args.out).suffix.lower().lstrip(".") if args.out != "-" else ""

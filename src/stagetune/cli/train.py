@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from stagetune.cli._common import add_threads_argument, set_threads
+from stagetune.cli._common import add_threads_argument, non_negative_int, set_threads
 
 __all__ = ["add_parser", "run"]
 
@@ -26,7 +26,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="without DEV_DIR: hold out this proportion of TRAIN_DIR (by utterance id; default 0.1)",
     )
     p.add_argument("--init-from", metavar="MODEL_PT", help="initialise from another model's weights")
-    p.add_argument("--num-data-workers", type=int, default=0, metavar="N", help="DataLoader workers")
+    p.add_argument("--num-data-workers", type=non_negative_int, default=0, metavar="N", help="DataLoader workers")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     add_threads_argument(p)
     p.set_defaults(func=run)
@@ -43,9 +43,10 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.read_ini, args.overrides)
     set_threads(args.threads)
     from stagetune.corpus import load_corpus
-    from stagetune.training import fit, resolve_device
+    from stagetune.training import check_model_dir, fit, resolve_device
 
     train_dir, *dev, model_dir = args.dirs
+    check_model_dir(model_dir)  # before reading any data: a forgotten MODEL_DIR is common
     device = resolve_device(args.device)
     corpus = load_corpus(
         train_dir, dev[0] if dev else None, dev_proportion=args.dev_proportion, task=config.model.task

@@ -288,7 +288,10 @@ def _prepare_sqlite(parsed: URL, url: str, *, create: bool) -> None:
     path = Path(database)
     if not path.exists():
         if not create:
-            raise StorageError(f"no study database at {path} ({mask_url(url)}); check --storage")
+            raise StorageError(
+                f"no study database at {path} ({mask_url(url)}); check the DB_URL of "
+                f"`stagetune optim DB_URL ...`, or create a study there with `optim DB_URL init`"
+            )
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -510,7 +513,9 @@ def _open_error(exc: BaseException, url: str, parsed: URL, *, create: bool) -> S
     if not create and re.search(r"no such table|does not exist|doesn't exist", text, re.I) and (
         "version_info" in text or "studies" in text
     ):
-        return StorageError(f"{masked} holds no optuna study; check --storage")
+        return StorageError(
+            f"{masked} holds no optuna study; check the DB_URL of `stagetune optim DB_URL ...`"
+        )
     described = _describe_db_error(exc)
     if described is not None:
         reason = described[0]
