@@ -11,9 +11,10 @@ updates and never looks at the planned length, epoch 3 of a 20-epoch run is
 exactly what a 3-epoch trial would have reported.
 
 Printed: one row per trained configuration, then the Spearman rank correlation
-between each candidate short-trial metric at ``--short-epochs`` and the dev TER
-at ``--long-epochs`` ("error" is the token error a study used before the metric
-option existed, i.e. "before").  The run resumes where it stopped (the study is
+between each ``optim init --metric`` at ``--short-epochs`` and the best dev TER
+within ``--long-epochs`` (the model training keeps; some sampled configurations
+stop early by their own early-stopping settings).  ``error`` is the token error
+every study used before the metric option existed ("before").  The run resumes where it stopped (the study is
 SQLite under ``--out``).
 
     python bench/short_trial_signal.py --train data/fsdd-connected/train \
@@ -81,13 +82,17 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=1, help="sampler seed")
     p.add_argument("--mem-limit-bytes", type=int, default=400_000_000)
     p.add_argument("--out", default="exp/short-trial-signal")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="edit the study's base config (a rerun must repeat them)")
     args = p.parse_args()
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     url = f"sqlite:///{out}/study.db"
     _run(
-        ["--set", f"training.num_epochs={args.long_epochs}", "optim", "--study-name", STUDY, url,
+        ["--set", f"training.num_epochs={args.long_epochs}"]
+        + [x for item in args.sets for x in ("--set", item)]
+        + ["optim", "--study-name", STUDY, url,
          "init", args.train, "--dev-dir", args.dev, "--blacklist", r"training\.num_epochs",
          "--num-trials", str(args.configs), "--pruner", "none",
          "--mem-limit-bytes", str(args.mem_limit_bytes)]

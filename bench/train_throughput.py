@@ -7,7 +7,8 @@ loop differs:
 
 * ``stagetune``: :func:`stagetune.training.train_one_epoch` as ``fit`` calls it
   (per-batch reseeding from ``(seed, epoch, batch)``, device move, autocast
-  context, task loss, gradient clipping, loss and frame bookkeeping, stop check);
+  context, task loss, gradient clipping, the learning-rate schedule's per-update
+  step, loss and frame bookkeeping, stop check);
 * ``bare``: ``zero_grad``, forward, ``log_softmax`` + ``F.ctc_loss``,
   ``backward``, ``clip_grad_norm_``, ``step`` and nothing else.
 
@@ -46,6 +47,7 @@ from stagetune.demo import make_demo_corpus
 from stagetune.kaldi import load_data_dir
 from stagetune.model import TASKS, AcousticModel, build_model
 from stagetune.normalize import fit_normalizer
+from stagetune.schedule import LearningRateSchedule
 from stagetune.training import make_optimizer, train_one_epoch
 
 DEMO_INI = Path(__file__).resolve().parents[1] / "conf" / "demo.ini"
@@ -126,12 +128,16 @@ def measure(train_dir: Path, args: argparse.Namespace) -> int:
     optimizers = {name: make_optimizer(m, config) for name, m in models.items()}
     device = torch.device("cpu")
     clip = config.training.clip_grad_norm
+    schedule = LearningRateSchedule(optimizers["stagetune"], config.training)  # one lr write per update
 
     def run(name: str, epoch: int) -> tuple[float, float]:
         """(wall-clock, CPU-time) frames per second of one pass over the batches."""
         wall, cpu = time.perf_counter(), time.process_time()
         if name == "stagetune":
-            train_one_epoch(models[name], batches, optimizers[name], config, epoch=epoch, device=device)
+            train_one_epoch(
+                models[name], batches, optimizers[name], config, epoch=epoch, device=device,
+                schedule=schedule,
+            )
         else:
             bare_epoch(models[name], batches, optimizers[name], clip)
         return frames / (time.perf_counter() - wall), frames / (time.process_time() - cpu)
