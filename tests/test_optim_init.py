@@ -191,3 +191,24 @@ def test_a_chained_stage_inherits_the_metric_and_an_older_study_ranks_by_error(
     assert results[3].stdout.splitlines()[1] == "metric: error"
     assert "already exists with these settings; nothing to do" in results[4].stdout
     assert "metric" not in read_spec(url, "older")  # read as error, never rewritten
+
+
+def test_enqueue_base_makes_the_first_trial_the_starting_point(tmp_path: Path, data: Path) -> None:
+    """A chained stage's first trial is PREV's best itself, so the stage cannot end worse."""
+    url = f"sqlite:///{tmp_path / 'optim.db'}"
+    spec = create_study(url, "stage1", data, whitelist=LR_DOMINATED, num_trials=8)
+    best = fill_study(url, "stage1", spec, 8).params
+    init = ["optim", "--study-name", "stage2", url, "init", "--from-study", "stage1", "--top-k", "2",
+            "--num-trials", "3", "--enqueue-base"]
+    for _ in range(2):  # the second init is a no-op: nothing enqueued twice
+        done = cli(init, tmp_path)
+        assert done.returncode == 0, done.stderr
+    run = cli(["optim", "--study-name", "stage2", url, "run", "--objective", "quadratic",
+               "--sampler", "random", "--seed", "3"], tmp_path)
+    assert run.returncode == 0, run.stderr
+    with opened_study(url, "stage2") as study:
+        trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
+    assert len(trials) == 3
+    tuned = read_spec(url, "stage2")["tuned"]
+    assert trials[0].params == {name: best[name] for name in tuned}
+    assert all(t.params != trials[0].params for t in trials[1:])

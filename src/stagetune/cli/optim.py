@@ -59,6 +59,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     init.add_argument("--num-data-workers", type=non_negative_int, default=0, metavar="N")
     init.add_argument("--force", action="store_true", help="replace settings that do not invalidate trials")
+    init.add_argument(
+        "--enqueue-base", action="store_true",
+        help="a new study's first trial is the base config (with --from-study: PREV's best)",
+    )
     init.add_argument("--from-study", metavar="PREV", help="chain: whitelist from PREV's importance, base config from PREV's best")
     init.add_argument("--top-k", type=int, default=None, metavar="K", help="with --from-study: the K most important parameters")
     init.add_argument("--threshold", type=float, default=None, metavar="T", help="with --from-study: parameters with importance >= T")
@@ -177,7 +181,10 @@ def _init(args: argparse.Namespace, study_name: str) -> int:
             dev_dir = args.dev_dir if args.train_dir else (args.dev_dir or prev_spec.dev_dir)
             dev_prop = args.dev_proportion if args.train_dir or args.dev_dir else prev_spec.dev_proportion
             spec = _init_spec(args, config, train_dir, dev_dir, dev_prop, whitelist, args.from_study, metric)
-        result = init_study(storage, study_name, args.url, spec, force=args.force, log=_err)
+        result = init_study(
+            storage, study_name, args.url, spec, force=args.force,
+            enqueue_base=args.enqueue_base, log=_err,
+        )
     where = mask_url(args.url)
     budget = f"{spec.num_trials} trials" if spec.num_trials else "no trial budget"
     if result.action == "unchanged":

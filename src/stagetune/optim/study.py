@@ -9,7 +9,7 @@ from typing import Callable, Sequence
 
 import optuna
 
-from stagetune.config import Config, to_dict
+from stagetune.config import Config, active, field_info, flatten, to_dict
 from stagetune.errors import StagetuneError, UsageError
 from stagetune.optim.metrics import DEFAULT_METRIC, METRICS
 from stagetune.optim.registry import PRUNERS
@@ -17,7 +17,7 @@ from stagetune.optim.sampling import select_tunable
 from stagetune.optim.spec import SAFE_TO_REPLACE, SPEC_ATTR, StudySpec, spec_differences
 from stagetune.optim.storage import mask_url
 
-__all__ = ["InitResult", "read_spec", "load_study", "build_spec", "init_study"]
+__all__ = ["InitResult", "read_spec", "load_study", "build_spec", "base_params", "init_study"]
 
 
 @dataclass
@@ -121,6 +121,12 @@ def build_spec(
     )
 
 
+def base_params(spec: StudySpec) -> dict[str, object]:
+    """The base config's values of the tuned parameters that are active in it."""
+    values = flatten(spec.config())
+    return {n: values[n] for n in spec.tuned if active(field_info(n), values)}
+
+
 def init_study(
     storage: optuna.storages.BaseStorage,
     study_name: str,
@@ -128,12 +134,16 @@ def init_study(
     spec: StudySpec,
     *,
     force: bool = False,
+    enqueue_base: bool = False,
     log: Callable[[str], None] = print,
 ) -> InitResult:
     """Create the study, or check an existing one against ``spec``.
 
     The same spec again is a no-op; a different one is an error listing the
     differences, unless ``force`` and every difference is safe to replace.
+    ``enqueue_base`` makes a new study's first trial the base config itself (for
+    a chained stage: the previous stage's best), so a stage never ends worse
+    than the point it started from.
     """
     _quiet_optuna()
     for name, why in spec.dropped:
@@ -146,6 +156,8 @@ def init_study(
         study = optuna.create_study(study_name=study_name, storage=storage, direction="minimize")
         try:
             study.set_user_attr(SPEC_ATTR, spec.to_json())
+            if enqueue_base:
+                study.enqueue_trial(base_params(spec))
         except BaseException:
             optuna.delete_study(study_name=study_name, storage=storage)
             raise
