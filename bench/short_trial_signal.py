@@ -40,7 +40,8 @@ STUDY = "signal"
 
 def _run(args: list[str]) -> None:
     print("+ stagetune " + " ".join(args), flush=True)
-    subprocess.run(STAGETUNE + args, check=True)
+    if subprocess.run(STAGETUNE + args).returncode != 0:
+        sys.exit(f"short_trial_signal: stagetune {args[args.index('optim') + 3]} failed (see above)")
 
 
 def _ranks(values: list[float]) -> np.ndarray:
@@ -79,7 +80,8 @@ def main() -> int:
     p.add_argument("--short-epochs", type=int, default=3)
     p.add_argument("--long-epochs", type=int, default=20)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--seed", type=int, default=1, help="sampler seed")
+    p.add_argument("--seed", type=int, default=1,
+                   help="sampler seed (extending a study: a new seed, or the sampler repeats its draws)")
     p.add_argument("--mem-limit-bytes", type=int, default=400_000_000)
     p.add_argument("--out", default="exp/short-trial-signal")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -95,7 +97,7 @@ def main() -> int:
         + ["optim", "--study-name", STUDY, url,
          "init", args.train, "--dev-dir", args.dev, "--blacklist", r"training\.num_epochs",
          "--num-trials", str(args.configs), "--pruner", "none",
-         "--mem-limit-bytes", str(args.mem_limit_bytes)]
+         "--mem-limit-bytes", str(args.mem_limit_bytes), "--force"]  # a larger --configs extends it
     )
     _run(
         ["optim", "--study-name", STUDY, url, "run", "--workers", str(args.workers),
