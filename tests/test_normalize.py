@@ -75,13 +75,14 @@ def numpy_stats(data_dir: Path, utt_ids: list[str]) -> tuple[np.ndarray, np.ndar
 def reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Every matrix the statistics computation reads."""
     seen: list[str] = []
-    real = normalize.load_matrix
+    real = normalize.iter_matrices
 
-    def counting(spec: str, *args, **kwargs):
-        seen.append(spec)
-        return real(spec, *args, **kwargs)
+    def counting(items):
+        for key, spec, where in items:
+            seen.append(spec)
+            yield from real([(key, spec, where)])
 
-    monkeypatch.setattr(normalize, "load_matrix", counting)
+    monkeypatch.setattr(normalize, "iter_matrices", counting)
     return seen
 
 

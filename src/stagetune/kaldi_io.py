@@ -35,10 +35,11 @@ __all__ = [
     "read_scp",
     "read_feats_scp",
     "load_matrix",
+    "iter_matrices",
     "scan_matrices",
 ]
 
-_MAX_OPEN_ARKS = 64  # bound the open files of the validation pass
+_MAX_OPEN_ARKS = 64  # bound the open files of a pass over many matrices
 _SLICE = re.compile(r"^(?P<body>.*?)(?P<slice>\[[0-9:,\s]*\])?$")
 
 Line = tuple[Path, int]  # (file, line number) of an entry, for error messages
@@ -234,40 +235,50 @@ def load_matrix(spec: str, where: str, fds: dict[str, IO[bytes]] | None = None) 
     return mat
 
 
-def scan_matrices(
-    specs: dict[str, str], where: dict[str, Line], utt_ids: Iterable[str]
-) -> tuple[dict[str, int], int]:
-    """One pass over all matrices: frame counts, consistent dim, finite values."""
+def iter_matrices(items: Iterable[tuple[str, str, str]]) -> Iterator[tuple[str, np.ndarray]]:
+    """``(key, matrix)`` for each ``(key, rxspecifier, where)``, reusing open ark files.
+
+    At most about ``_MAX_OPEN_ARKS`` files stay open; all are closed when the
+    iteration ends or is abandoned.  ``where`` names the entry in errors.
+    """
     fds: dict[str, IO[bytes]] = {}
-    num_frames: dict[str, int] = {}
-    first: str | None = None
-    feat_dim = 0
     try:
-        for utt in utt_ids:
+        for key, spec, where in items:
             if len(fds) > _MAX_OPEN_ARKS:
                 for fd in fds.values():
                     fd.close()
                 fds.clear()
-            mat = load_matrix(specs[utt], f"{line_of(where[utt])} ({utt!r})", fds)
-            if first is None:
-                first, feat_dim = utt, mat.shape[1]
-            elif mat.shape[1] != feat_dim:
-                raise DataError(
-                    f"{line_of(where[utt])}: utterance {utt!r} has feature dim {mat.shape[1]}, but "
-                    f"{first!r} ({line_of(where[first])}) has {feat_dim}; all features must have "
-                    "the same dim"
-                )
-            if mat.shape[0] == 0:
-                raise DataError(f"{line_of(where[utt])}: utterance {utt!r} has 0 frames; remove it")
-            finite = np.isfinite(mat)
-            if not finite.all():
-                bad = np.flatnonzero(~finite.all(axis=1))[:5].tolist()
-                raise DataError(
-                    f"{line_of(where[utt])}: utterance {utt!r} has non-finite values (NaN or "
-                    f"inf) in frames {bad}; recompute its features or remove it"
-                )
-            num_frames[utt] = mat.shape[0]
+            yield key, load_matrix(spec, where, fds)
     finally:
         for fd in fds.values():
             fd.close()
+
+
+def scan_matrices(
+    specs: dict[str, str], where: dict[str, Line], utt_ids: Iterable[str]
+) -> tuple[dict[str, int], int]:
+    """One pass over all matrices: frame counts, consistent dim, finite values."""
+    num_frames: dict[str, int] = {}
+    first: str | None = None
+    feat_dim = 0
+    items = ((utt, specs[utt], f"{line_of(where[utt])} ({utt!r})") for utt in utt_ids)
+    for utt, mat in iter_matrices(items):
+        if first is None:
+            first, feat_dim = utt, mat.shape[1]
+        elif mat.shape[1] != feat_dim:
+            raise DataError(
+                f"{line_of(where[utt])}: utterance {utt!r} has feature dim {mat.shape[1]}, but "
+                f"{first!r} ({line_of(where[first])}) has {feat_dim}; all features must have "
+                "the same dim"
+            )
+        if mat.shape[0] == 0:
+            raise DataError(f"{line_of(where[utt])}: utterance {utt!r} has 0 frames; remove it")
+        finite = np.isfinite(mat)
+        if not finite.all():
+            bad = np.flatnonzero(~finite.all(axis=1))[:5].tolist()
+            raise DataError(
+                f"{line_of(where[utt])}: utterance {utt!r} has non-finite values (NaN or "
+                f"inf) in frames {bad}; recompute its features or remove it"
+            )
+        num_frames[utt] = mat.shape[0]
     return num_frames, feat_dim

@@ -32,14 +32,14 @@ import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 
 from stagetune.config import NORMALIZATIONS
 from stagetune.errors import ConfigError, DataError, StagetuneError
 from stagetune.kaldi import DataDir
-from stagetune.kaldi_io import load_matrix
+from stagetune.kaldi_io import iter_matrices
 
 __all__ = [
     "MODES",
@@ -54,7 +54,6 @@ __all__ = [
 
 _CACHE_FORMAT = "stagetune-global-stats/1"
 _STD_FLOOR = 1e-5  # relative to max(1, |mean|): constant dims map to 0, not to noise / 0
-_MAX_OPEN_ARKS = 64
 _OFFSET = re.compile(r"^(?P<file>.*):\d+(\[[0-9:,\s]*\])?$")
 
 
@@ -269,27 +268,18 @@ def _compute(data: DataDir, utt_ids: Sequence[str]) -> tuple[np.ndarray, np.ndar
     count = 0
     mean = np.zeros(data.feat_dim)
     m2 = np.zeros(data.feat_dim)  # sum of squared deviations from the mean
-    fds: dict[str, IO[bytes]] = {}
-    try:
-        for utt in order:
-            if len(fds) > _MAX_OPEN_ARKS:
-                for fd in fds.values():
-                    fd.close()
-                fds.clear()
-            x = load_matrix(data.feat_paths[utt], f"feats.scp entry of {utt!r}", fds)
-            x = np.asarray(x, dtype=np.float64)
-            n = len(x)
-            if n == 0:
-                continue
-            utt_mean = x.mean(axis=0)
-            delta = utt_mean - mean
-            total = count + n
-            mean += delta * (n / total)
-            m2 += ((x - utt_mean) ** 2).sum(axis=0) + delta**2 * (count * n / total)
-            count = total
-    finally:
-        for fd in fds.values():
-            fd.close()
+    items = ((u, data.feat_paths[u], f"feats.scp entry of {u!r}") for u in order)
+    for _, matrix in iter_matrices(items):
+        x = np.asarray(matrix, dtype=np.float64)
+        n = len(x)
+        if n == 0:
+            continue
+        utt_mean = x.mean(axis=0)
+        delta = utt_mean - mean
+        total = count + n
+        mean += delta * (n / total)
+        m2 += ((x - utt_mean) ** 2).sum(axis=0) + delta**2 * (count * n / total)
+        count = total
     if count == 0:
         raise DataError(f"{data.path}: no frames to compute normalisation statistics from")
     return mean.astype(np.float32), _floored_std(mean, m2 / count).astype(np.float32), count

@@ -41,12 +41,12 @@ from stagetune.checkpoint import (
 from stagetune.config import Config, flatten, from_dict, to_dict, write_ini
 from stagetune.corpus import Corpus
 from stagetune.dataset import BucketBatchSampler, UtteranceDataset, collate
-from stagetune.normalize import fit_normalizer, stored_normalizer
 from stagetune.errors import StagetuneError, TrainingInterrupted, UsageError
 from stagetune.failures import is_non_finite_loss
 from stagetune.feasibility import check_feasible
 from stagetune.metrics import ErrorCounts
 from stagetune.model import TASKS, AcousticModel, build_model
+from stagetune.normalize import fit_normalizer, stored_normalizer
 from stagetune.schedule import LearningRateSchedule
 
 __all__ = [
@@ -484,6 +484,7 @@ def fit(
     }
     ckpt_path = model_dir / CHECKPOINT_NAME
     resumed_from = 0
+    ckpt: dict[str, Any] | None = None
     if ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path)
 
@@ -521,7 +522,7 @@ def fit(
     check_feasible(config, corpus)
     # Statistics come from the training utterances only; a resumed run normalises
     # exactly as before, with what its checkpoint (loaded above) carries.
-    if ckpt_path.exists():
+    if ckpt is not None:
         normalizer = stored_normalizer(
             ckpt.get("normalization"), config.data.normalization, corpus.train, str(ckpt_path)
         )
