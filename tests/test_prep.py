@@ -229,6 +229,92 @@ def test_options_out_of_range_are_usage_errors(tmp_path: Path) -> None:
         compute_fbank(np.zeros(400), RATE, dither=1.0)
 
 
+def _segmented_dir(root: Path, segments: str) -> Path:
+    """Recordings r1 (2.0 s) and r2 (1.5 s), with ``segments`` as given."""
+    data = _make_dir(root, {"r1": 2 * RATE, "r2": 3 * RATE // 2})
+    (data / "segments").write_text(segments)
+    return data
+
+
+def test_segments_are_the_utterances_cut_as_kaldi_extract_segments(tmp_path: Path) -> None:
+    data = _segmented_dir(
+        tmp_path,
+        "r1-a r1 0.0 0.75\n"
+        "r1-b r1 0.75 2.0\n"
+        "r2-a r2 0.3 -1\n"  # -1: to the end of the recording
+        "r2-b r2 1.0 1.8 0\n",  # 0.3 s past the end: within Kaldi's slack, so clipped
+    )
+    segment_ids = ["r1-a", "r1-b", "r2-a", "r2-b"]
+    (data / "text").write_text("".join(f"{u} X\n" for u in segment_ids))
+    (data / "utt2spk").write_text("r1-a s1\nr1-b s1\nr2-a s2\nr2-b s2\n")
+    summary = prep_data_dir(data, num_mel_bins=23, dither=0.0)
+
+    bounds = {  # samples round(start * rate) to round(end * rate), clipped
+        "r1-a": (0, 6000),
+        "r1-b": (6000, 16000),
+        "r2-a": (2400, 12000),
+        "r2-b": (8000, 12000),
+    }
+    recordings = {"r1": _speechlike(2 * RATE, 0), "r2": _speechlike(3 * RATE // 2, 1)}
+    feats = dict(kaldiio.load_scp(str(data / "feats.scp")))
+    assert list(feats) == segment_ids
+    frames = {u: int(n) for u, n in _read_kv(data / "utt2num_frames").items()}
+    for utt, (begin, end) in bounds.items():
+        samples = recordings[utt[:2]][begin:end]
+        assert frames[utt] == feats[utt].shape[0] == num_frames(end - begin, RATE)
+        np.testing.assert_allclose(feats[utt], _knf_fbank(samples, 23), rtol=1e-6)
+    assert _read_kv(data / "utt2dur")["r2-b"] == "0.5000"
+    assert (summary.num_utterances, summary.num_recordings) == (4, 2)
+    assert "4 utterances (segments of 2 recordings)" in summary.describe()
+    assert summary.num_seconds == pytest.approx(0.75 + 1.25 + 1.2 + 0.5)
+    assert sorted(dict(kaldiio.load_scp(str(data / "cmvn.scp")))) == ["s1", "s2"]
+    loaded = load_data_dir(data)  # what training reads: transcripts keyed by segment
+    assert loaded.utt_ids == segment_ids
+
+
+@pytest.mark.parametrize(
+    ("bad_line", "message"),
+    [
+        ("r1-b r1 0.5\n", r"segments line 2: expected 'UTT RECORDING START END'"),
+        ("r1-b r1 half 1.0\n", r"segments line 2: expected 'UTT RECORDING START END'"),
+        ("r1-b r1 0.5 1.0 1\n", r"segments line 2: expected 'UTT RECORDING START END'"),
+        ("r1-b r3 0.5 1.0\n", r"segments line 2: recording 'r3' of segment 'r1-b' is not in"),
+        ("r1-a r1 0.5 1.0\n", r"segments line 2: segment 'r1-a' already listed on line 1"),
+        ("r1-b r1 1.0 1.0\n", r"segments line 2: segment 'r1-b' starts at 1.0 s, not before"),
+        ("r1-b r1 -0.5 1.0\n", r"segments line 2: start and end must be finite seconds"),
+        ("r1-b r1 2.0 -1\n", r"segments line 2: segment 'r1-b' starts at 2 s, at or past the end "
+                              r"of recording 'r1' \(.*r1\.wav, 2\.000 s\)"),
+        ("r1-b r1 1.0 2.5\n", r"segments line 2: segment 'r1-b' ends at 2.5 s, past the end of "
+                               r"recording 'r1' .* by more than the 0.5 s that is clipped"),
+        ("r1-b r1 1.0 1.02\n", r"segments line 2: segment 'r1-b' has 160 samples, shorter"),
+        ("r1-b r1 1.0 1.5\n", r"utt2spk: no speaker for utterance 'r1-b' \(segments line 2\)"),
+    ],
+    ids=[
+        "three fields",
+        "start not a number",
+        "channel 1 of a mono wav",
+        "unknown recording",
+        "segment id twice",
+        "start equals end",
+        "negative start",
+        "start past the recording",
+        "end far past the recording",
+        "shorter than a frame",
+        "no speaker",
+    ],
+)
+def test_bad_segments_are_a_data_error_naming_the_line(
+    tmp_path: Path, bad_line: str, message: str
+) -> None:
+    data = _segmented_dir(tmp_path, "r1-a r1 0.0 0.5\n" + bad_line)
+    if "no speaker" in message:
+        (data / "utt2spk").write_text("r1-a s1\n")
+    before = sorted(p.name for p in data.iterdir())
+    with pytest.raises(DataError, match=message):
+        prep_data_dir(data)
+    assert sorted(p.name for p in data.iterdir()) == before
+
+
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "stagetune", "prep", *args], capture_output=True, text=True

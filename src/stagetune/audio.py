@@ -29,7 +29,7 @@ def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
 
     Raises:
         DataError: The file is missing, not a RIFF/WAVE file, not PCM, not
-            16-bit or not mono.
+            16-bit, not mono, or holds fewer samples than its header says.
     """
     path = Path(path)
     try:
@@ -37,7 +37,8 @@ def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
             num_channels = reader.getnchannels()
             sample_width = reader.getsampwidth()
             sample_rate = reader.getframerate()
-            data = reader.readframes(reader.getnframes())
+            header_frames = reader.getnframes()
+            data = reader.readframes(header_frames)
     except FileNotFoundError:
         raise DataError(f"{path}: wav file does not exist") from None
     except (wave.Error, EOFError, OSError) as exc:
@@ -50,10 +51,15 @@ def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
             f"{path}: wav must be 16-bit PCM mono, got {8 * sample_width}-bit with "
             f"{num_channels} channel(s); convert it, e.g. 'sox IN -b 16 -c 1 OUT.wav'"
         )
-    samples = np.frombuffer(data, dtype="<i2")
-    if len(data) % 2:
-        raise DataError(f"{path}: truncated wav data ({len(data)} bytes is not a whole sample)")
-    return samples.astype(np.int16), sample_rate
+    if len(data) != 2 * header_frames:
+        # The wave module reads what is there: a cut-off copy or an aborted
+        # export would otherwise pass as a shorter recording.
+        held = f"{len(data) // 2}" + (" and a half" if len(data) % 2 else "")
+        raise DataError(
+            f"{path}: wav is truncated: its header says {header_frames} samples, the file "
+            f"holds {held}; re-export it, or drop it from wav.scp"
+        )
+    return np.frombuffer(data, dtype="<i2").astype(np.int16), sample_rate
 
 
 def write_wav(path: str | Path, samples: np.ndarray, sample_rate: int) -> None:

@@ -1,7 +1,8 @@
 """Feature extraction for a Kaldi data directory (``stagetune prep DATA_DIR``).
 
 Follows Kaldi's ``steps/make_fbank.sh`` + ``steps/compute_cmvn_stats.sh``: reads
-``wav.scp`` (and ``utt2spk``, ``text`` when present) and writes, next to them:
+``wav.scp`` (and ``segments``, ``utt2spk``, ``text`` when present) and writes, next
+to them:
 
 - ``feats.ark`` / ``feats.scp``: log-mel filterbank features, float32 (T, D),
   computed with kaldi-native-fbank on int16-scale samples (Kaldi's scale).
@@ -13,27 +14,41 @@ Follows Kaldi's ``steps/make_fbank.sh`` + ``steps/compute_cmvn_stats.sh``: reads
 - ``tokens.txt`` derived from ``text`` when absent: ``<blank> 0`` then the sorted
   unique tokens ``1..N``, one ``SYMBOL ID`` a line.
 
-Every output is written under a temporary name and renamed only after all
-utterances succeeded, so a failure leaves the directory as it was.  scp files
-hold absolute ark paths.
+With a ``segments`` file (``UTT RECORDING START END``, seconds, END -1 for the
+end of the recording) the utterances are its segments, cut as Kaldi's
+``extract-segments`` cuts them, and ``utt2spk``/``text`` are keyed by segment id;
+without one, each ``wav.scp`` line is an utterance.
+
+Every output is written under a temporary name (``.NAME.tmp-PID@HOST``) and
+renamed only after all utterances succeeded, so a failure, Ctrl-C or SIGTERM
+leaves the directory as it was.  Temporary files of a run that was killed
+(SIGKILL, power loss) are removed by the next run once their PID is gone.  scp
+files hold absolute ark paths.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import re
+import signal
+import socket
+import threading
 import zlib
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import IO, Iterable
+from typing import IO, Any, Iterable, Iterator
 
 import numpy as np
 
 from stagetune.audio import read_wav
-from stagetune.errors import DataError, UsageError
+from stagetune.errors import DataError, StagetuneError, UsageError
 from stagetune.kaldi import TokenTable
 
 __all__ = [
     "PrepSummary",
+    "PrepInterrupted",
     "prep_data_dir",
     "compute_fbank",
     "num_frames",
@@ -43,6 +58,35 @@ __all__ = [
 # Kaldi's CompressionMethod kAutomaticMethod, what compute-fbank-feats --compress uses.
 _COMPRESSION_METHOD = 1
 
+#: How far a segment may end past its recording, in seconds, before it is an
+#: error; within it the segment is clipped (Kaldi's extract-segments --max-overshoot).
+MAX_OVERSHOOT_S = 0.5
+
+#: Every file prep writes; only temporary files of these names are ever cleaned up.
+_OUTPUT_NAMES = (
+    "utt2spk",
+    "spk2utt",
+    "tokens.txt",
+    "feats.ark",
+    "feats.scp",
+    "utt2num_frames",
+    "utt2dur",
+    "cmvn.ark",
+    "cmvn.scp",
+)
+
+
+class PrepInterrupted(StagetuneError):
+    """SIGTERM arrived and prep stopped; the message says whether it had written anything.
+
+    Before the outputs are renamed into place, the temporary files are removed and
+    the data dir is as it was. The exit code is the shell's for the signal (143).
+    """
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
 
 @dataclass(frozen=True)
 class PrepSummary:
@@ -50,7 +94,7 @@ class PrepSummary:
 
     Attributes:
         data_dir: The data directory.
-        num_utterances: Utterances in ``wav.scp``.
+        num_utterances: Utterances: lines of ``segments`` if present, else of ``wav.scp``.
         num_speakers: Speakers in ``spk2utt``.
         num_frames: Feature frames over all utterances.
         feature_dim: Mel bins per frame.
@@ -58,6 +102,9 @@ class PrepSummary:
         sample_rate: The common sample rate of the wavs, in Hz.
         wrote_utt2spk: ``utt2spk`` was absent and was written (one speaker per utterance).
         wrote_tokens: ``tokens.txt`` was absent and was derived from ``text``.
+        num_recordings: Recordings the segments were cut from; ``None`` without
+            a ``segments`` file.
+        num_stale_removed: Temporary files of earlier, killed runs that were removed.
     """
 
     data_dir: Path
@@ -69,11 +116,16 @@ class PrepSummary:
     sample_rate: int
     wrote_utt2spk: bool
     wrote_tokens: bool
+    num_recordings: int | None = None
+    num_stale_removed: int = 0
 
     def describe(self) -> str:
         """One line for the CLI."""
+        utterances = f"{self.num_utterances} utterances"
+        if self.num_recordings is not None:
+            utterances += f" (segments of {self.num_recordings} recordings)"
         line = (
-            f"prepared {self.data_dir}: {self.num_utterances} utterances, "
+            f"prepared {self.data_dir}: {utterances}, "
             f"{self.num_speakers} speaker{'s' if self.num_speakers != 1 else ''}, "
             f"{self.num_seconds:.1f} s at {self.sample_rate} Hz, "
             f"{self.num_frames} frames x {self.feature_dim} mel bins"
@@ -82,6 +134,8 @@ class PrepSummary:
             line += "; derived tokens.txt from text"
         if self.wrote_utt2spk:
             line += "; no utt2spk, so each utterance is its own speaker"
+        if self.num_stale_removed:
+            line += f"; removed {self.num_stale_removed} temporary file(s) of killed runs"
         return line
 
 
@@ -255,7 +309,76 @@ def _kaldi_lines(path: Path, *, maxsplit: int = -1) -> Iterable[tuple[int, list[
                 yield line_no, fields
 
 
-def _read_utt2spk(data_dir: Path, entries: list[_WavEntry]) -> dict[str, str] | None:
+@dataclass(frozen=True)
+class _Utterance:
+    """One output utterance: a whole wav, or a segment ``[start, end)`` of one in seconds."""
+
+    utt: str
+    wav: _WavEntry
+    source: str  # the file and line that define it: "wav.scp" or "segments"
+    line: int
+    start: float = 0.0
+    end: float = -1.0  # -1: to the end of the recording, as in Kaldi
+
+
+def _read_utterances(data_dir: Path, entries: list[_WavEntry]) -> tuple[list[_Utterance], bool]:
+    """The utterances to compute features for, and whether they come from ``segments``."""
+    path = data_dir / "segments"
+    if not path.is_file():
+        return [_Utterance(e.utt, e, "wav.scp", e.line) for e in entries], False
+    recordings = {entry.utt: entry for entry in entries}
+    utterances: list[_Utterance] = []
+    seen: dict[str, int] = {}
+    for line_no, fields in _kaldi_lines(path):
+        where = f"{path} line {line_no}"
+        start, end = _parse_times(fields, where)
+        utt, recording = fields[0], fields[1]
+        if recording not in recordings:
+            raise DataError(
+                f"{where}: recording {recording!r} of segment {utt!r} is not in wav.scp; "
+                f"segments must name recordings by their wav.scp ids"
+            )
+        if utt in seen:
+            raise DataError(
+                f"{where}: segment {utt!r} already listed on line {seen[utt]}; "
+                f"segment ids must be unique"
+            )
+        seen[utt] = line_no
+        utterances.append(
+            _Utterance(utt, recordings[recording], "segments", line_no, start, end)
+        )
+    if not utterances:
+        raise DataError(
+            f"{path}: segments is empty; it needs one 'UTT RECORDING START END' line per "
+            f"utterance, or delete it to use each wav as one utterance"
+        )
+    return utterances, True
+
+
+def _parse_times(fields: list[str], where: str) -> tuple[float, float]:
+    """Start and end of a ``segments`` line, checked as far as they can be without audio."""
+    expected = "expected 'UTT RECORDING START END' (seconds, END -1 for the end of the wav)"
+    # Kaldi allows a fifth field, the channel; only mono wavs are read, so only channel 0.
+    if len(fields) not in (4, 5) or fields[4:] not in ([], ["0"]):
+        raise DataError(f"{where}: {expected}, got {' '.join(fields)!r}")
+    try:
+        start, end = float(fields[2]), float(fields[3])
+    except ValueError:
+        raise DataError(f"{where}: {expected}, got {' '.join(fields)!r}") from None
+    if not (math.isfinite(start) and math.isfinite(end)) or start < 0:
+        raise DataError(
+            f"{where}: start and end must be finite seconds, start >= 0; "
+            f"got {fields[2]} and {fields[3]}"
+        )
+    if end != -1 and start >= end:
+        raise DataError(
+            f"{where}: segment {fields[0]!r} starts at {fields[2]} s, not before its end "
+            f"{fields[3]} s; start must be < end (or end -1 for the end of the recording)"
+        )
+    return start, end
+
+
+def _read_utt2spk(data_dir: Path, utterances: list[_Utterance]) -> dict[str, str] | None:
     path = data_dir / "utt2spk"
     if not path.is_file():
         return None
@@ -266,10 +389,11 @@ def _read_utt2spk(data_dir: Path, entries: list[_WavEntry]) -> dict[str, str] | 
                 f"{path} line {line_no}: expected 'UTT SPEAKER', got {' '.join(fields)!r}"
             )
         utt2spk[fields[0]] = fields[1]
-    for entry in entries:
-        if entry.utt not in utt2spk:
+    for utterance in utterances:
+        if utterance.utt not in utt2spk:
             raise DataError(
-                f"{path}: no speaker for utterance {entry.utt!r} (wav.scp line {entry.line}); "
+                f"{path}: no speaker for utterance {utterance.utt!r} "
+                f"({utterance.source} line {utterance.line}); "
                 f"add it, or delete utt2spk to make each utterance its own speaker"
             )
     return utt2spk
@@ -296,18 +420,114 @@ def _check_options(
         )
 
 
+def _host() -> str:
+    """This host's name as it appears in temporary file names."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname()) or "localhost"
+
+
+# ".feats.ark.tmp-PID@HOST"; names without "@HOST" were written by older versions, here.
+_TEMP_NAME = re.compile(
+    r"\.(?P<name>" + "|".join(map(re.escape, _OUTPUT_NAMES)) + r")"
+    r"\.tmp-(?P<pid>\d+)(?:@(?P<host>.+))?"
+)
+
+
+def _pid_is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _remove_stale_temp_files(data_dir: Path) -> int:
+    """Remove temporary files of prep runs on this host whose process is gone.
+
+    Only names prep itself writes are touched; files of live processes and of
+    other hosts (a data dir on a shared filesystem) are left alone.
+
+    Returns:
+        How many files were removed.
+    """
+    host = _host()
+    removed = 0
+    for path in data_dir.iterdir():
+        match = _TEMP_NAME.fullmatch(path.name)
+        if match is None or match["host"] not in (None, host):
+            continue
+        pid = int(match["pid"])
+        if pid == os.getpid() or _pid_is_alive(pid):
+            continue
+        try:
+            path.unlink()
+        except FileNotFoundError:  # another run cleaned it up first
+            continue
+        removed += 1
+    return removed
+
+
+class _Signals:
+    """SIGTERM raises :class:`PrepInterrupted` and SIGINT ``KeyboardInterrupt``, so that
+    ``finally`` blocks remove the temporary files; after :meth:`disarm` they wait.
+
+    Python's default for SIGTERM ends the process at once, leaving temporary files
+    behind. Handlers can only be set in the main thread; elsewhere nothing changes.
+    """
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._armed = True
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is not None:  # already unwinding: let the cleanup finish
+            return
+        self.received = signum
+        if self._armed:
+            self._raise("removed its temporary files, nothing in the data dir changed")
+
+    def _raise(self, outcome: str) -> None:
+        assert self.received is not None
+        if self.received == signal.SIGINT:
+            raise KeyboardInterrupt
+        name = signal.Signals(self.received).name
+        raise PrepInterrupted(f"prep stopped by {name}; {outcome}", self.received)
+
+    def disarm(self) -> None:
+        """Hold signals back from now on: the outputs are being renamed into place."""
+        self._armed = False
+
+    @contextmanager
+    def installed(self) -> Iterator[_Signals]:
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield self
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+        if self.received is not None:  # arrived after disarm()
+            self._raise("it had just written all of its outputs, which are complete")
+
+
 class _TempFiles:
     """Outputs written under temporary names, renamed together by :meth:`commit`."""
 
     def __init__(self, data_dir: Path) -> None:
         self._data_dir = data_dir
         self._names: list[str] = []
+        self._suffix = f".tmp-{os.getpid()}@{_host()}"
 
     def path(self, name: str) -> Path:
         """The temporary path standing in for ``DATA_DIR/name``."""
+        if name not in _OUTPUT_NAMES:
+            raise ValueError(f"{name!r} is not in _OUTPUT_NAMES, so a killed run would leak it")
         if name not in self._names:
             self._names.append(name)
-        return self._data_dir / f".{name}.tmp-{os.getpid()}"
+        return self._data_dir / f".{name}{self._suffix}"
 
     def open(self, name: str, mode: str = "w") -> IO:
         encoding = None if "b" in mode else "utf-8"
@@ -351,8 +571,8 @@ def prep_data_dir(
     """Compute features, CMVN stats, speaker maps and tokens for a Kaldi data dir.
 
     Args:
-        data_dir: Directory with ``wav.scp`` and optionally ``text``, ``utt2spk``,
-            ``tokens.txt``.
+        data_dir: Directory with ``wav.scp`` and optionally ``segments``, ``text``,
+            ``utt2spk``, ``tokens.txt``.
         num_mel_bins: Feature dimension.
         dither: Gaussian noise std on the int16 scale, as Kaldi's default 1.0; it
             keeps log-mel features of digital silence (exact zeros) from sitting
@@ -368,9 +588,12 @@ def prep_data_dir(
         A :class:`PrepSummary`.
 
     Raises:
-        DataError: A data file is missing or malformed, a wav is unreadable, too
-            short for one frame, or its sample rate disagrees.
+        DataError: A data file is missing or malformed, a wav is unreadable or
+            truncated, an utterance is too short for one frame, a segment lies
+            outside its recording, or a sample rate disagrees.
         UsageError: An option is out of range.
+        PrepInterrupted: SIGTERM arrived (in the main thread); the data dir is as
+            it was, unless the message says the outputs were complete.
     """
     _check_options(num_mel_bins, dither, frame_length_ms, frame_shift_ms)
     data_dir = Path(data_dir).resolve()
@@ -381,7 +604,8 @@ def prep_data_dir(
             f"{data_dir}: path contains whitespace, which Kaldi scp files cannot hold; move it"
         )
     entries = _read_wav_scp(data_dir)
-    utt2spk = _read_utt2spk(data_dir, entries)
+    utterances, segmented = _read_utterances(data_dir, entries)
+    utt2spk = _read_utt2spk(data_dir, utterances)
     text = _read_text(data_dir)
     tokens_path = data_dir / "tokens.txt"
     if text is not None and tokens_path.is_file():
@@ -394,32 +618,104 @@ def prep_data_dir(
                     f"{tokens_path}; add them there, or delete tokens.txt to derive it from text"
                 )
 
+    signals = _Signals()
     temp = _TempFiles(data_dir)
-    try:
-        summary = _write_outputs(
-            data_dir,
-            temp,
-            entries,
-            utt2spk,
-            text,
-            num_mel_bins=num_mel_bins,
-            dither=dither,
-            sample_rate=sample_rate,
-            frame_length_ms=frame_length_ms,
-            frame_shift_ms=frame_shift_ms,
-            seed=seed,
-            compress=compress,
+    with signals.installed():
+        num_stale_removed = _remove_stale_temp_files(data_dir)
+        try:
+            summary = _write_outputs(
+                data_dir,
+                temp,
+                utterances,
+                utt2spk,
+                text,
+                num_mel_bins=num_mel_bins,
+                dither=dither,
+                sample_rate=sample_rate,
+                frame_length_ms=frame_length_ms,
+                frame_shift_ms=frame_shift_ms,
+                seed=seed,
+                compress=compress,
+            )
+            signals.disarm()
+            temp.commit()
+        finally:
+            temp.discard()
+    return replace(
+        summary,
+        num_recordings=len({u.wav.utt for u in utterances}) if segmented else None,
+        num_stale_removed=num_stale_removed,
+    )
+
+
+class _Recordings:
+    """Samples of utterances: whole wavs, or segments cut as Kaldi's extract-segments.
+
+    Keeps the last wav read, since the segments of a recording are usually
+    adjacent, and checks that all wavs share one sample rate.
+    """
+
+    def __init__(self, data_dir: Path, sample_rate: int | None) -> None:
+        self._data_dir = data_dir
+        self._last: tuple[_WavEntry, np.ndarray] | None = None
+        self._rate_source = (sample_rate, "--sample-rate") if sample_rate else None
+
+    @property
+    def rate(self) -> int:
+        """The common sample rate; known once a wav was read or ``sample_rate`` given."""
+        assert self._rate_source is not None
+        return self._rate_source[0]
+
+    def samples(self, utterance: _Utterance) -> np.ndarray:
+        entry = utterance.wav
+        if self._last is None or self._last[0] is not entry:
+            self._last = (entry, self._read(entry))
+        samples = self._last[1]
+        return samples if utterance.source == "wav.scp" else self._cut(samples, utterance)
+
+    def _read(self, entry: _WavEntry) -> np.ndarray:
+        scp = self._data_dir / "wav.scp"
+        where = f"{scp} line {entry.line}"
+        try:
+            samples, rate = read_wav(entry.path)
+        except DataError as exc:
+            raise DataError(f"{where}: {exc}") from None
+        if self._rate_source is None:
+            self._rate_source = (rate, f"{entry.path} ({scp.name} line {entry.line})")
+        elif rate != self.rate:
+            raise DataError(
+                f"{where}: {entry.path} has sample rate {rate} Hz but {self._rate_source[1]} "
+                f"says {self.rate} Hz; all wavs of a data dir must share one rate, "
+                f"so resample them (e.g. 'sox IN -r {self.rate} OUT.wav')"
+            )
+        return samples
+
+    def _cut(self, samples: np.ndarray, utterance: _Utterance) -> np.ndarray:
+        where = f"{self._data_dir / utterance.source} line {utterance.line}"
+        rate, length = self.rate, len(samples)
+        recording = (
+            f"recording {utterance.wav.utt!r} ({utterance.wav.path}, {length / rate:.3f} s)"
         )
-        temp.commit()
-    finally:
-        temp.discard()
-    return summary
+        begin = math.floor(utterance.start * rate + 0.5)
+        if begin >= length:
+            raise DataError(
+                f"{where}: segment {utterance.utt!r} starts at {utterance.start:g} s, at or "
+                f"past the end of {recording}; fix its times or drop it"
+            )
+        end = length if utterance.end == -1 else math.floor(utterance.end * rate + 0.5)
+        if end - length >= int(MAX_OVERSHOOT_S * rate):  # Kaldi's test
+            raise DataError(
+                f"{where}: segment {utterance.utt!r} ends at {utterance.end:g} s, past the end "
+                f"of {recording} by more than the {MAX_OVERSHOOT_S:g} s that is clipped; fix "
+                f"its times or drop it"
+            )
+        return samples[begin : min(end, length)]
 
 
 def _write_outputs(
     data_dir: Path,
     temp: _TempFiles,
-    entries: list[_WavEntry],
+    utterances: list[_Utterance],
     utt2spk: dict[str, str] | None,
     text: list[tuple[int, list[str]]] | None,
     *,
@@ -431,15 +727,14 @@ def _write_outputs(
     seed: int,
     compress: bool,
 ) -> PrepSummary:
-    scp_name = data_dir / "wav.scp"
     wrote_utt2spk = utt2spk is None
     if utt2spk is None:
-        utt2spk = {entry.utt: entry.utt for entry in entries}
+        utt2spk = {u.utt: u.utt for u in utterances}
         with temp.open("utt2spk") as out:
-            out.writelines(f"{entry.utt} {entry.utt}\n" for entry in entries)
+            out.writelines(f"{u.utt} {u.utt}\n" for u in utterances)
     spk2utt: dict[str, list[str]] = {}
-    for entry in entries:
-        spk2utt.setdefault(utt2spk[entry.utt], []).append(entry.utt)
+    for utterance in utterances:
+        spk2utt.setdefault(utt2spk[utterance.utt], []).append(utterance.utt)
     with temp.open("spk2utt") as out:
         out.writelines(f"{spk} {' '.join(utts)}\n" for spk, utts in sorted(spk2utt.items()))
 
@@ -448,7 +743,7 @@ def _write_outputs(
         TokenTable.from_transcripts(fields[1:] for _, fields in text).write(temp.path("tokens.txt"))
 
     stats: dict[str, np.ndarray] = {}
-    rate_source: tuple[int, str] | None = (sample_rate, "--sample-rate") if sample_rate else None
+    recordings = _Recordings(data_dir, sample_rate)
     total_frames = 0
     total_samples = 0
     ark_path = data_dir / "feats.ark"
@@ -458,29 +753,21 @@ def _write_outputs(
         temp.open("utt2num_frames") as frames_out,
         temp.open("utt2dur") as dur_out,
     ):
-        for entry in entries:
-            where = f"{scp_name} line {entry.line}"
-            try:
-                samples, rate = read_wav(entry.path)
-            except DataError as exc:
-                raise DataError(f"{where}: {exc}") from None
-            if rate_source is None:
-                rate_source = (rate, f"{entry.path} ({scp_name.name} line {entry.line})")
-            elif rate != rate_source[0]:
-                raise DataError(
-                    f"{where}: {entry.path} has sample rate {rate} Hz but {rate_source[1]} "
-                    f"says {rate_source[0]} Hz; all wavs of a data dir must share one rate, "
-                    f"so resample them (e.g. 'sox IN -r {rate_source[0]} OUT.wav')"
-                )
+        for utterance in utterances:
+            utt = utterance.utt
+            where = f"{data_dir / utterance.source} line {utterance.line}"
+            what = utterance.wav.path if utterance.source == "wav.scp" else f"segment {utt!r}"
+            samples = recordings.samples(utterance)
+            rate = recordings.rate
             count = num_frames(
                 len(samples), rate, frame_length_ms=frame_length_ms, frame_shift_ms=frame_shift_ms
             )
             if count == 0:
                 raise DataError(
-                    f"{where}: {entry.path} has {len(samples)} samples, shorter than one "
+                    f"{where}: {what} has {len(samples)} samples, shorter than one "
                     f"{frame_length_ms:g} ms frame at {rate} Hz; remove the utterance"
                 )
-            rng = np.random.default_rng([seed, zlib.crc32(entry.utt.encode("utf-8"))])
+            rng = np.random.default_rng([seed, zlib.crc32(utt.encode("utf-8"))])
             feats = compute_fbank(
                 samples,
                 rate,
@@ -491,13 +778,11 @@ def _write_outputs(
                 rng=rng,
             )
             if not np.all(np.isfinite(feats)):
-                raise DataError(
-                    f"{where}: features of {entry.path} are not finite; try --dither 1.0"
-                )
-            _write_ark_entry(ark, scp, ark_path, entry.utt, feats, compress)
-            frames_out.write(f"{entry.utt} {feats.shape[0]}\n")
-            dur_out.write(f"{entry.utt} {len(samples) / rate:.4f}\n")
-            spk_stats = stats.setdefault(utt2spk[entry.utt], np.zeros((2, num_mel_bins + 1)))
+                raise DataError(f"{where}: features of {what} are not finite; try --dither 1.0")
+            _write_ark_entry(ark, scp, ark_path, utt, feats, compress)
+            frames_out.write(f"{utt} {feats.shape[0]}\n")
+            dur_out.write(f"{utt} {len(samples) / rate:.4f}\n")
+            spk_stats = stats.setdefault(utt2spk[utt], np.zeros((2, num_mel_bins + 1)))
             feats64 = feats.astype(np.float64)
             spk_stats[0, :-1] += feats64.sum(axis=0)
             spk_stats[0, -1] += feats.shape[0]
@@ -510,15 +795,14 @@ def _write_outputs(
         for spk in sorted(stats):
             _write_ark_entry(ark, scp, cmvn_ark_path, spk, stats[spk], compress=False)
 
-    assert rate_source is not None  # entries is never empty
     return PrepSummary(
         data_dir=data_dir,
-        num_utterances=len(entries),
+        num_utterances=len(utterances),
         num_speakers=len(spk2utt),
         num_frames=total_frames,
         feature_dim=num_mel_bins,
-        num_seconds=total_samples / rate_source[0],
-        sample_rate=rate_source[0],
+        num_seconds=total_samples / recordings.rate,  # utterances is never empty
+        sample_rate=recordings.rate,
         wrote_utt2spk=wrote_utt2spk,
         wrote_tokens=wrote_tokens,
     )
