@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from fixtures_data import TINY_TOKENS, random_feats, write_data_dir
 
 from stagetune.checkpoint import (
     CHECKPOINT_FORMAT,
     MODEL_FORMAT,
     atomic_save,
+    data_change,
+    data_identity,
     load_checkpoint,
     load_model_file,
     rng_state,
@@ -21,6 +25,7 @@ from stagetune.checkpoint import (
     versions,
 )
 from stagetune.config import load_config
+from stagetune.corpus import load_corpus
 from stagetune.errors import StagetuneError
 
 
@@ -114,3 +119,37 @@ def test_checkpoint_and_model_file_are_not_interchangeable(tmp_path: Path) -> No
     torch.save([1, 2], tmp_path / "list.pt")
     with pytest.raises(StagetuneError, match="not a stagetune model file"):
         load_model_file(tmp_path / "list.pt")
+
+
+def _subset_dir(path: Path, source_seed: int, keep: slice) -> Path:
+    """A CTC data dir holding some of :func:`random_feats`' utterances."""
+    feats, utt2spk = random_feats(seed=source_seed)
+    chosen = list(feats)[keep]
+    text = {u: list(TINY_TOKENS[: 1 + i % 5]) for i, u in enumerate(chosen)}
+    return write_data_dir(path, {u: feats[u] for u in chosen}, text, tokens=TINY_TOKENS)
+
+
+def test_data_identity_follows_the_utterances_not_the_path(tmp_path: Path, tiny_data_dir: Path) -> None:
+    same = data_identity(load_corpus(tiny_data_dir, dev_proportion=0.3))
+    assert data_change(same, data_identity(load_corpus(tiny_data_dir, dev_proportion=0.3)), "c") is None
+    moved = tmp_path / "moved"
+    shutil.copytree(tiny_data_dir, moved)
+    assert data_change(same, data_identity(load_corpus(moved, dev_proportion=0.3)), "c") is None
+    train = same["train"]
+    assert train["dir"] == str(tiny_data_dir) and 0 < train["utterances"] < 12
+    other_split = data_identity(load_corpus(tiny_data_dir, dev_proportion=0.6))["train"]
+    assert data_change(same, data_identity(load_corpus(tiny_data_dir, dev_proportion=0.6)), "c") == (
+        f"checkpoint c was trained on {train['utterances']} utterances of {tiny_data_dir} (hash "
+        f"{train['hash'][:8]}), this data has {other_split['utterances']} (hash {other_split['hash'][:8]})"
+    )
+
+
+def test_data_identity_tells_dev_sets_apart(tmp_path: Path, tiny_data_dir: Path) -> None:
+    dev_a, dev_b = _subset_dir(tmp_path / "a", 5, slice(0, 6)), _subset_dir(tmp_path / "b", 5, slice(0, 5))
+    stored = data_identity(load_corpus(tiny_data_dir, dev_a))
+    current = data_identity(load_corpus(tiny_data_dir, dev_b))
+    assert stored["train"] == current["train"]
+    assert data_change(stored, current, "c") == (
+        f"checkpoint c was validated on 6 dev utterances of {dev_a} (hash {stored['dev']['hash'][:8]}), "
+        f"this data has 5 of {dev_b} (hash {current['dev']['hash'][:8]})"
+    )

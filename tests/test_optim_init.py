@@ -70,6 +70,7 @@ def test_force_replaces_safe_settings_but_never_the_base_config(tmp_path: Path, 
         create_study(url, "optim", data, overrides=["training.num_epochs=2"], num_trials=4,
                      whitelist=["training.learning_rate"])
     before = read_spec(urls["refused"], "optim")
+    forced_uid = read_spec(urls["forced"], "optim")["study_uid"]
 
     def init(key: str, num_epochs: int, *more: str) -> list[object]:
         return ["--set", f"training.num_epochs={num_epochs}", "optim", "--study-name", "optim",
@@ -98,6 +99,8 @@ def test_force_replaces_safe_settings_but_never_the_base_config(tmp_path: Path, 
     after = read_spec(urls["forced"], "optim")
     assert (after["num_trials"], after["mem_limit_bytes"], after["pruner"]) == (6, 1000000000, "median")
     assert after["base_config"] == before["base_config"] and after["tuned"] == before["tuned"]
+    # still the same study: its trials' checkpoints and kept models stay its own
+    assert after["study_uid"] == forced_uid and len(forced_uid) == 32
 
 
 def test_bad_input_is_one_line_and_creates_no_study(tmp_path: Path, data: Path) -> None:

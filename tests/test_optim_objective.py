@@ -1,21 +1,26 @@
 """The ``train`` objective (stagetune.optim.objective): memory budget, reuse of identical
-configs, the study's metric as trial value, and pruning of configs CTC cannot train."""
+configs, the study's metric as trial value, pruning of configs CTC cannot train, and
+trial dirs a deleted study of the same name left behind."""
 
 from __future__ import annotations
 
 import csv
 from pathlib import Path
 
+import optuna
 import pytest
+import torch
 from optim_helpers import cli, cli_many, create_study, opened_study, read_spec, write_speech_data
 from optuna.trial import TrialState
 
+from stagetune.checkpoint import load_checkpoint
 from stagetune.config import load_config
 from stagetune.corpus import load_corpus
 from stagetune.feasibility import find_shortfall
 from stagetune.optim.objective import FOOTPRINT_PREFIX
 from stagetune.optim.storage import storage_session
 from stagetune.optim.study import build_spec, init_study
+from stagetune.optim.worker import WorkerOptions, run_worker
 
 pytestmark = pytest.mark.slow
 
@@ -156,3 +161,41 @@ def test_a_stride_too_large_for_ctc_prunes_the_trial_before_measuring_or_trainin
     assert "epoch" not in trial.user_attrs and not trial.intermediate_values
     assert not (tmp_path / "ckpt" / "optim" / "trial-0").exists()
     assert f"trial 0 PRUNED {shortfall.message()}" in done.stderr
+
+
+def test_a_study_created_again_under_its_name_never_reuses_the_old_ones_models(tmp_path: Path) -> None:
+    """Delete a study whose models were kept, create it again on other data: trial 0 trains."""
+    url = f"sqlite:///{tmp_path / 'optim.db'}"
+    trial_dir = tmp_path / "ckpt" / "re" / "trial-0"
+
+    def create(data: Path) -> str:
+        spec = create_study(url, "re", data, overrides=TINY_MODEL, whitelist=["training.learning_rate"],
+                            num_trials=1)
+        with opened_study(url, "re") as study:
+            study.enqueue_trial({"training.learning_rate": 0.01})  # the same config both times
+        return spec.study_uid
+
+    old_uid = create(write_speech_data(tmp_path / "old"))
+    torch.set_num_threads(1)
+    options = WorkerOptions(ckpt_dir=tmp_path / "ckpt", keep_models=True, seed=0)
+    assert run_worker(url, "re", options, log=lambda _message: None).counts["COMPLETE"] == 1
+    optuna.delete_study(study_name="re", storage=url)
+    new_uid = create(write_speech_data(tmp_path / "new", 20))
+    assert old_uid != new_uid
+
+    done = cli(["optim", "--study-name", "re", url, *RUN], tmp_path)
+    assert done.returncode == 0, done.stderr
+    with opened_study(url, "re") as study:
+        (trial,) = study.get_trials()
+    assert trial.state == TrialState.COMPLETE
+    assert trial.intermediate_values.keys() == {1}  # trained, not the old study's result
+    aside = trial_dir.with_name(f"trial-0.other-study-{old_uid[:8]}")
+    assert (
+        f"stagetune: warning: trial 0: ckpt/re/trial-0 held a checkpoint of another study (uid {old_uid}, "
+        f"this study's is {new_uid}); moved it to {aside.name} and training anew"
+    ) in done.stderr.splitlines()
+    old, new = load_checkpoint(aside / "checkpoint.pt"), load_checkpoint(trial_dir / "checkpoint.pt")
+    assert (old["owner"], new["owner"]) == (old_uid, new_uid)
+    assert (old["data"]["train"]["dir"], new["data"]["train"]["dir"]) == (
+        str(tmp_path / "old"), str(tmp_path / "new")
+    )

@@ -9,6 +9,7 @@ import optuna
 import pytest
 from optim_helpers import (
     LR_DOMINATED,
+    assert_one_line_error,
     cli_many,
     create_study,
     fill_study,
@@ -20,6 +21,7 @@ from optuna.distributions import CategoricalDistribution, IntDistribution
 
 from stagetune.config import RECURRENT_TYPES
 from stagetune.optim.metrics import METRICS
+from stagetune.optim.registry import EVALUATORS
 from stagetune.optim.sampling import sample_values
 
 
@@ -201,3 +203,28 @@ def test_on_the_all_blank_plateau_error_plus_loss_still_ranks_and_picks_by_the_l
         f"dev loss {losses[lowest]:.4f})"
     ]
     assert _ini_value(best.stdout, "training", "learning_rate") == repr(params["training.learning_rate"])
+
+
+def test_importance_of_tied_values_is_an_error_for_every_evaluator_and_for_chaining(
+    tmp_path: Path, data: Path
+) -> None:
+    """4 trials at 1.0 rank nothing: no evaluator's 0.5/0.5 (or fANOVA's traceback) passes on."""
+    url = f"sqlite:///{tmp_path / 'optim.db'}"
+    spec = create_study(url, "tied", data, whitelist=LR_DOMINATED[:2], num_trials=4)
+    fill_study(url, "tied", spec, 4, objective=lambda _values: 1.0)
+    optim = ["optim", "--study-name", "tied", url]
+    results = cli_many(
+        [
+            *([*optim, "important", "--evaluator", name] for name in sorted(EVALUATORS)),
+            ["optim", "--study-name", "next", url, "init", "--from-study", "tied", "--top-k", "1"],
+        ],
+        tmp_path,
+    )
+    for done in results:
+        assert done.returncode == 1, done.stderr
+        assert done.stdout == ""
+        assert_one_line_error(
+            done, "all 4 complete trials of study 'tied' have the same value 1: importance is undefined"
+        )
+    with opened_study(url, "tied") as study:
+        assert [s.study_name for s in study._storage.get_all_studies()] == ["tied"]  # no "next"

@@ -27,7 +27,8 @@ import pytest
 import torch
 
 from fixtures_data import write_data_dir
-from stagetune.checkpoint import load_checkpoint, load_model_file
+from stagetune import __version__
+from stagetune.checkpoint import atomic_save, data_identity, load_checkpoint, load_model_file
 from stagetune.cli import main
 from stagetune.config import Config, load_config, write_ini
 from stagetune.corpus import Corpus, load_corpus
@@ -354,6 +355,116 @@ def test_resuming_on_other_data_is_a_usage_error(
     assert code == 2
     message = one_error_line(stderr)
     assert "feature dimension 8" in message and "10" in message
+
+
+def test_resuming_on_other_utterances_names_both_counts_and_hashes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], data_dir: Path, reference: Path
+) -> None:
+    """Same feature dimension and tokens, other utterances: refused, not silently continued."""
+    model_dir = tmp_path / "model"
+    shutil.copytree(reference, model_dir)
+    before = {p.name: p.read_bytes() for p in model_dir.iterdir()}
+    other = write_token_data(tmp_path / "other", 24, seed=1)
+    code, stderr = run_main(
+        capsys, *set_args(), "train", "--threads", "1", "--quiet", str(other), str(model_dir)
+    )
+    assert code == 2
+    ckpt = model_dir / "checkpoint.pt"
+    old = load_checkpoint(ckpt)["data"]["train"]
+    new = data_identity(load_corpus(other))["train"]
+    assert (old["dir"], new["utterances"]) == (str(data_dir), 19)  # the dev split holds 5 of 24
+    assert one_error_line(stderr) == (
+        f"stagetune: error: checkpoint {ckpt} was trained on {old['utterances']} utterances of "
+        f"{data_dir} (hash {old['hash'][:8]}), this data has 19 of {other} (hash {new['hash'][:8]}); "
+        f"use a new model directory (or remove {ckpt}) to start over, or the same data to resume"
+    )
+    assert {p.name: p.read_bytes() for p in model_dir.iterdir()} == before
+
+
+def test_a_checkpoint_that_records_no_data_resumes_with_one_warning(tmp_path: Path) -> None:
+    """Checkpoints written before the data identity existed still resume (format unchanged)."""
+    corpus = load_corpus(write_token_data(tmp_path / "data", 24))
+    model_dir = tmp_path / "model"
+    fit_quiet(make_config("training.num_epochs=1"), corpus, model_dir)
+    ckpt = model_dir / "checkpoint.pt"
+    older = load_checkpoint(ckpt)
+    del older["data"], older["owner"]
+    atomic_save(older, ckpt)
+    result, log = fit_quiet(make_config("training.num_epochs=2"), corpus, model_dir)
+    assert log[:2] == [
+        f"stagetune: warning: checkpoint {ckpt} (written by stagetune {__version__}) does not record "
+        f"its training data; resuming without checking that this is the same data",
+        f"resuming {model_dir} at epoch 2",
+    ]
+    assert result.epochs_run == 2
+    assert load_checkpoint(ckpt)["data"] == data_identity(corpus)  # recorded from now on
+
+
+def _write_ctc(path: Path, texts: dict[str, list[str]]) -> Path:
+    rng = np.random.default_rng(len(texts))
+    feats = {u: rng.normal(size=(20, 8)).astype(np.float32) for u in texts}
+    return write_data_dir(path, feats, texts, tokens=TOKENS)
+
+
+def test_training_on_empty_transcripts_only_is_one_error_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    train = _write_ctc(tmp_path / "train", {f"t{i}": [] for i in range(6)})
+    dev = _write_ctc(tmp_path / "dev", {"d0": ["A"], "d1": ["B", "C"]})
+    model_dir = tmp_path / "model"
+    code, stderr = run_main(
+        capsys, *set_args("training.num_epochs=1"), "train", "--threads", "1", "--quiet",
+        str(train), str(dev), str(model_dir),
+    )
+    assert code == 1
+    assert one_error_line(stderr) == (
+        f"stagetune: error: {train}: all 6 training transcripts are empty, so there is nothing to "
+        f"learn; give training data with transcribed utterances"
+    )
+    assert not model_dir.exists()
+
+
+def test_dev_tokens_training_never_shows_are_one_warning_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    train = _write_ctc(tmp_path / "train", {f"t{i}": ["A", "B", "C"][: 1 + i % 3] for i in range(6)})
+    dev = _write_ctc(tmp_path / "dev", {"d0": ["A", "E"], "d1": ["D", "B"]})
+    code, stderr = run_main(
+        capsys, *set_args("training.num_epochs=1"), "train", "--threads", "1", "--quiet",
+        str(train), str(dev), str(tmp_path / "model"),
+    )
+    assert code == 0, stderr
+    assert stderr.splitlines() == [
+        "stagetune: warning: 2 dev tokens never occur in the training transcripts ('D', 'E'); the "
+        "model cannot learn them, so they count as errors"
+    ]
+
+
+def test_frame_dev_labels_beyond_the_training_classes_are_an_error_and_unseen_ones_a_warning(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rng = np.random.default_rng(0)
+
+    def write(name: str, labels: list[int]) -> Path:
+        feats = {f"{name}{i}": rng.normal(size=(12, 8)).astype(np.float32) for i in range(4)}
+        return write_data_dir(
+            tmp_path / name, feats, utt2label={u: [labels[i % len(labels)] for i in range(12)] for u in feats}
+        )
+
+    train = write("train", [0, 1, 3])  # classes 0..3; 2 never seen
+    run = [*set_args("model.task=frame", "training.num_epochs=1"), "train", "--threads", "1", "--quiet"]
+    code, stderr = run_main(capsys, *run, str(train), str(write("beyond", [0, 2, 5])), str(tmp_path / "m1"))
+    assert code == 1
+    assert one_error_line(stderr) == (
+        f"stagetune: error: {tmp_path / 'beyond'}: 1 dev labels (5) are beyond the 4 classes 0..3 "
+        f"of the training labels; train on data with every class"
+    )
+    code, stderr = run_main(capsys, *run, str(train), str(write("unseen", [0, 2])), str(tmp_path / "m2"))
+    assert code == 0, stderr
+    assert stderr.splitlines() == [
+        "stagetune: warning: 1 dev label never occurs in the training labels (2); the model cannot "
+        "learn it, so it counts as errors"
+    ]
 
 
 def test_init_from_copies_matching_weights(tmp_path: Path, reference: Path, corpus: Corpus) -> None:

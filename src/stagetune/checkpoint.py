@@ -6,16 +6,24 @@ states, resolved config, history and versions.  A model file (``model.pt``)
 carries the weights with their config, feature dimension, token list and feature
 normalisation (``"normalization"``: the resolved mode, and the training mean and
 std for ``global``), so ``stagetune evaluate`` needs nothing else.
+
+Both also record what the model was trained on (``"data"``, :func:`data_identity`:
+per train and dev set, its directory, utterance count and a hash of the sorted
+utterance ids) and, when the caller gives one, an opaque ``"owner"`` (an optim
+study's uid), so neither a resumed run nor a study reuses a model trained for
+something else.  Checkpoints written before these keys existed still load; they
+read as unknown data and owner.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import random
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 import torch
@@ -24,9 +32,16 @@ from stagetune import __version__
 from stagetune.config import Config, from_dict, to_dict
 from stagetune.errors import StagetuneError
 
+if TYPE_CHECKING:
+    from stagetune.corpus import Corpus
+
 __all__ = [
     "CHECKPOINT_FORMAT",
     "MODEL_FORMAT",
+    "DATA_KEY",
+    "OWNER_KEY",
+    "data_identity",
+    "data_change",
     "versions",
     "atomic_save",
     "rng_state",
@@ -39,6 +54,44 @@ __all__ = [
 
 CHECKPOINT_FORMAT = "stagetune-checkpoint/2"  # 2: update-counted LR schedule
 MODEL_FORMAT = "stagetune-model/1"
+#: Key of :func:`data_identity` in checkpoints and model files (absent in older ones).
+DATA_KEY = "data"
+#: Key of the caller's opaque owner id (an optim study's uid; absent when none was given).
+OWNER_KEY = "owner"
+_HASH_CHARS = 16
+_ROLES = (("train", "trained on", "utterances"), ("dev", "validated on", "dev utterances"))
+
+
+def _ids_identity(directory: Path, utt_ids: list[str]) -> dict[str, Any]:
+    digest = hashlib.sha256("\n".join(sorted(utt_ids)).encode("utf-8")).hexdigest()
+    return {"dir": str(directory), "utterances": len(utt_ids), "hash": digest[:_HASH_CHARS]}
+
+
+def data_identity(corpus: Corpus) -> dict[str, dict[str, Any]]:
+    """What a model is trained (``"train"``) and validated (``"dev"``) on.
+
+    Each holds the data ``"dir"``, the number of ``"utterances"`` and a
+    ``"hash"`` of their sorted ids: moving a data dir keeps its identity,
+    adding, removing or renaming an utterance (or another dev split) changes it.
+    """
+    return {
+        "train": _ids_identity(corpus.train.path, corpus.train_ids),
+        "dev": _ids_identity(corpus.dev.path, corpus.dev_ids),
+    }
+
+
+def data_change(stored: Mapping[str, Any], current: Mapping[str, Any], source: str) -> str | None:
+    """How ``current`` data differs from the ``stored`` identity of checkpoint ``source``, or None."""
+    for role, verb, unit in _ROLES:
+        old, new = stored[role], current[role]
+        if (old["utterances"], old["hash"]) == (new["utterances"], new["hash"]):
+            continue
+        where = "" if old["dir"] == new["dir"] else f" of {new['dir']}"
+        return (
+            f"checkpoint {source} was {verb} {old['utterances']} {unit} of {old['dir']} "
+            f"(hash {old['hash'][:8]}), this data has {new['utterances']}{where} (hash {new['hash'][:8]})"
+        )
+    return None
 
 
 def versions() -> dict[str, str]:

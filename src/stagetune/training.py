@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
@@ -30,7 +31,11 @@ from tqdm import tqdm
 from stagetune.augment import augment_batch, augmentation_enabled
 from stagetune.checkpoint import (
     CHECKPOINT_FORMAT,
+    DATA_KEY,
+    OWNER_KEY,
     atomic_save,
+    data_change,
+    data_identity,
     load_checkpoint,
     load_model_file,
     rng_state,
@@ -41,9 +46,10 @@ from stagetune.checkpoint import (
 from stagetune.config import Config, flatten, from_dict, to_dict, write_ini
 from stagetune.corpus import Corpus
 from stagetune.dataset import BucketBatchSampler, UtteranceDataset, collate
-from stagetune.errors import StagetuneError, TrainingInterrupted, UsageError
+from stagetune.errors import DataError, StagetuneError, TrainingInterrupted, UsageError
 from stagetune.failures import is_non_finite_loss
 from stagetune.feasibility import check_feasible
+from stagetune.kaldi import DataDir
 from stagetune.metrics import ErrorCounts
 from stagetune.model import TASKS, AcousticModel, build_model
 from stagetune.normalize import fit_normalizer, stored_normalizer
@@ -401,6 +407,57 @@ def _write_history(path: Path, rows: list[dict[str, Any]]) -> None:
     tmp.replace(path)
 
 
+_EXAMPLES = 5
+
+
+def _targets_in(data: DataDir, utt_ids: Sequence[str]) -> set[int]:
+    """Every token id (or frame label) the utterances' targets use.
+
+    One utterance at a time: a large corpus' frame labels need not fit in memory at once.
+    """
+    used: set[int] = set()
+    for utt in utt_ids:
+        used.update(np.unique(data.targets(utt)).tolist())
+    return used
+
+
+def _check_targets(corpus: Corpus, warn: Callable[[str], None]) -> None:
+    """Training targets to learn from; dev targets training never shows are named.
+
+    Raises:
+        DataError: When every training transcript is empty, or (frame task) a dev
+            label is beyond the classes the training labels define.
+    """
+    frame = corpus.train.labels is not None
+    seen = _targets_in(corpus.train, corpus.train_ids)
+    if not seen:
+        what = "label sequences" if frame else "transcripts"
+        raise DataError(
+            f"{corpus.train.path}: all {len(corpus.train_ids)} training {what} are empty, so there "
+            f"is nothing to learn; give training data with transcribed utterances"
+        )
+    unseen = sorted(_targets_in(corpus.dev, corpus.dev_ids) - seen)
+    if not unseen:
+        return
+    symbols = corpus.token_symbols
+    if frame:
+        beyond = [label for label in unseen if label >= len(symbols)]
+        if beyond:
+            raise DataError(
+                f"{corpus.dev.path}: {len(beyond)} dev labels ({', '.join(map(str, beyond[:_EXAMPLES]))}"
+                f"{', ...' if len(beyond) > _EXAMPLES else ''}) are beyond the {len(symbols)} classes "
+                f"0..{len(symbols) - 1} of the training labels; train on data with every class"
+            )
+    names = [str(i) if frame else repr(symbols[i]) for i in unseen]
+    what, where = ("label", "training labels") if frame else ("token", "training transcripts")
+    many = len(unseen) > 1
+    warn(
+        f"{len(unseen)} dev {what}{'s never occur' if many else ' never occurs'} in the {where} "
+        f"({', '.join(names[:_EXAMPLES])}{', ...' if len(names) > _EXAMPLES else ''}); the model "
+        f"cannot learn {'them' if many else 'it'}, so {'they count' if many else 'it counts'} as errors"
+    )
+
+
 def _init_from(model: AcousticModel, path: Path, log: Callable[[str], None]) -> None:
     source = load_model_file(path)
     own = model.state_dict()
@@ -429,6 +486,7 @@ def fit(
     quiet: bool = False,
     log: Callable[[str], None] | None = None,
     stop_signal: Callable[[], int | None] = lambda: None,
+    owner: str | None = None,
 ) -> FitResult:
     """Train (or resume training of) a model in ``model_dir``.
 
@@ -445,8 +503,17 @@ def fit(
         init_from: A ``model.pt`` whose matching weights initialise the model.
         quiet: No progress bar or per-epoch lines.
         log: Where progress lines go (default: stderr unless ``quiet``).
+            Warnings (``stagetune: warning: ...``) go there too, and to stderr
+            even when ``quiet``.
         stop_signal: A signal the caller received before or while ``fit`` runs
             (e.g. an optim worker's SIGTERM flag); acted on like our own.
+        owner: An opaque id of whom this training is for (an optim study's
+            uid), stored in the checkpoint and model file; a checkpoint stored
+            for another owner is refused.
+
+    The checkpoint also records the train and dev data (:func:`data_identity`):
+    resuming on other data is refused; a checkpoint written before it was
+    recorded resumes with a warning.
 
     Raises:
         TrainingInterrupted: After SIGTERM/SIGINT, once the checkpoint is saved.
@@ -454,11 +521,23 @@ def fit(
         InfeasibleStride: When the model's time stride leaves some CTC
             utterances too few output frames (before anything is written).
         UsageError: When ``model_dir`` is a file, a Kaldi data dir or another
-            non-empty directory (see :func:`check_model_dir`).
+            non-empty directory (see :func:`check_model_dir`), or holds a
+            checkpoint of another config, data or owner.
+        DataError: When every training transcript is empty, or a frame-task dev
+            label is beyond the training classes.
     """
     device = device if isinstance(device, torch.device) else resolve_device(device)
+
+    def to_stderr(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    warn_to = log or to_stderr  # warnings are heard even when quiet
+
+    def warn(message: str) -> None:
+        warn_to(f"stagetune: warning: {message}")
+
     if log is None:
-        log = (lambda _msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+        log = (lambda _msg: None) if quiet else to_stderr
     model_dir = Path(model_dir)
     check_model_dir(model_dir)
     t = config.training
@@ -485,9 +564,14 @@ def fit(
     ckpt_path = model_dir / CHECKPOINT_NAME
     resumed_from = 0
     ckpt: dict[str, Any] | None = None
+    data = data_identity(corpus)
     if ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path)
-
+        if owner is not None and ckpt.get(OWNER_KEY) != owner:
+            raise UsageError(
+                f"{model_dir} holds a checkpoint trained for {ckpt.get(OWNER_KEY) or 'an unknown owner'}, "
+                f"not for {owner}; use a new model directory"
+            )
         changes = _config_changes(from_dict(ckpt["config"], str(ckpt_path)), config)
         if changes:
             raise UsageError(
@@ -502,6 +586,19 @@ def fit(
                 f"{corpus.feat_dim}, {len(symbols)}); use a new model directory, or the same "
                 f"data to resume"
             )
+        if ckpt.get(DATA_KEY) is None:
+            written_by = ckpt.get("versions", {}).get("stagetune", "?")
+            warn(
+                f"checkpoint {ckpt_path} (written by stagetune {written_by}) does not record its "
+                f"training data; resuming without checking that this is the same data"
+            )
+        else:
+            change = data_change(ckpt[DATA_KEY], data, str(ckpt_path))
+            if change is not None:
+                raise UsageError(
+                    f"{change}; use a new model directory (or remove {ckpt_path}) to start over, or "
+                    f"the same data to resume"
+                )
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -520,6 +617,7 @@ def fit(
     # Before any feature is read or anything written: CTC cannot learn utterances
     # the time stride leaves too few output frames, and would say nothing.
     check_feasible(config, corpus)
+    _check_targets(corpus, warn)
     # Statistics come from the training utterances only; a resumed run normalises
     # exactly as before, with what its checkpoint (loaded above) carries.
     if ckpt is not None:
@@ -561,6 +659,8 @@ def fit(
                 "feat_dim": corpus.feat_dim,
                 "tokens": symbols,
                 "normalization": normalizer.to_dict(),
+                DATA_KEY: data,
+                OWNER_KEY: owner,
                 "state": state,
                 "versions": versions(),
             },
@@ -681,6 +781,8 @@ def fit(
             "best_epoch": state["best_epoch"],
             "best_dev_error": state["best_error"],
             "normalization": normalizer.to_dict(),
+            DATA_KEY: data,
+            OWNER_KEY: owner,
         },
     )
     return _result(state, model_dir, resumed_from)

@@ -121,7 +121,9 @@ def rank_parameters(
     """Parameters by importance, most important first (ties by name).
 
     Only parameters present in every completed trial can be ranked; with a
-    fixed seed the same study always gives the same ranking.
+    fixed seed the same study always gives the same ranking.  Trials that all
+    have the same value rank nothing: that is an error for every evaluator (and
+    so for ``optim init --from-study``, which ranks through here).
     """
     if evaluator not in EVALUATORS:
         raise UsageError(f"--evaluator {evaluator!r}: choose one of {', '.join(sorted(EVALUATORS))}")
@@ -136,12 +138,23 @@ def rank_parameters(
         )
     if len(trials) < 2:
         raise StagetuneError(f"study {study.study_name!r}: ranking needs at least 2 completed trials")
+    _require_spread(study.study_name, trials)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         importances = optuna.importance.get_param_importances(
             study, evaluator=make_evaluator(evaluator, seed), params=varying
         )
     return sorted(importances.items(), key=lambda kv: (-round(kv[1], 12), kv[0]))
+
+
+def _require_spread(study_name: str, trials: Sequence[FrozenTrial]) -> None:
+    """Refuse values without variance: every evaluator would rank noise (or raise)."""
+    values = {float(t.value) for t in trials}
+    if len(values) == 1:
+        raise StagetuneError(
+            f"all {len(trials)} complete trials of study {study_name!r} have the same value "
+            f"{values.pop():g}: importance is undefined; run more trials or widen the search"
+        )
 
 
 def select_important(

@@ -3,7 +3,9 @@
 ``train`` samples a config from the study spec, reuses the result of an
 identical completed trial, prunes a config whose time stride leaves some
 utterances too few output frames for CTC, checks its memory footprint against
-the budget, and otherwise trains with per-epoch reporting and pruning.  Each
+the budget, and otherwise trains with per-epoch reporting and pruning.  A
+trial's model dir that holds a checkpoint of another study (one deleted and
+created again under the same name) is moved aside first, never resumed.  Each
 epoch's value is the study's metric (:mod:`stagetune.optim.metrics`) of its
 dev error and dev loss; the trial's value is the lowest.  ``quadratic`` and
 ``sleep`` are trivial objectives over the same search space, for benchmarks
@@ -16,6 +18,7 @@ import contextlib
 import math
 import shutil
 import signal
+import sys
 import time
 import zlib
 from collections.abc import MutableMapping
@@ -51,6 +54,10 @@ class TrialContext:
     keep_models: bool = False
     sleep_seconds: float = 1.0
     log: Callable[[str], None] = print
+    #: Where what a user must hear goes whatever the verbosity (moved-aside model dirs).
+    warn: Callable[[str], None] = lambda message: print(
+        f"stagetune: warning: {message}", file=sys.stderr, flush=True
+    )
     stop_signal: Callable[[], int | None] = lambda: None
     corpus: Any = None
     #: trial -> context in which its parameters are buffered and written at once at the end
@@ -161,6 +168,36 @@ def _identical_completed(ctx: TrialContext, trial: optuna.Trial) -> optuna.trial
     return None
 
 
+def _set_aside_foreign(ctx: TrialContext, trial: optuna.Trial, model_dir: Path) -> None:
+    """Move ``model_dir`` aside when its checkpoint was trained for another study.
+
+    The study's uid goes into every trial checkpoint; a study deleted and created
+    again under the same name (on other data, say) finds the old one's trial dirs
+    under the same paths and must neither resume nor report them.
+    """
+    from stagetune.checkpoint import OWNER_KEY, load_checkpoint
+    from stagetune.training import CHECKPOINT_NAME
+
+    uid = ctx.spec.study_uid
+    ckpt_path = model_dir / CHECKPOINT_NAME
+    if uid is None or not ckpt_path.exists():  # a study from before uids: nothing to compare
+        return
+    owner = load_checkpoint(ckpt_path).get(OWNER_KEY)
+    if owner == uid:
+        return
+    stem = f"{model_dir.name}.other-study-{(owner or 'unknown')[:8]}"
+    aside = model_dir.with_name(stem)
+    copy = 1
+    while aside.exists():
+        copy += 1
+        aside = model_dir.with_name(f"{stem}-{copy}")
+    model_dir.rename(aside)
+    ctx.warn(
+        f"trial {trial.number}: {model_dir} held a checkpoint of another study "
+        f"(uid {owner or 'unknown'}, this study's is {uid}); moved it to {aside.name} and training anew"
+    )
+
+
 def _train(ctx: TrialContext, trial: optuna.Trial) -> float:
     from stagetune.failures import is_out_of_memory
     from stagetune.feasibility import find_shortfall
@@ -223,6 +260,7 @@ def _train(ctx: TrialContext, trial: optuna.Trial) -> float:
     signum = ctx.stop_signal()
     if signum is not None:  # arrived while sampling or measuring: nothing trained yet
         raise TrainingInterrupted(f"{signal.Signals(signum).name} received before training", signum)
+    _set_aside_foreign(ctx, trial, model_dir)
     try:
         result = fit(
             config,
@@ -233,6 +271,7 @@ def _train(ctx: TrialContext, trial: optuna.Trial) -> float:
             callbacks=[report],
             quiet=True,
             stop_signal=ctx.stop_signal,
+            owner=spec.study_uid,
         )
     except NonFiniteLoss as exc:
         raise _prune(trial, f"non-finite loss: {exc}") from None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +50,10 @@ class StudySpec:
     metric: str = LEGACY_METRIC
     version: int = SPEC_VERSION
     created_by: str = field(default_factory=lambda: f"stagetune {__version__}")
+    #: Random id of this study, drawn when its spec is built: trial checkpoints carry
+    #: it, so a study deleted and created again under its name never reuses the old
+    #: one's.  None in a spec stored before it existed.
+    study_uid: str | None = field(default_factory=lambda: uuid.uuid4().hex)
 
     def config(self) -> Config:
         """The base configuration."""
@@ -71,7 +76,7 @@ class StudySpec:
                 f"with spec version {data['version']}; this stagetune reads version {SPEC_VERSION}"
             )
         names = {f.name for f in dataclasses.fields(cls)}
-        spec = cls(**{k: v for k, v in data.items() if k in names})
+        spec = cls(**{"study_uid": None, **{k: v for k, v in data.items() if k in names}})
         if spec.metric not in METRICS:
             raise StagetuneError(
                 f"study {study_name!r} ranks trials by metric {spec.metric!r}, which this stagetune "
@@ -84,7 +89,8 @@ class StudySpec:
         return json.dumps(self.to_json(), sort_keys=True)
 
 
-_IGNORED = {"created_by"}
+#: Not settings: the stagetune that wrote a spec, and the study's identity.
+_IGNORED = {"created_by", "study_uid"}
 
 
 def spec_differences(old: StudySpec, new: StudySpec) -> list[tuple[str, Any, Any]]:

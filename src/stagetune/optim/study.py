@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,5 +176,6 @@ def init_study(
             else "add --force to replace them"
         )
         raise UsageError(f"study {study_name!r} exists with other settings ({listing}); {hint}")
+    spec = dataclasses.replace(spec, study_uid=old.study_uid)  # the same study: its trials' checkpoints stay its own
     storage.set_study_user_attr(study_id, SPEC_ATTR, spec.to_json())
     return InitResult(study_name, "updated", spec, changes)
