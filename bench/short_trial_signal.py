@@ -2,7 +2,10 @@
 
 Random configurations are drawn from the shipped default search space (every
 tunable parameter but ``training.num_epochs``, which is fixed to the long run's
-length) and trained with the project's own CLI: one ``optim`` study, random
+length, and the ``training.early_stopping_*`` fields, left at their defaults: a
+sampled patience of 0 or a high threshold ends the long run after a few epochs,
+so its "20-epoch" figure would measure the stopping rule, not the
+configuration) and trained with the project's own CLI: one ``optim`` study, random
 sampler, no pruner, two local workers, the memory check on (configurations over
 ``--mem-limit-bytes`` are pruned before training, as in a real study, and do
 not count).  Every trial keeps its model dir, so each ``history.csv`` holds the
@@ -12,8 +15,7 @@ exactly what a 3-epoch trial would have reported.
 
 Printed: one row per trained configuration, then the Spearman rank correlation
 between each ``optim init --metric`` at ``--short-epochs`` and the best dev TER
-within ``--long-epochs`` (the model training keeps; some sampled configurations
-stop early by their own early-stopping settings).  ``error`` is the token error
+within ``--long-epochs`` (the model training keeps).  ``error`` is the token error
 every study used before the metric option existed ("before").  The run resumes where it stopped (the study is
 SQLite under ``--out``).
 
@@ -86,16 +88,24 @@ def main() -> int:
     p.add_argument("--out", default="exp/short-trial-signal")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="edit the study's base config (a rerun must repeat them)")
+    p.add_argument("--report-only", action="store_true",
+                   help="print the table from the model dirs under --out (a run made elsewhere) without training")
     args = p.parse_args()
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if not args.report_only:
+        _train(args, out)
+    return _report(args, out)
+
+
+def _train(args: argparse.Namespace, out: Path) -> None:
     url = f"sqlite:///{out}/study.db"
     _run(
         ["--set", f"training.num_epochs={args.long_epochs}"]
         + [x for item in args.sets for x in ("--set", item)]
         + ["optim", "--study-name", STUDY, url,
-         "init", args.train, "--dev-dir", args.dev, "--blacklist", r"training\.num_epochs",
+         "init", args.train, "--dev-dir", args.dev, "--blacklist", r"training\.num_epochs", r"training\.early_stopping_.*",
          "--num-trials", str(args.configs), "--pruner", "none",
          "--mem-limit-bytes", str(args.mem_limit_bytes), "--force"]  # a larger --configs extends it
     )
@@ -105,6 +115,8 @@ def main() -> int:
          "--ckpt-dir", str(out / "ckpt"), "--threads", "1"]
     )
 
+
+def _report(args: argparse.Namespace, out: Path) -> int:
     rows = []
     for trial, history in _histories(out / "ckpt" / STUDY).items():
         finished = (out / "ckpt" / STUDY / f"trial-{trial}" / "model.pt").exists()
@@ -112,8 +124,7 @@ def main() -> int:
             continue  # still training (or pruned before its short epochs)
         short = history[args.short_epochs - 1]
         seconds = sum(float(r["seconds"]) for r in history)
-        # The long figure is the best dev TER of the run (the model training keeps);
-        # a run that early-stopped (a sampled setting) ends before --long-epochs.
+        # The long figure is the best dev TER of the run (the model training keeps).
         best = min(float(r["dev_error"]) for r in history)
         rows.append(
             (trial, float(short["dev_error"]), float(short["dev_loss"]), best,

@@ -9,7 +9,7 @@ import optuna
 import pytest
 from optim_helpers import cli, read_spec, write_speech_data
 
-from stagetune.config import Config, active, field_info, flatten, iter_fields, load_config
+from stagetune.config import Config, active, field_info, flatten, iter_fields, load_config, with_values
 from stagetune.errors import UsageError
 from stagetune.optim.registry import make_sampler
 from stagetune.optim.sampling import sample_config, sample_values, select_tunable
@@ -91,24 +91,36 @@ def test_init_prints_one_notice_per_dropped_parameter(tmp_path: Path) -> None:
 
 
 def test_conditional_parameters_are_only_sampled_when_active() -> None:
-    tuned = ["model.recurrent_layers", "model.recurrent_size", "training.optimizer", "training.momentum"]
+    tuned = ["model.recurrent_layers", "model.recurrent_size", "model.convolutional_layers",
+             "model.convolutional_kernel_time"]
     # FixedTrial raises for any suggested name it was not given: these must not be asked for.
     off = sample_values(
-        optuna.trial.FixedTrial({"model.recurrent_layers": 0, "training.optimizer": "adam"}),
+        optuna.trial.FixedTrial({"model.recurrent_layers": 0, "model.convolutional_layers": 0}),
         Config(),
         tuned,
     )
-    assert off == {"model.recurrent_layers": 0, "training.optimizer": "adam"}
+    assert off == {"model.recurrent_layers": 0, "model.convolutional_layers": 0}
     on = sample_values(
         optuna.trial.FixedTrial(
             {"model.recurrent_layers": 2, "model.recurrent_size": 64,
-             "training.optimizer": "sgd", "training.momentum": 0.5}
+             "model.convolutional_layers": 1, "model.convolutional_kernel_time": 5}
         ),
         Config(),
         tuned,
     )
     assert on == {"model.recurrent_layers": 2, "model.recurrent_size": 64,
-                  "training.optimizer": "sgd", "training.momentum": 0.5}
+                  "model.convolutional_layers": 1, "model.convolutional_kernel_time": 5}
+
+
+def test_momentum_is_tuned_only_for_a_base_config_on_sgd() -> None:
+    # sgd is not in the default search space (Adam and AdamW only): momentum is
+    # then never asked for, unless the base config itself trains with sgd.
+    tuned = ["training.optimizer", "training.momentum"]
+    adam = sample_values(optuna.trial.FixedTrial({"training.optimizer": "adamw"}), Config(), tuned)
+    assert adam == {"training.optimizer": "adamw"}
+    sgd = with_values(Config(), {"training.optimizer": "sgd"})
+    on = sample_values(optuna.trial.FixedTrial({"training.momentum": 0.5}), sgd, ["training.momentum"])
+    assert on == {"training.momentum": 0.5}
 
 
 @pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")

@@ -142,7 +142,7 @@ class ModelConfig:
         "relu",
         "Nonlinearity after each convolution.",
         choices=NONLINEARITIES,
-        search=Space(),
+        search=Space(choices=("relu", "gelu", "tanh")),
         when=_CONV_ON,
     )
     recurrent_layers: int = param(
@@ -165,7 +165,7 @@ class ModelConfig:
         "gru",
         "Recurrent cell type.",
         choices=RECURRENT_TYPES,
-        search=Space(),
+        search=Space(choices=("lstm", "gru")),
         when=_RNN_ON,
     )
     recurrent_bidirectional: bool = param(
@@ -183,20 +183,20 @@ class TrainingConfig:
     num_epochs: int = param(
         40, "Maximum number of training epochs.", min=1, search=Space(5, 40)
     )
-    optimizer: str = param("adam", "Optimizer.", choices=OPTIMIZERS, search=Space())
+    optimizer: str = param("adam", "Optimizer.", choices=OPTIMIZERS, search=Space(choices=("adam", "adamw")))
     learning_rate: float = param(
         4e-3,
         "Peak learning rate (reached after the warm-up).",
         min=1e-12,
         max=10.0,
-        search=Space(1e-4, 5e-2, log=True),
+        search=Space(3e-4, 3e-2, log=True),
     )
     warmup_updates: int = param(
         100,
         "The learning rate rises linearly to learning_rate over this many optimizer "
         "updates (0: no warm-up).",
         min=0,
-        search=Space(0, 1000),
+        search=Space(0, 300),
     )
     momentum: float = param(
         0.9,
@@ -211,7 +211,7 @@ class TrainingConfig:
         "Weight decay (L2 for adam/sgd, decoupled for adamw); 0 disables.",
         min=0.0,
         max=1.0,
-        search=Space(1e-6, 1e-1, log=True),
+        search=Space(1e-6, 1e-2, log=True),
     )
     clip_grad_norm: float = param(
         5.0,
@@ -224,7 +224,7 @@ class TrainingConfig:
         "Dropout probability between layers.",
         min=0.0,
         max=0.9,
-        search=Space(0.0, 0.5),
+        search=Space(0.0, 0.4),
     )
     num_time_mask: int = param(
         2, "SpecAugment: number of time masks per utterance.", min=0, max=20, search=Space(0, 4)
@@ -249,6 +249,16 @@ class TrainingConfig:
         min=1,
         search=Space(1, 15),
         when=When("training.num_freq_mask", ">", 0),
+    )
+    freq_warp: float = param(
+        0.0,
+        "Frequency warping: each training utterance's feature axis is stretched by a random "
+        "factor in [1 - freq_warp, 1 + freq_warp] (linear interpolation between bins), a "
+        "stand-in for vocal tract length perturbation that helps on unseen speakers. Meant for "
+        "filterbank features (bins ordered by frequency); leave 0 for cepstra (MFCC).",
+        min=0.0,
+        max=0.5,
+        search=Space(0.0, 0.1),
     )
     noise_eps: float = param(
         0.0,
