@@ -128,3 +128,26 @@ def test_input_is_not_modified() -> None:
     augment_batch(feats, LENS, config(num_time_mask=2, num_freq_mask=2, noise_eps=0.1),
                   torch.Generator().manual_seed(0))
     assert torch.equal(feats, before)
+
+
+def test_frequency_warp_stretches_each_utterance_by_one_factor_within_range() -> None:
+    # A ramp over the bins: a warp by alpha reads bin i at i / alpha, so every
+    # frame of an utterance shows the same slope 1 / alpha (top bin clamped).
+    ramp = torch.arange(BINS, dtype=torch.float32).expand(len(LENS), FRAMES, BINS).clone()
+    gen = torch.Generator().manual_seed(3)
+    warped = augment_batch(ramp, LENS, config(freq_warp=0.2), gen)
+    assert warped.shape == ramp.shape
+    slopes = warped[:, :, 1] - warped[:, :, 0]
+    assert torch.allclose(slopes, slopes[:, :1].expand_as(slopes))  # one factor per utterance
+    alphas = 1 / slopes[:, 0]
+    assert ((alphas >= 0.8 - 1e-5) & (alphas <= 1.2 + 1e-5)).all()
+    assert alphas.std() > 0.01  # utterances get different factors
+    assert warped.min() >= 0 and warped.max() <= BINS - 1  # interpolated, never extrapolated
+    assert torch.equal(warped[:, :, 0], ramp[:, :, 0])  # bin 0 stays put
+
+
+def test_frequency_warp_is_enabled_by_its_field_and_zero_is_identity() -> None:
+    assert augmentation_enabled(config(freq_warp=0.1))
+    assert not augmentation_enabled(config(freq_warp=0.0))
+    feats = torch.randn(len(LENS), FRAMES, BINS, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(augment_batch(feats, LENS, config(), torch.Generator().manual_seed(1)), feats)
