@@ -19,6 +19,7 @@ from stagetune.checkpoint import (
     data_identity,
     load_checkpoint,
     load_model_file,
+    previous_path,
     rng_state,
     save_model_file,
     set_rng_state,
@@ -107,6 +108,50 @@ def test_corrupt_file_is_a_clear_error(tmp_path: Path, loader) -> None:
     path.write_bytes(path.read_bytes()[:200])
     with pytest.raises(StagetuneError, match=r"x\.pt: cannot read"):
         loader(path)
+
+
+def _ckpt(epoch: int) -> dict:
+    return {"format": CHECKPOINT_FORMAT, "state": {"epoch": epoch}, "w": torch.full((256,), float(epoch))}
+
+
+def test_keep_previous_links_the_replaced_checkpoint(tmp_path: Path) -> None:
+    path = tmp_path / "checkpoint.pt"
+    atomic_save(_ckpt(1), path, keep_previous=True)
+    assert not previous_path(path).exists()  # nothing replaced yet
+    atomic_save(_ckpt(2), path, keep_previous=True)
+    atomic_save(_ckpt(3), path, keep_previous=True)
+    assert previous_path(path).name == "checkpoint.pt.prev"
+    assert load_checkpoint(path)["state"]["epoch"] == 3
+    assert load_checkpoint(previous_path(path))["state"]["epoch"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt", "checkpoint.pt.prev"]
+
+
+def test_a_truncated_checkpoint_falls_back_to_the_previous_one_with_one_warning(tmp_path: Path) -> None:
+    path = tmp_path / "checkpoint.pt"
+    atomic_save(_ckpt(4), path, keep_previous=True)
+    atomic_save(_ckpt(5), path, keep_previous=True)
+    path.write_bytes(path.read_bytes()[:300])  # a full disk or a crash outside the atomic write
+    warnings: list[str] = []
+    assert load_checkpoint(path, warnings.append)["state"]["epoch"] == 4
+    assert len(warnings) == 1 and "\n" not in warnings[0]
+    assert "checkpoint.pt: cannot read checkpoint" in warnings[0]
+    assert "resuming from the previous checkpoint checkpoint.pt.prev (epoch 4)" in warnings[0]
+
+
+def test_no_fallback_when_both_are_bad_when_the_file_is_gone_or_across_runs(tmp_path: Path) -> None:
+    path = tmp_path / "checkpoint.pt"
+    atomic_save(_ckpt(1), path, keep_previous=True)
+    atomic_save(_ckpt(2), path, keep_previous=True)
+    for bad in (path, previous_path(path)):
+        bad.write_bytes(bad.read_bytes()[:300])
+    with pytest.raises(StagetuneError, match=r"checkpoint\.pt: cannot read"):  # the newer one's error
+        load_checkpoint(path, lambda _m: None)
+    path.unlink()  # removed on purpose (to start over): never resume the older one
+    atomic_save(_ckpt(1), previous_path(path))
+    with pytest.raises(StagetuneError, match="no such"):
+        load_checkpoint(path)
+    atomic_save(_ckpt(1), path, keep_previous=True)  # a new run's first save drops the stale one
+    assert not previous_path(path).exists()
 
 
 def test_checkpoint_and_model_file_are_not_interchangeable(tmp_path: Path) -> None:

@@ -13,6 +13,10 @@ utterance ids) and, when the caller gives one, an opaque ``"owner"`` (an optim
 study's uid), so neither a resumed run nor a study reuses a model trained for
 something else.  Checkpoints written before these keys existed still load; they
 read as unknown data and owner.
+
+Training keeps the checkpoint it replaces as ``checkpoint.pt.prev`` (a hard
+link, so no copy): a checkpoint that cannot be read later (truncated by a full
+disk or a crash outside the atomic write) falls back to it with one warning.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import platform
 import random
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -47,6 +51,7 @@ __all__ = [
     "rng_state",
     "set_rng_state",
     "load_checkpoint",
+    "previous_path",
     "save_model_file",
     "ModelFile",
     "load_model_file",
@@ -103,8 +108,32 @@ def versions() -> dict[str, str]:
     }
 
 
-def atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file in the same dir, then rename over ``path``."""
+def previous_path(path: Path) -> Path:
+    """Where :func:`atomic_save` with ``keep_previous`` keeps the file it replaces."""
+    return path.with_name(path.name + ".prev")
+
+
+def _keep_previous(path: Path) -> None:
+    """Hard-link ``path`` as its previous version (or drop a stale one when there is none)."""
+    previous = previous_path(path)
+    if not path.exists():
+        previous.unlink(missing_ok=True)  # an earlier run's: never fall back across runs
+        return
+    link = path.with_name(f".{previous.name}.{os.getpid()}")
+    link.unlink(missing_ok=True)
+    try:
+        os.link(path, link)
+    except OSError:  # no hard links on this filesystem: keep nothing rather than copy
+        previous.unlink(missing_ok=True)
+        return
+    os.replace(link, previous)
+
+
+def atomic_save(obj: Any, path: Path, *, keep_previous: bool = False) -> None:
+    """``torch.save`` to a temporary file in the same dir, then rename over ``path``.
+
+    With ``keep_previous`` the file replaced stays as :func:`previous_path`.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
@@ -112,6 +141,8 @@ def atomic_save(obj: Any, path: Path) -> None:
             torch.save(obj, handle)
             handle.flush()
             os.fsync(handle.fileno())
+        if keep_previous:
+            _keep_previous(path)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -149,14 +180,37 @@ def _load(path: Path, what: str) -> dict[str, Any]:
     return obj
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Read a training checkpoint written by :mod:`stagetune.training`."""
+def _read_checkpoint(path: Path) -> dict[str, Any]:
     obj = _load(path, "checkpoint")
     if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
         raise StagetuneError(
             f"{path}: not a stagetune training checkpoint (expected format {CHECKPOINT_FORMAT}); "
             f"remove it or use another model directory"
         )
+    return obj
+
+
+def load_checkpoint(path: Path, warn: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Read a training checkpoint written by :mod:`stagetune.training`.
+
+    A checkpoint that exists but cannot be read (truncated, corrupt) falls back
+    to the previous one training kept (:func:`previous_path`), saying so through
+    ``warn``; without a readable previous one the first error is raised.
+    """
+    previous = previous_path(path)
+    try:
+        return _read_checkpoint(path)
+    except StagetuneError as error:
+        if not path.exists() or not previous.exists():
+            raise
+        reason = str(error)
+        try:
+            obj = _read_checkpoint(previous)
+        except StagetuneError:
+            raise error from None
+    if warn is not None:
+        epoch = obj.get("state", {}).get("epoch", "?")
+        warn(f"{reason}; resuming from the previous checkpoint {previous.name} (epoch {epoch})")
     return obj
 
 
