@@ -31,6 +31,9 @@ MODULE_LAYERS = {
     "stagetune.kaldi_io": "data",
     "stagetune.tokens": "data",
     "stagetune.audio": "data",
+    "stagetune.fbank": "data",
+    "stagetune.recordings": "data",
+    "stagetune.tempfiles": "data",
     "stagetune.prep": "data",
     "stagetune.dataset": "data",
     "stagetune.normalize": "data",
@@ -44,6 +47,8 @@ MODULE_LAYERS = {
     "stagetune.feasibility": "model",
     "stagetune.schedule": "training",
     "stagetune.checkpoint": "training",
+    "stagetune.model_dir": "training",
+    "stagetune.epoch": "training",
     "stagetune.training": "training",
     "stagetune.evaluate": "training",
     "stagetune.optim": "objective",  # the package docstring only
@@ -61,7 +66,8 @@ MODULE_LAYERS = {
 TORCH_FREE = (
     "stagetune.errors", "stagetune.space", "stagetune.config", "stagetune.kaldi",
     "stagetune.kaldi_io", "stagetune.tokens", "stagetune.metrics", "stagetune.audio",
-    "stagetune.prep", "stagetune.normalize", "stagetune.optim.metrics", "stagetune.cli",
+    "stagetune.fbank", "stagetune.recordings", "stagetune.tempfiles", "stagetune.prep",
+    "stagetune.normalize", "stagetune.optim.metrics", "stagetune.cli",
 )
 #: Layers that must not import optuna.
 OPTUNA_FREE_LAYERS = ("config", "data", "model", "training")

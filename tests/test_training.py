@@ -400,6 +400,24 @@ def test_a_checkpoint_that_records_no_data_resumes_with_one_warning(tmp_path: Pa
     assert load_checkpoint(ckpt)["data"] == data_identity(corpus)  # recorded from now on
 
 
+def test_a_truncated_checkpoint_resumes_from_the_previous_one_to_the_same_weights(tmp_path: Path) -> None:
+    """A checkpoint cut short (full disk, crash) costs an epoch, not the run: the same end."""
+    corpus = load_corpus(write_token_data(tmp_path / "data", 24))
+    straight, _ = fit_quiet(make_config("training.num_epochs=3"), corpus, tmp_path / "straight")
+    model_dir = tmp_path / "model"
+    fit_quiet(make_config("training.num_epochs=2"), corpus, model_dir)
+    ckpt = model_dir / "checkpoint.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    result, log = fit_quiet(make_config("training.num_epochs=3"), corpus, model_dir)
+    assert log[0].startswith(f"stagetune: warning: {ckpt}: cannot read checkpoint")
+    assert log[0].endswith("resuming from the previous checkpoint checkpoint.pt.prev (epoch 1)")
+    assert log[1] == f"resuming {model_dir} at epoch 2"
+    assert result.epochs_run == 3
+    ours = torch.load(model_dir / "model.pt", weights_only=False)["state_dict"]
+    theirs = torch.load(tmp_path / "straight" / "model.pt", weights_only=False)["state_dict"]
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
 def _write_ctc(path: Path, texts: dict[str, list[str]]) -> Path:
     rng = np.random.default_rng(len(texts))
     feats = {u: rng.normal(size=(20, 8)).astype(np.float32) for u in texts}

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import hashlib
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
+
+import numpy as np
 
 from stagetune.errors import DataError, UsageError
 from stagetune.kaldi import DataDir, load_data_dir
 
-__all__ = ["Corpus", "load_corpus", "split_dev"]
+__all__ = ["Corpus", "load_corpus", "split_dev", "check_targets"]
 
 
 def _unit_hash(utt_id: str) -> float:
@@ -85,6 +88,7 @@ def load_corpus(
     *,
     dev_proportion: float | None = None,
     task: str = "ctc",
+    warn: Callable[[str], None] | None = None,
 ) -> Corpus:
     """Load and validate the training data and its dev data.
 
@@ -94,6 +98,15 @@ def load_corpus(
         dev_proportion: Otherwise, hold out this proportion of ``train_dir``,
             chosen deterministically by utterance id.
         task: ``"ctc"`` or ``"frame"``.
+        warn: Receives warnings about the data (dev targets training never
+            shows), without the ``stagetune: warning:`` prefix; default stderr.
+
+    Raises:
+        DataError: When a data dir is malformed, every dev or every training
+            transcript is empty, or a frame-task dev label is beyond the
+            training classes (see :func:`check_targets`).
+        UsageError: When both ``dev_dir`` and ``dev_proportion`` are given, or
+            train and dev features differ in dimension.
     """
     if dev_dir is not None and dev_proportion is not None:
         raise UsageError("give a dev dir or --dev-proportion, not both")
@@ -105,9 +118,16 @@ def load_corpus(
                 f"{dev_dir}: features have dimension {dev.feat_dim} but {train_dir} has "
                 f"{train.feat_dim}; compute both with the same `stagetune prep` options"
             )
-        return _with_dev_targets(Corpus(train, list(train.utt_ids), dev, list(dev.utt_ids)), str(dev_dir))
-    train_ids, dev_ids = split_dev(train.utt_ids, 0.1 if dev_proportion is None else dev_proportion)
-    return _with_dev_targets(Corpus(train, train_ids, train, dev_ids), f"the dev split of {train_dir}")
+        corpus = _with_dev_targets(Corpus(train, list(train.utt_ids), dev, list(dev.utt_ids)), str(dev_dir))
+    else:
+        train_ids, dev_ids = split_dev(train.utt_ids, 0.1 if dev_proportion is None else dev_proportion)
+        corpus = _with_dev_targets(Corpus(train, train_ids, train, dev_ids), f"the dev split of {train_dir}")
+    check_targets(corpus, warn or _warn_to_stderr)
+    return corpus
+
+
+def _warn_to_stderr(message: str) -> None:
+    print(f"stagetune: warning: {message}", file=sys.stderr, flush=True)
 
 
 def _with_dev_targets(corpus: Corpus, dev_name: str) -> Corpus:
@@ -119,3 +139,58 @@ def _with_dev_targets(corpus: Corpus, dev_name: str) -> Corpus:
             f"measured; give a dev set with transcribed utterances"
         )
     return corpus
+
+
+_EXAMPLES = 5
+
+
+def _targets_in(data: DataDir, utt_ids: Sequence[str]) -> set[int]:
+    """Every token id (or frame label) the utterances' targets use.
+
+    One utterance at a time: a large corpus' frame labels need not fit in memory at once.
+    """
+    used: set[int] = set()
+    for utt in utt_ids:
+        used.update(np.unique(data.targets(utt)).tolist())
+    return used
+
+
+def check_targets(corpus: Corpus, warn: Callable[[str], None]) -> None:
+    """Training targets to learn from; dev targets training never shows are named.
+
+    :func:`load_corpus` runs this; a hand-built :class:`Corpus` is not checked.
+    Dev targets training never shows go to ``warn`` (the bare message, without
+    ``stagetune: warning:``).
+
+    Raises:
+        DataError: When every training transcript is empty, or (frame task) a dev
+            label is beyond the classes the training labels define.
+    """
+    frame = corpus.train.labels is not None
+    seen = _targets_in(corpus.train, corpus.train_ids)
+    if not seen:
+        what = "label sequences" if frame else "transcripts"
+        raise DataError(
+            f"{corpus.train.path}: all {len(corpus.train_ids)} training {what} are empty, so there "
+            f"is nothing to learn; give training data with transcribed utterances"
+        )
+    unseen = sorted(_targets_in(corpus.dev, corpus.dev_ids) - seen)
+    if not unseen:
+        return
+    symbols = corpus.token_symbols
+    if frame:
+        beyond = [label for label in unseen if label >= len(symbols)]
+        if beyond:
+            raise DataError(
+                f"{corpus.dev.path}: {len(beyond)} dev labels ({', '.join(map(str, beyond[:_EXAMPLES]))}"
+                f"{', ...' if len(beyond) > _EXAMPLES else ''}) are beyond the {len(symbols)} classes "
+                f"0..{len(symbols) - 1} of the training labels; train on data with every class"
+            )
+    names = [str(i) if frame else repr(symbols[i]) for i in unseen]
+    what, where = ("label", "training labels") if frame else ("token", "training transcripts")
+    many = len(unseen) > 1
+    warn(
+        f"{len(unseen)} dev {what}{'s never occur' if many else ' never occurs'} in the {where} "
+        f"({', '.join(names[:_EXAMPLES])}{', ...' if len(names) > _EXAMPLES else ''}); the model "
+        f"cannot learn {'them' if many else 'it'}, so {'they count' if many else 'it counts'} as errors"
+    )

@@ -1,4 +1,7 @@
-"""The training loop: ``train_one_epoch``, ``validate``, ``fit``.
+"""The training loop: ``fit`` runs ``train_one_epoch`` and ``validate`` epoch after epoch.
+
+The epoch itself is in :mod:`stagetune.epoch`, what a model dir holds and when
+its checkpoint resumes in :mod:`stagetune.model_dir`; both are re-exported here.
 
 Training reports through callbacks (:class:`EpochResult` after every epoch) and
 never imports optuna; a callback may raise to stop training (the optimizer's
@@ -20,21 +23,17 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
-import numpy as np
 import torch
-from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from stagetune.augment import augment_batch, augmentation_enabled
 from stagetune.checkpoint import (
     CHECKPOINT_FORMAT,
     DATA_KEY,
     OWNER_KEY,
     atomic_save,
-    data_change,
     data_identity,
     load_checkpoint,
     load_model_file,
@@ -43,15 +42,24 @@ from stagetune.checkpoint import (
     set_rng_state,
     versions,
 )
-from stagetune.config import Config, flatten, from_dict, to_dict, write_ini
+from stagetune.config import Config, to_dict, write_ini
 from stagetune.corpus import Corpus
 from stagetune.dataset import BucketBatchSampler, UtteranceDataset, collate
-from stagetune.errors import DataError, StagetuneError, TrainingInterrupted, UsageError
+from stagetune.epoch import EpochStopped, decode_batches, train_one_epoch, validate
+from stagetune.errors import StagetuneError, TrainingInterrupted, UsageError
 from stagetune.failures import is_non_finite_loss
 from stagetune.feasibility import check_feasible
-from stagetune.kaldi import DataDir
 from stagetune.metrics import ErrorCounts
 from stagetune.model import TASKS, AcousticModel, build_model
+from stagetune.model_dir import (
+    BEST_NAME,
+    CHECKPOINT_NAME,
+    CONFIG_NAME,
+    HISTORY_NAME,
+    MODEL_NAME,
+    check_model_dir,
+    check_resumable,
+)
 from stagetune.normalize import fit_normalizer, stored_normalizer
 from stagetune.schedule import LearningRateSchedule
 
@@ -72,22 +80,6 @@ __all__ = [
     "MODEL_NAME",
     "HISTORY_NAME",
 ]
-
-CHECKPOINT_NAME = "checkpoint.pt"
-BEST_NAME = "best.pt"
-MODEL_NAME = "model.pt"
-HISTORY_NAME = "history.csv"
-CONFIG_NAME = "config.ini"
-
-#: What :func:`fit` writes into a model dir (temporary files start with one of these,
-#: or with a dot and one of these).
-MODEL_DIR_FILES = (CHECKPOINT_NAME, BEST_NAME, MODEL_NAME, HISTORY_NAME, CONFIG_NAME)
-#: Files that make a directory a Kaldi data dir: one named as MODEL_DIR is a
-#: forgotten MODEL_DIR argument (``train TRAIN_DIR DEV_DIR``).
-_DATA_DIR_FILES = ("feats.scp", "wav.scp", "segments", "utt2spk", "spk2utt", "cmvn.scp", "utt2label")
-
-#: Config fields that may change between runs resuming one model dir.
-_RESUMABLE_CHANGES = {"training.num_epochs"}
 
 
 @dataclass
@@ -148,36 +140,6 @@ class NonFiniteLoss(StagetuneError):
     """The training loss became NaN or infinite."""
 
 
-def check_model_dir(model_dir: str | Path) -> None:
-    """Refuse a model dir that :func:`fit` would write into by mistake.
-
-    A new or empty directory, or one holding what ``fit`` writes, is fine; a
-    file, a Kaldi data dir (a forgotten MODEL_DIR argument turns DEV_DIR into the
-    model dir) or any other non-empty directory is a :class:`UsageError`.
-    """
-    path = Path(model_dir)
-    existing = next((p for p in (path, *path.parents) if p.exists()), None)
-    if existing is not None and not existing.is_dir():
-        where = "is a file" if existing == path else f"is inside {existing}, which is a file"
-        raise UsageError(f"model dir {path} {where}; give a new directory (or one of an earlier run)")
-    if existing != path:
-        return
-    names = sorted(p.name for p in path.iterdir())
-    data_files = [name for name in names if name in _DATA_DIR_FILES]
-    if data_files:
-        raise UsageError(
-            f"model dir {path} is a Kaldi data dir (it holds {', '.join(data_files)}); was "
-            f"MODEL_DIR forgotten? train takes TRAIN_DIR [DEV_DIR] MODEL_DIR, MODEL_DIR last"
-        )
-    ours = [n for n in names if n.lstrip(".").startswith(MODEL_DIR_FILES)]
-    if names and not ours:
-        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
-        raise UsageError(
-            f"model dir {path} is not empty ({shown}) and holds no stagetune model; give a new "
-            f"or empty directory"
-        )
-
-
 def resolve_device(name: str | None) -> torch.device:
     """``None`` -> cuda when available, else cpu; reject unusable devices."""
     if name is None:
@@ -206,10 +168,6 @@ def make_optimizer(model: torch.nn.Module, config: Config) -> torch.optim.Optimi
         ),
     }
     return factories[t.optimizer]()
-
-
-def _batch_seed(seed: int, epoch: int, batch: int) -> int:
-    return (seed * 1_000_003 + epoch * 10_007 + batch) % (2**63 - 1)
 
 
 class _Signals:
@@ -241,142 +199,6 @@ class _Signals:
                 signal.raise_signal(self.received)
 
 
-class _Stop(Exception):
-    """Internal: a signal arrived mid-epoch after ``batches_done`` batches."""
-
-    def __init__(self, batches_done: int, loss_sum: float) -> None:
-        super().__init__(batches_done)
-        self.batches_done = batches_done
-        self.loss_sum = loss_sum
-
-
-def train_one_epoch(
-    model: AcousticModel,
-    loader: Any,
-    optimizer: torch.optim.Optimizer,
-    config: Config,
-    *,
-    epoch: int,
-    first_batch: int = 0,
-    device: torch.device,
-    scaler: torch.amp.GradScaler | None = None,
-    should_stop: Callable[[], bool] = lambda: False,
-    progress: tqdm | None = None,
-    schedule: LearningRateSchedule | None = None,
-    start_loss_sum: float = 0.0,
-) -> tuple[float, int]:
-    """Train over ``loader`` (batches ``first_batch`` onwards of this epoch).
-
-    Each :class:`Batch` holds feats (B, T, F), feat_lens (B,), targets (B, U)
-    and target_lens (B,).  Returns (sum of batch losses, frames seen), the sum
-    starting from ``start_loss_sum`` (the earlier batches' sum when resuming
-    mid-epoch, so it adds up in the same order as an uninterrupted epoch).
-    Raises ``_Stop`` between batches when ``should_stop()`` turns true.
-    """
-    task = TASKS[config.model.task]
-    t = config.training
-    model.train()
-    augment = augmentation_enabled(t)
-    use_amp = scaler is not None
-    loss_sum = torch.full((), start_loss_sum, device=device)
-    frames = 0
-    for index, batch in enumerate(loader, start=first_batch):
-        seed = _batch_seed(t.seed, epoch, index)
-        torch.manual_seed(seed)
-        batch = batch.to(device)
-        feats = batch.feats
-        if augment:
-            gen = torch.Generator().manual_seed(seed)
-            feats = augment_batch(feats, batch.feat_lens, t, gen)
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, enabled=use_amp):
-            logits, out_lens = model(feats, batch.feat_lens)
-            loss = task.loss(
-                logits, out_lens, batch.targets, batch.target_lens, time_stride=model.time_stride
-            )
-        if use_amp:
-            scaler.scale(loss).backward()
-            if t.clip_grad_norm > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            if t.clip_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad_norm)
-            optimizer.step()
-        if schedule is not None:
-            schedule.step()
-        loss_sum += loss.detach()
-        frames += int(batch.feat_lens.sum())
-        if progress is not None:
-            progress.update(1)
-        if should_stop():
-            raise _Stop(index + 1, float(loss_sum))
-    return float(loss_sum), frames
-
-
-def decode_batches(
-    model: AcousticModel,
-    batches: Iterable[Any],
-    task_name: str,
-    device: torch.device,
-    decode: Callable[[Tensor, Tensor], list[list[int]]] | None = None,
-    observe: Callable[[Any, Tensor, Tensor], None] | None = None,
-) -> Iterator[tuple[Any, list[list[int]], list[list[int]]]]:
-    """Run ``model`` (in eval mode) over ``batches``; yield ``(batch, hypotheses, references)``.
-
-    Args:
-        decode: ``(logits, out_lens) -> hypotheses``; default the task's greedy decoder.
-        observe: Called with ``(batch, logits, out_lens)`` of every batch before
-            it is decoded; logits are ``(B, T', C)``.
-
-    Validation during training and ``stagetune evaluate`` both decode and score
-    through here, so their figures agree.
-    """
-    task = TASKS[task_name]
-    decode = decode or task.decode
-    model.eval()
-    for batch in batches:
-        batch = batch.to(device)
-        logits, out_lens = model(batch.feats, batch.feat_lens)
-        if observe is not None:
-            observe(batch, logits, out_lens)
-        refs = task.references(batch.targets, batch.target_lens, out_lens, time_stride=model.time_stride)
-        yield batch, decode(logits, out_lens), refs
-
-
-@torch.no_grad()
-def validate(
-    model: AcousticModel, loader: Any, task_name: str, device: torch.device
-) -> tuple[ErrorCounts, float]:
-    """Decode ``loader`` greedily, count errors and compute the loss per unit.
-
-    Returns:
-        ``(counts, dev_loss)``: the error counts, and the task's loss summed
-        over every utterance divided by the summed units
-        (:meth:`Task.summed_loss`: target tokens for CTC, labelled output
-        frames for the frame task), so padding and batching do not change it.
-    """
-    task = TASKS[task_name]
-    counts = ErrorCounts()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    units = 0
-
-    def add_loss(batch: Any, logits: Tensor, out_lens: Tensor) -> None:
-        nonlocal loss_sum, units
-        loss, n = task.summed_loss(
-            logits, out_lens, batch.targets, batch.target_lens, time_stride=model.time_stride
-        )
-        loss_sum += loss.double()
-        units += n
-
-    for _, hyps, refs in decode_batches(model, loader, task_name, device, observe=add_loss):
-        counts += task.errors(refs, hyps)
-    return counts, float(loss_sum) / max(units, 1)
-
-
 def _loader(
     dataset: UtteranceDataset, batches: Sequence[list[int]], num_workers: int, device: torch.device
 ) -> DataLoader:
@@ -387,11 +209,6 @@ def _loader(
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
     )
-
-
-def _config_changes(old: Config, new: Config) -> list[str]:
-    a, b = flatten(old), flatten(new)
-    return [f"{k}: {a[k]!r} -> {b[k]!r}" for k in a if a[k] != b[k] and k not in _RESUMABLE_CHANGES]
 
 
 def _write_history(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -405,57 +222,6 @@ def _write_history(path: Path, rows: list[dict[str, Any]]) -> None:
         writer.writeheader()
         writer.writerows(rows)
     tmp.replace(path)
-
-
-_EXAMPLES = 5
-
-
-def _targets_in(data: DataDir, utt_ids: Sequence[str]) -> set[int]:
-    """Every token id (or frame label) the utterances' targets use.
-
-    One utterance at a time: a large corpus' frame labels need not fit in memory at once.
-    """
-    used: set[int] = set()
-    for utt in utt_ids:
-        used.update(np.unique(data.targets(utt)).tolist())
-    return used
-
-
-def _check_targets(corpus: Corpus, warn: Callable[[str], None]) -> None:
-    """Training targets to learn from; dev targets training never shows are named.
-
-    Raises:
-        DataError: When every training transcript is empty, or (frame task) a dev
-            label is beyond the classes the training labels define.
-    """
-    frame = corpus.train.labels is not None
-    seen = _targets_in(corpus.train, corpus.train_ids)
-    if not seen:
-        what = "label sequences" if frame else "transcripts"
-        raise DataError(
-            f"{corpus.train.path}: all {len(corpus.train_ids)} training {what} are empty, so there "
-            f"is nothing to learn; give training data with transcribed utterances"
-        )
-    unseen = sorted(_targets_in(corpus.dev, corpus.dev_ids) - seen)
-    if not unseen:
-        return
-    symbols = corpus.token_symbols
-    if frame:
-        beyond = [label for label in unseen if label >= len(symbols)]
-        if beyond:
-            raise DataError(
-                f"{corpus.dev.path}: {len(beyond)} dev labels ({', '.join(map(str, beyond[:_EXAMPLES]))}"
-                f"{', ...' if len(beyond) > _EXAMPLES else ''}) are beyond the {len(symbols)} classes "
-                f"0..{len(symbols) - 1} of the training labels; train on data with every class"
-            )
-    names = [str(i) if frame else repr(symbols[i]) for i in unseen]
-    what, where = ("label", "training labels") if frame else ("token", "training transcripts")
-    many = len(unseen) > 1
-    warn(
-        f"{len(unseen)} dev {what}{'s never occur' if many else ' never occurs'} in the {where} "
-        f"({', '.join(names[:_EXAMPLES])}{', ...' if len(names) > _EXAMPLES else ''}); the model "
-        f"cannot learn {'them' if many else 'it'}, so {'they count' if many else 'it counts'} as errors"
-    )
 
 
 def _init_from(model: AcousticModel, path: Path, log: Callable[[str], None]) -> None:
@@ -495,7 +261,8 @@ def fit(
 
     Args:
         config: The resolved configuration.
-        corpus: Train and dev utterances.
+        corpus: Train and dev utterances; :func:`stagetune.corpus.load_corpus`
+            has checked their targets (:func:`stagetune.corpus.check_targets`).
         model_dir: Where checkpoints, ``history.csv`` and ``model.pt`` go.
         device: Torch device (default: cuda when available).
         num_workers: DataLoader worker processes.
@@ -523,8 +290,6 @@ def fit(
         UsageError: When ``model_dir`` is a file, a Kaldi data dir or another
             non-empty directory (see :func:`check_model_dir`), or holds a
             checkpoint of another config, data or owner.
-        DataError: When every training transcript is empty, or a frame-task dev
-            label is beyond the training classes.
     """
     device = device if isinstance(device, torch.device) else resolve_device(device)
 
@@ -566,39 +331,17 @@ def fit(
     ckpt: dict[str, Any] | None = None
     data = data_identity(corpus)
     if ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path)
-        if owner is not None and ckpt.get(OWNER_KEY) != owner:
-            raise UsageError(
-                f"{model_dir} holds a checkpoint trained for {ckpt.get(OWNER_KEY) or 'an unknown owner'}, "
-                f"not for {owner}; use a new model directory"
-            )
-        changes = _config_changes(from_dict(ckpt["config"], str(ckpt_path)), config)
-        if changes:
-            raise UsageError(
-                f"{model_dir} holds a checkpoint trained with another config ("
-                + "; ".join(changes[:5])
-                + "); use a new model directory, or the same config to resume"
-            )
-        if ckpt["feat_dim"] != corpus.feat_dim or ckpt["tokens"] != symbols:
-            raise UsageError(
-                f"{model_dir} holds a checkpoint trained on other data (feature dimension "
-                f"{ckpt['feat_dim']}, {len(ckpt['tokens'])} output symbols; this data: "
-                f"{corpus.feat_dim}, {len(symbols)}); use a new model directory, or the same "
-                f"data to resume"
-            )
-        if ckpt.get(DATA_KEY) is None:
-            written_by = ckpt.get("versions", {}).get("stagetune", "?")
-            warn(
-                f"checkpoint {ckpt_path} (written by stagetune {written_by}) does not record its "
-                f"training data; resuming without checking that this is the same data"
-            )
-        else:
-            change = data_change(ckpt[DATA_KEY], data, str(ckpt_path))
-            if change is not None:
-                raise UsageError(
-                    f"{change}; use a new model directory (or remove {ckpt_path}) to start over, or "
-                    f"the same data to resume"
-                )
+        ckpt = load_checkpoint(ckpt_path, warn)
+        check_resumable(
+            ckpt,
+            model_dir,
+            config=config,
+            feat_dim=corpus.feat_dim,
+            tokens=symbols,
+            data=data,
+            owner=owner,
+            warn=warn,
+        )
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -617,7 +360,6 @@ def fit(
     # Before any feature is read or anything written: CTC cannot learn utterances
     # the time stride leaves too few output frames, and would say nothing.
     check_feasible(config, corpus)
-    _check_targets(corpus, warn)
     # Statistics come from the training utterances only; a resumed run normalises
     # exactly as before, with what its checkpoint (loaded above) carries.
     if ckpt is not None:
@@ -665,6 +407,7 @@ def fit(
                 "versions": versions(),
             },
             ckpt_path,
+            keep_previous=True,  # an unreadable checkpoint.pt falls back to checkpoint.pt.prev
         )
 
     signals = _Signals()
@@ -699,7 +442,7 @@ def fit(
                     schedule=scheduler,
                     start_loss_sum=state["loss_sum"],
                 )
-            except _Stop as stop:
+            except EpochStopped as stop:
                 signals.acted = True
                 bar.close()
                 state["batch"], state["loss_sum"] = stop.batches_done, stop.loss_sum

@@ -1,0 +1,167 @@
+"""One epoch of training, and decoding for validation: ``train_one_epoch``, ``validate``.
+
+:func:`stagetune.training.fit` runs these epoch after epoch; ``stagetune
+evaluate`` decodes through :func:`decode_batches` too, so its figures agree with
+validation's.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from stagetune.augment import augment_batch, augmentation_enabled
+from stagetune.config import Config
+from stagetune.metrics import ErrorCounts
+from stagetune.model import TASKS, AcousticModel
+from stagetune.schedule import LearningRateSchedule
+
+__all__ = ["EpochStopped", "train_one_epoch", "decode_batches", "validate"]
+
+
+def _batch_seed(seed: int, epoch: int, batch: int) -> int:
+    """Torch's seed for a batch: a run resumed mid-epoch draws what an uninterrupted one does."""
+    return (seed * 1_000_003 + epoch * 10_007 + batch) % (2**63 - 1)
+
+
+class EpochStopped(Exception):
+    """``should_stop()`` turned true mid-epoch, after ``batches_done`` batches.
+
+    Raised by :func:`train_one_epoch`; :func:`stagetune.training.fit` saves a
+    mid-epoch checkpoint from ``batches_done`` and ``loss_sum``.
+    """
+
+    def __init__(self, batches_done: int, loss_sum: float) -> None:
+        super().__init__(batches_done)
+        self.batches_done = batches_done
+        self.loss_sum = loss_sum
+
+
+def train_one_epoch(
+    model: AcousticModel,
+    loader: Any,
+    optimizer: torch.optim.Optimizer,
+    config: Config,
+    *,
+    epoch: int,
+    first_batch: int = 0,
+    device: torch.device,
+    scaler: torch.amp.GradScaler | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+    progress: tqdm | None = None,
+    schedule: LearningRateSchedule | None = None,
+    start_loss_sum: float = 0.0,
+) -> tuple[float, int]:
+    """Train over ``loader`` (batches ``first_batch`` onwards of this epoch).
+
+    Each :class:`Batch` holds feats (B, T, F), feat_lens (B,), targets (B, U)
+    and target_lens (B,).  Returns (sum of batch losses, frames seen), the sum
+    starting from ``start_loss_sum`` (the earlier batches' sum when resuming
+    mid-epoch, so it adds up in the same order as an uninterrupted epoch).
+    Raises ``EpochStopped`` between batches when ``should_stop()`` turns true.
+    """
+    task = TASKS[config.model.task]
+    t = config.training
+    model.train()
+    augment = augmentation_enabled(t)
+    use_amp = scaler is not None
+    loss_sum = torch.full((), start_loss_sum, device=device)
+    frames = 0
+    for index, batch in enumerate(loader, start=first_batch):
+        seed = _batch_seed(t.seed, epoch, index)
+        torch.manual_seed(seed)
+        batch = batch.to(device)
+        feats = batch.feats
+        if augment:
+            gen = torch.Generator().manual_seed(seed)
+            feats = augment_batch(feats, batch.feat_lens, t, gen)
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, enabled=use_amp):
+            logits, out_lens = model(feats, batch.feat_lens)
+            loss = task.loss(
+                logits, out_lens, batch.targets, batch.target_lens, time_stride=model.time_stride
+            )
+        if use_amp:
+            scaler.scale(loss).backward()
+            if t.clip_grad_norm > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            if t.clip_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad_norm)
+            optimizer.step()
+        if schedule is not None:
+            schedule.step()
+        loss_sum += loss.detach()
+        frames += int(batch.feat_lens.sum())
+        if progress is not None:
+            progress.update(1)
+        if should_stop():
+            raise EpochStopped(index + 1, float(loss_sum))
+    return float(loss_sum), frames
+
+
+def decode_batches(
+    model: AcousticModel,
+    batches: Iterable[Any],
+    task_name: str,
+    device: torch.device,
+    decode: Callable[[Tensor, Tensor], list[list[int]]] | None = None,
+    observe: Callable[[Any, Tensor, Tensor], None] | None = None,
+) -> Iterator[tuple[Any, list[list[int]], list[list[int]]]]:
+    """Run ``model`` (in eval mode) over ``batches``; yield ``(batch, hypotheses, references)``.
+
+    Args:
+        decode: ``(logits, out_lens) -> hypotheses``; default the task's greedy decoder.
+        observe: Called with ``(batch, logits, out_lens)`` of every batch before
+            it is decoded; logits are ``(B, T', C)``.
+
+    Validation during training and ``stagetune evaluate`` both decode and score
+    through here, so their figures agree.
+    """
+    task = TASKS[task_name]
+    decode = decode or task.decode
+    model.eval()
+    for batch in batches:
+        batch = batch.to(device)
+        logits, out_lens = model(batch.feats, batch.feat_lens)
+        if observe is not None:
+            observe(batch, logits, out_lens)
+        refs = task.references(batch.targets, batch.target_lens, out_lens, time_stride=model.time_stride)
+        yield batch, decode(logits, out_lens), refs
+
+
+@torch.no_grad()
+def validate(
+    model: AcousticModel, loader: Any, task_name: str, device: torch.device
+) -> tuple[ErrorCounts, float]:
+    """Decode ``loader`` greedily, count errors and compute the loss per unit.
+
+    Returns:
+        ``(counts, dev_loss)``: the error counts, and the task's loss summed
+        over every utterance divided by the summed units
+        (:meth:`Task.summed_loss`: target tokens for CTC, labelled output
+        frames for the frame task), so padding and batching do not change it.
+    """
+    task = TASKS[task_name]
+    counts = ErrorCounts()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    units = 0
+
+    def add_loss(batch: Any, logits: Tensor, out_lens: Tensor) -> None:
+        nonlocal loss_sum, units
+        loss, n = task.summed_loss(
+            logits, out_lens, batch.targets, batch.target_lens, time_stride=model.time_stride
+        )
+        loss_sum += loss.double()
+        units += n
+
+    for _, hyps, refs in decode_batches(model, loader, task_name, device, observe=add_loss):
+        counts += task.errors(refs, hyps)
+    return counts, float(loss_sum) / max(units, 1)
