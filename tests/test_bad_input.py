@@ -149,6 +149,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     trained = stagetune(root, *sets(*SMALL), "train", "--threads", "1", "--quiet", train, model)
     assert trained.returncode == 0, trained.stderr
     db = root / "db" / "optim.db"
+    db.parent.mkdir()  # optim init creates the database file, not its directory
     spec = create_study(
         f"sqlite:///{db}", STUDY, train, overrides=SMALL,
         whitelist=[re.escape(name) for name in LR_DOMINATED], num_trials=3,
@@ -471,6 +472,44 @@ CASES = [
     Case("init dev dir and dev proportion", lambda w: ["optim", f"sqlite:///{w.tmp}/new.db", "init", w.train,
                                                        "--dev-dir", w.dev, "--dev-proportion", "0.1"],
          2, "not allowed with argument"),
+    Case("run --gpus with --device cpu", lambda w: ["optim", "--study-name", STUDY, w.url, "run", "--gpus", "0,1"],
+         2, "--gpus 0,1 gives each worker a GPU, but --device cpu is no GPU; drop --gpus, or give --device cuda"),
+    Case("run --gpus without ids", lambda w: ["optim", "--study-name", STUDY, w.url, "run", "--gpus", ","],
+         2, "--gpus ',': expected comma-separated GPU ids"),
+    # -- global options where they do nothing, or after the command -----------------------------
+    Case("--set before optim run", lambda w: ["--set", "training.num_epochs=3", "optim", "--study-name", STUDY,
+                                              w.url, "run"],
+         2, "--set has no effect on optim run: a study's configuration is the one optim init stored; "
+            "--set goes with train, optim init or optim best"),
+    Case("--set after optim status", lambda w: ["optim", "--study-name", STUDY, w.url, "status",
+                                                "--set", "training.num_epochs=3"],
+         2, "--set has no effect on optim status"),
+    Case("--read-ini before optim important", lambda w: ["--read-ini", w.file("a.ini", "[training]\n"), "optim",
+                                                         "--study-name", STUDY, w.url, "important"],
+         2, "--read-ini has no effect on optim important"),
+    Case("--read-ini before optim best", lambda w: ["--read-ini", w.file("a.ini", "[training]\n"), "optim",
+                                                    "--study-name", STUDY, w.url, "best"],
+         2, "--read-ini has no effect on optim best: its output is the best trial's configuration"),
+    Case("--set before evaluate", lambda w: ["--set", "training.num_epochs=3", "evaluate", w.model_pt, w.train],
+         2, "--set has no effect on evaluate: MODEL_PT holds the configuration it was trained with"),
+    Case("--read-ini after prep", lambda w: ["prep", w.copy(w.wavs, "wavs"), "--read-ini", w.file("a.ini", "")],
+         2, "--read-ini has no effect on prep"),
+    Case("--set after train is read", lambda w: ["train", "--threads", "1", w.train, w.model_dir,
+                                                 "--set", "training.epochs=3"],
+         2, "unknown parameter 'training.epochs'"),
+    # -- study names ----------------------------------------------------------------------------
+    Case("empty study name", lambda w: ["optim", "--study-name", "", w.url, "status"],
+         2, "--study-name is empty"),
+    Case("study name with a path", lambda w: ["optim", "--study-name", "a/b/../c", w.url, "run"],
+         2, "--study-name 'a/b/../c' holds a path separator; a study name also names its checkpoint directory"),
+    Case("study name ..", lambda w: ["optim", "--study-name", "..", f"sqlite:///{w.tmp}/new.db", "init", w.train],
+         2, "--study-name '..' is not a name"),
+    Case("study name with a backslash", lambda w: ["optim", "--study-name", "a\\b", w.url, "important"],
+         2, "holds a path separator"),
+    Case("study name with a control character", lambda w: ["optim", "--study-name", "a\tb", w.url, "best"],
+         2, "--study-name 'a\\tb' holds a control character"),
+    Case("empty --from-study", lambda w: ["optim", f"sqlite:///{w.tmp}/new.db", "init", "--from-study", ""],
+         2, "--from-study is empty"),
     Case("init again with other settings", lambda w: [*sets(*SMALL), "optim", "--study-name", STUDY, w.url,
                                                       "init", w.train, "--num-trials", "99"],
          2, "exists with other settings"),

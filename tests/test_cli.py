@@ -160,6 +160,21 @@ def test_print_ini_reads_back_equal(tmp_path: Path) -> None:
     assert "learning_rate = 0.5\n" in third.stdout
 
 
+def test_global_options_after_the_command_accumulate_in_order(tmp_path: Path) -> None:
+    ini = tmp_path / "late.ini"
+    ini.write_text("[training]\nlearning_rate = 0.02\nseed = 9\n")
+    # --print-ini shows what train would read; train's paths are not looked at.
+    result = stagetune(*sets("training.num_epochs=2", "training.seed=1"), "--print-ini",
+                       "train", "--set", "training.num_epochs=3", "--read-ini", ini, "--device", "cpu",
+                       tmp_path / "train", tmp_path / "model")
+    assert result.returncode == 0, result.stderr
+    # INI files first (--read-ini), then every --set in command-line order.
+    assert "\nnum_epochs = 3\n" in result.stdout
+    assert "\nseed = 1\n" in result.stdout
+    assert "\nlearning_rate = 0.02\n" in result.stdout
+    assert not (tmp_path / "model").exists()
+
+
 # -- prep, train, evaluate -------------------------------------------------------------------
 
 

@@ -56,6 +56,7 @@ MODULE_LAYERS = {
     "stagetune.optim.memory": "objective",
     "stagetune.optim.tracker": "objective",
     "stagetune.optim.estimate": "objective",
+    "stagetune.optim.duration": "objective",
     "stagetune.optim.sampling": "objective",
     "stagetune.optim.spec": "objective",
     "stagetune.optim.registry": "objective",
@@ -85,6 +86,8 @@ def layer_of(module: str) -> str:
         return "cli"
     if module.startswith("stagetune.optim."):
         return "study"  # workers, storage, analysis: everything not listed as objective
+    if module == "stagetune.plan" or module.startswith("stagetune.plan."):
+        return "study"  # plans drive studies; only the CLI is above them
     raise AssertionError(f"{module} has no layer; add it to MODULE_LAYERS in {__file__}")
 
 

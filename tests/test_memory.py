@@ -16,6 +16,7 @@ from stagetune.config import Config, with_values
 from stagetune.optim.memory import (
     AllocationTracker,
     Footprint,
+    SyntheticStep,
     allocator_peak_bytes,
     check_footprint,
     estimate_step,
@@ -205,6 +206,24 @@ def test_check_footprint_measures_once_then_uses_the_cache():
     cache[first.key] = 123
     assert check().bytes == 123
 
+
+def test_check_footprint_hands_its_measured_step_to_the_time_check_only_when_it_measures():
+    config, sizes = _config(recurrent_type="lstm", recurrent_size=32), _sizes(batch_size=2, max_frames=50)
+    cache: dict[str, int] = {}
+    seen: list[float] = []
+
+    def then(step: SyntheticStep) -> None:
+        assert isinstance(step, SyntheticStep) and step.model.training
+        seen.append(step.timed(2))
+
+    def check() -> Footprint:
+        return check_footprint(
+            config, FEAT_DIM, NUM_OUTPUTS, device="cpu", limit_bytes=None, cache=cache, then=then, **sizes
+        )
+
+    first = check()
+    assert first.method == "cpu-tracker" and len(seen) == 1 and seen[0] > 0
+    assert check().method == "cached" and len(seen) == 1  # nothing built, nothing to time
 
 def test_check_footprint_reports_a_step_above_a_tiny_limit():
     config, sizes = _config(recurrent_type="gru", recurrent_size=32), _sizes(2, 100)

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import re
+import sqlite3
 from pathlib import Path
 
+import optuna
 import pytest
 from optim_helpers import (
     LR_DOMINATED,
@@ -15,14 +20,22 @@ from optim_helpers import (
     opened_study,
     read_spec,
     study_names,
+    trial_states,
     write_speech_data,
 )
+from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 
-from stagetune.config import load_config
+from stagetune import __version__
+from stagetune.cli import main
+from stagetune.config import load_config, to_dict
+from stagetune.errors import StagetuneError
 from stagetune.optim.analysis import rank_parameters
 from stagetune.optim.metrics import LEGACY_METRIC
-from stagetune.optim.spec import SPEC_ATTR, StudySpec
+from stagetune.optim.sampling import select_tunable
+from stagetune.optim.spec import SPEC_ATTR, StudySpec, spec_differences
+from stagetune.optim.storage import storage_session
+from stagetune.optim.study import build_spec, init_study
 
 
 def _expected_name(url: str) -> str:
@@ -114,8 +127,17 @@ def test_bad_input_is_one_line_and_creates_no_study(tmp_path: Path, data: Path) 
         "bad-pruner": ([data, "--pruner", "sometimes"], 2, ["--pruner 'sometimes'", "hyperband"]),
         "bad-metric": ([data, "--metric", "wer"], 2, ["--metric 'wer'", "error, error+loss, loss"]),
         "bad-set": ([data, "--set", "training.num_epochs=zero"], 2, ["training.num_epochs", "'zero'"]),
+        "db-dir-missing": ([data], 1, [f"directory {tmp_path / 'exp'} does not exist; create it first"]),
+        "foreign-db": ([data], 1, [f"{tmp_path / 'corpus.db'} is an SQLite database of something else "
+                                   "(tables utterances, none of them optuna's)"]),
     }
     urls = {case: f"sqlite:///{tmp_path / case}.db" for case in cases}
+    urls["db-dir-missing"] = f"sqlite:///{tmp_path / 'exp' / 'optim.db'}"  # a typo, or not made yet
+    urls["foreign-db"] = f"sqlite:///{tmp_path / 'corpus.db'}"  # another tool's database
+    with contextlib.closing(sqlite3.connect(tmp_path / "corpus.db")) as connection, connection:
+        connection.execute("CREATE TABLE utterances (id TEXT PRIMARY KEY, transcript TEXT)")
+        connection.execute("INSERT INTO utterances VALUES ('a1', 'one two')")
+    foreign = (tmp_path / "corpus.db").read_bytes(), (tmp_path / "corpus.db").stat().st_mtime_ns
     results = cli_many(
         [["optim", urls[case], "init", *args] for case, (args, _, _) in cases.items()], tmp_path
     )
@@ -123,7 +145,12 @@ def test_bad_input_is_one_line_and_creates_no_study(tmp_path: Path, data: Path) 
         assert done.returncode == code, (case, done.stderr)
         assert_one_line_error(done, *needles)
         assert done.stdout == "", case
-        assert study_names(urls[case]) == [], case
+        if case != "foreign-db":
+            assert study_names(urls[case]) == [], case
+    assert not (tmp_path / "exp").exists()
+    # Not a byte written to the other tool's database, and nothing beside it (-wal, -shm, .lock).
+    assert ((tmp_path / "corpus.db").read_bytes(), (tmp_path / "corpus.db").stat().st_mtime_ns) == foreign
+    assert not list(tmp_path.glob("corpus.db?*"))
 
 
 def test_from_study_chains_a_stage(tmp_path: Path, data: Path) -> None:
@@ -215,3 +242,184 @@ def test_enqueue_base_makes_the_first_trial_the_starting_point(tmp_path: Path, d
     tuned = read_spec(url, "stage2")["tuned"]
     assert trials[0].params == {name: best[name] for name in tuned}
     assert all(t.params != trials[0].params for t in trials[1:])
+
+
+def test_a_study_of_another_minor_release_is_refused_a_newer_patch_level_joins(tmp_path: Path, data: Path) -> None:
+    major, minor, patch = (int(n) for n in re.findall(r"\d+", __version__)[:3])
+    created_by = {"minor": f"stagetune {major}.{minor + 1}.0", "patch": f"stagetune {major}.{minor}.{patch + 1}"}
+    urls = {kind: f"sqlite:///{tmp_path / kind}.db" for kind in created_by}
+    for kind, url in urls.items():  # as if that stagetune had run `optim init`
+        spec = create_study(url, "optim", data, whitelist=[r"training\.learning_rate"], num_trials=1)
+        with opened_study(url, "optim") as study:
+            study.set_user_attr(SPEC_ATTR, {**spec.to_json(), "created_by": created_by[kind]})
+
+    def run(url: str) -> list[object]:
+        return ["optim", "--study-name", "optim", url, "run", "--objective", "quadratic"]
+
+    refused, joined = cli_many([run(urls["minor"]), run(urls["patch"])], tmp_path)
+    assert refused.returncode == 1
+    assert_one_line_error(
+        refused, f"study 'optim' was created by stagetune {major}.{minor + 1}.0, this is stagetune {__version__}",
+        f"use stagetune {major}.{minor + 1}.x for it, or start a new --study-name",
+    )
+    assert trial_states(urls["minor"], "optim") == {}  # it ran nothing
+    assert joined.returncode == 0, joined.stderr
+    assert trial_states(urls["patch"], "optim") == {"COMPLETE": 1}
+    # `optim init` again from this release says the same.
+    with storage_session(urls["minor"]) as storage, pytest.raises(StagetuneError, match="was created by"):
+        init_study(storage, "optim", urls["minor"], spec, log=lambda _message: None)
+
+
+# --- derived studies: inherited settings, own selection, narrowed ranges, queued trials --------
+
+
+#: What the parent study of the derivation tests stores beyond ``create_study``'s defaults.
+_PARENT_SETTINGS = {"pruner": "median", "mem_limit_bytes": 10**9, "metric": "loss", "sampler": "random",
+                    "num_data_workers": 2, "device": "cpu"}
+
+
+@pytest.fixture(scope="module")
+def parent(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A database with study ``stage1``: 16 complete trials of LR_DOMINATED, non-default settings."""
+    tmp = tmp_path_factory.mktemp("parent")
+    url = f"sqlite:///{tmp / 'optim.db'}"
+    spec = create_study(url, "stage1", write_speech_data(tmp / "data"), whitelist=LR_DOMINATED, num_trials=16,
+                        pruner="median", mem_limit_bytes=10**9, metric="loss")
+    with opened_study(url, "stage1") as study:  # as `init --sampler random --num-data-workers 2 --device cpu`
+        study.set_user_attr(SPEC_ATTR, {**spec.to_json(), **_PARENT_SETTINGS})
+    fill_study(url, "stage1", spec, 16)
+    return url
+
+
+def _main(capsys: pytest.CaptureFixture[str], *argv: object) -> tuple[int, str, str]:
+    """``stagetune ARGV`` in this process (a derived init needs no subprocess's fresh imports)."""
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _ranked_trials(url: str, study_name: str) -> list[optuna.trial.FrozenTrial]:
+    with opened_study(url, study_name) as study:
+        return sorted(study.get_trials(states=(TrialState.COMPLETE,)), key=lambda t: (t.value, t.number))
+
+
+def test_a_derived_study_inherits_its_parents_settings_unless_given(
+    parent: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    derive = ["optim", "--study-name", "inherits", parent, "init", "--from-study", "stage1", "--top-k", "1"]
+    code, _, err = _main(capsys, *derive)
+    assert code == 0, err
+    inherited = read_spec(parent, "inherits")
+    assert {key: inherited[key] for key in _PARENT_SETTINGS} == _PARENT_SETTINGS
+    code, _, err = _main(
+        capsys, "optim", "--study-name", "own", parent, "init", "--from-study", "stage1", "--top-k", "1",
+        "--pruner", "none", "--mem-limit-bytes", 5, "--metric", "error", "--sampler", "qmc",
+        "--num-data-workers", 0, "--device", "cuda",
+    )
+    assert code == 0, err
+    own = read_spec(parent, "own")
+    assert {key: own[key] for key in _PARENT_SETTINGS} == {
+        "pruner": "none", "mem_limit_bytes": 5, "metric": "error", "sampler": "qmc", "num_data_workers": 0,
+        "device": "cuda",
+    }
+
+    # The sampler is the study's: a bare `run` uses it, `run --sampler` overrides it.
+    run = ["optim", "--study-name", "inherits", parent, "run", "--objective", "quadratic", "--n-trials", 1]
+    for more, sampler in (([], "random"), (["--sampler", "tpe"], "tpe")):
+        code, _, err = _main(capsys, *run, *more)
+        assert code == 0, err
+        assert f", sampler {sampler}" in err.splitlines()[0], err
+    # It is safe to replace, as the pruner is.
+    code, _, err = _main(capsys, *derive, "--sampler", "gp")
+    assert code == 2
+    assert "sampler: 'random' -> 'gp'" in err and "add --force to replace them" in err, err
+    code, out, err = _main(capsys, *derive, "--sampler", "gp", "--force")
+    assert code == 0 and out.startswith("updated study inherits"), err
+    assert read_spec(parent, "inherits")["sampler"] == "gp"
+
+
+def test_a_spec_without_a_sampler_samples_with_tpe(data: Path) -> None:
+    spec = build_spec(load_config(), data, whitelist=["training.learning_rate"])
+    assert spec.sampler is None and spec.sampler_name() == "tpe"
+    stored = {k: v for k, v in spec.to_json().items() if k not in ("sampler", "ranges", "narrowed_from")}
+    older = StudySpec.from_json(stored, "older")  # a spec stored before samplers were
+    assert spec_differences(older, dataclasses.replace(spec, sampler="tpe")) == []
+    assert spec_differences(older, dataclasses.replace(spec, sampler="random")) == [("sampler", "tpe", "random")]
+
+
+def test_a_derived_study_tunes_its_own_lists_over_config_files(
+    parent: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """cnn-mellin's train-sm stage: base config from PREV's best, tune training.* but a blacklist."""
+    best = _ranked_trials(parent, "stage1")[0].params
+    ini = tmp_path / "over.ini"
+    ini.write_text("[data]\nbatch_size = 4\n[training]\ndropout_prob = 0.25\n")
+    own = ["--whitelist", r"training\..*", "--blacklist", "training.num_epochs", r"training\.early_stopping_.*"]
+    code, _, err = _main(capsys, "--read-ini", ini, "optim", "--study-name", "lists", parent, "init",
+                         "--from-study", "stage1", *own)
+    assert code == 0, err
+    spec = read_spec(parent, "lists")
+    base = load_config((), [f"training.learning_rate={best['training.learning_rate']}",
+                            f"model.recurrent_type={best['model.recurrent_type']}",
+                            "training.dropout_prob=0.25", "data.batch_size=4"])
+    assert spec["tuned"] == list(select_tunable(base, own[1:2], own[3:]).tuned)
+    assert "training.learning_rate" in spec["tuned"] and "training.num_epochs" not in spec["tuned"]
+    assert spec["base_config"] == to_dict(base)  # PREV's best, then the file over it
+
+    # With --top-k the blacklist takes names out of PREV's ranking.
+    with opened_study(parent, "stage1") as study:
+        ranking = [name for name, _ in rank_parameters(study)]
+    assert ranking[0] == "training.learning_rate"
+    code, _, err = _main(capsys, "optim", "--study-name", "ranked", parent, "init", "--from-study", "stage1",
+                         "--top-k", 1, "--blacklist", "training.learning_rate")
+    assert code == 0, err
+    assert read_spec(parent, "ranked")["tuned"] == [ranking[1]]
+    code, _, err = _main(capsys, "optim", "--study-name", "both", parent, "init", "--from-study", "stage1",
+                         "--top-k", 1, "--whitelist", "training.learning_rate")
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("stagetune: error: --whitelist names what to tune"), err
+    assert "both" not in study_names(parent)
+
+
+def test_narrow_takes_the_ranges_of_the_parents_best_trials(
+    parent: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    top = _ranked_trials(parent, "stage1")[:4]  # the best quarter of 16
+    code, _, err = _main(capsys, "optim", "--study-name", "narrow", parent, "init", "--from-study", "stage1",
+                         "--whitelist", *LR_DOMINATED, "--narrow", 0.25)
+    assert code == 0, err
+    spec = read_spec(parent, "narrow")
+    numeric = ("training.learning_rate", "training.dropout_prob")
+    expected = {n: [min(t.params[n] for t in top), max(t.params[n] for t in top)] for n in numeric}
+    assert spec["ranges"] == expected  # model.recurrent_type is categorical: not narrowed
+    assert spec["narrowed_from"] == {"study": "stage1", "quantile": 0.25,
+                                     "trials": sorted(t.number for t in top)}
+    assert err.count("narrowed ") == 2, err
+    code, _, err = _main(capsys, "optim", "--study-name", "narrow", parent, "run", "--objective", "quadratic",
+                         "--n-trials", 6, "--seed", 1)
+    assert code == 0, err
+    with opened_study(parent, "narrow") as study:
+        trials = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(trials) == 6
+    for name, (low, high) in expected.items():
+        assert all(low <= t.params[name] <= high for t in trials), name
+
+
+def test_enqueue_best_queues_the_parents_best_trials_once(
+    parent: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    best = _ranked_trials(parent, "stage1")[:3]
+    code, _, err = _main(capsys, "optim", "--study-name", "queued", parent, "init", "--from-study", "stage1",
+                         "--top-k", 2, "--enqueue-base", "--enqueue-best", 3)
+    assert code == 0, err
+    tuned = read_spec(parent, "queued")["tuned"]
+    with opened_study(parent, "queued") as study:
+        queued = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
+    assert {t.state for t in queued} == {TrialState.WAITING}
+    # The base config is PREV's best trial: queued once, first.
+    assert [t.system_attrs["fixed_params"] for t in queued] == [
+        {name: t.params[name] for name in tuned} for t in best
+    ]
+    code, _, err = _main(capsys, "optim", "--study-name", "not-derived", parent, "init", "/nowhere",
+                         "--enqueue-best", 3)
+    assert code == 2 and "--enqueue-best of init go with --from-study; got --enqueue-best without" in err, err

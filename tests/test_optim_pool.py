@@ -55,6 +55,23 @@ def test_gpus_pin_one_device_per_worker(tmp_path: Path) -> None:
     # worker i sees gpus[i % 2] and nothing else
     for index, gpu in ((0, "3"), (1, "5"), (2, "3")):
         assert f"CUDA_VISIBLE_DEVICES={gpu}" in starts[index], starts
+    # Two workers on one GPU is fine for small models, but said once, before the workers start.
+    first = done.stderr.splitlines()[0]
+    assert first == (
+        "stagetune: warning: --gpus 3,5: 3 workers share 2 GPUs (worker i on GPU i mod 2); "
+        "fine for small models, else give one GPU id per worker"
+    ), done.stderr
+    assert done.stderr.count("warning") == 1, done.stderr
+
+
+def test_gpus_for_fewer_workers_says_which_stay_idle() -> None:
+    from stagetune.cli.optim import _gpu_sharing
+
+    assert _gpu_sharing(["0", "1"], 2) is None  # one GPU per worker: nothing to say
+    assert _gpu_sharing(["0"], 3).startswith("--gpus 0: 3 workers share one GPU")
+    assert _gpu_sharing(["0", "1", "2"], 1) == (
+        "--gpus 0,1,2 names 3 GPUs for 1 worker: GPUs 1,2 stay idle; add --workers 3 to use every one"
+    )
 
 
 def test_a_missing_study_is_one_error_before_any_worker_starts(tmp_path: Path) -> None:

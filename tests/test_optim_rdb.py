@@ -12,6 +12,7 @@ import optuna
 import pytest
 import sqlalchemy
 from optim_helpers import create_study, opened_study, write_speech_data
+from optuna.study import StudyDirection
 from sqlalchemy import event
 from sqlalchemy.pool import Pool
 
@@ -183,3 +184,25 @@ def test_every_kind_of_statement_failing_once_loses_and_doubles_nothing(
     assert any("retrying" in line for line in lines), lines
     # a claim cut off after creating its trial: that trial is failed and re-queued
     assert 1 <= sum("re-queued" in line for line in lines) <= states["FAIL"], lines
+
+
+def test_a_study_and_its_attributes_are_created_in_one_commit(tmp_path: Path) -> None:
+    """Contract with optuna's private models: readers never see a study without its spec."""
+    storage = open_storage(f"sqlite:///{tmp_path / 'o.db'}", heartbeat_interval=None)
+    try:
+        events: list[str] = []
+        event.listen(storage.engine, "commit", lambda conn: events.append("COMMIT"))
+        event.listen(storage.engine, "before_cursor_execute",
+                     lambda conn, cursor, statement, *rest: events.append(statement.split("(")[0].strip()))
+        storage.create_study_with_attrs("s", StudyDirection.MINIMIZE, {"spec": {"a": [1, 2]}, "n": 3})
+        inserts = [e for e in events if e.startswith("INSERT")]
+        assert events[: events.index("COMMIT")] == inserts, events  # every row, then one commit
+        assert set(inserts) == {"INSERT INTO studies", "INSERT INTO study_directions",
+                                "INSERT INTO study_user_attributes"}
+        study = optuna.load_study(study_name="s", storage=storage)
+        assert study.user_attrs == {"spec": {"a": [1, 2]}, "n": 3} and study.direction == StudyDirection.MINIMIZE
+        with pytest.raises(optuna.exceptions.DuplicatedStudyError):
+            storage.create_study_with_attrs("s", StudyDirection.MINIMIZE, {"spec": "other"})
+        assert optuna.load_study(study_name="s", storage=storage).user_attrs["spec"] == {"a": [1, 2]}
+    finally:
+        close_storage(storage)

@@ -10,9 +10,16 @@ import pytest
 from optim_helpers import cli, read_spec, write_speech_data
 
 from stagetune.config import Config, active, field_info, flatten, iter_fields, load_config, with_values
-from stagetune.errors import UsageError
+from stagetune.errors import StagetuneError, UsageError
+from stagetune.optim.analysis import narrow_ranges
 from stagetune.optim.registry import make_sampler
-from stagetune.optim.sampling import sample_config, sample_values, select_tunable
+from stagetune.optim.sampling import (
+    bounding_range,
+    distribution_args,
+    sample_config,
+    sample_values,
+    select_tunable,
+)
 from stagetune.space import Ref
 
 TUNABLE = [i.name for i in iter_fields() if i.search_space() is not None]
@@ -147,3 +154,79 @@ def test_samples_respect_conditions_and_dependent_bounds(sampler: str, num_sampl
         study.tell(trial, zlib.crc32(repr(sorted(trial.params.items())).encode()) / 2**32)
     if sampler == "random":
         assert seen_conv_layers == {1, 2, 3, 4}  # the bound was exercised at every width
+
+
+# --- narrowed ranges (optim init --narrow) -------------------------------------------------
+
+
+def test_a_bounding_range_keeps_the_declared_kind_and_bounds() -> None:
+    rate, size, layers = (field_info(n) for n in ("training.learning_rate", "model.recurrent_size",
+                                                   "model.recurrent_layers"))
+    assert bounding_range(rate, [2e-3, 1e-3, 5e-3]) == [1e-3, 5e-3]
+    assert bounding_range(size, [40, 100, 64]) == [40, 100]
+    # One value: an integer widens to its neighbours, within the declared bounds ...
+    assert bounding_range(size, [64, 64]) == [63, 65]
+    assert bounding_range(size, [16]) == [16, 17] and bounding_range(layers, [4]) == [3, 4]
+    # ... a continuous or categorical parameter, or one never seen, keeps its declared range.
+    assert bounding_range(rate, [1e-3, 1e-3]) is None
+    assert bounding_range(field_info("model.recurrent_type"), ["gru", "lstm"]) is None
+    assert bounding_range(rate, []) is None
+
+
+def test_narrowed_ranges_are_clipped_to_a_dependent_bound_when_sampling() -> None:
+    info = field_info("model.convolutional_factor_sched")  # in [1, model.convolutional_layers + 1]
+    assert isinstance(info.search_space().high, Ref)
+    ranges = {info.name: [3, 4]}
+
+    def bounds(conv_layers: int) -> tuple[int, int]:
+        kind, kwargs = distribution_args(info, {"model.convolutional_layers": conv_layers}, ranges)
+        assert kind == "int"
+        return kwargs["low"], kwargs["high"]
+
+    assert bounds(4) == (3, 4)
+    assert bounds(2) == (3, 3)
+    assert bounds(1) == (2, 2)  # wholly above the bound: the nearest value that is valid
+    assert distribution_args(info, {"model.convolutional_layers": 1})[1]["high"] == 2  # no ranges
+
+
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+def test_trials_sample_the_narrowed_ranges() -> None:
+    study = optuna.create_study(sampler=make_sampler("random", 0))
+    tuned = ["training.learning_rate", "model.recurrent_size", "model.recurrent_type"]
+    ranges = {"training.learning_rate": [1e-3, 2e-3], "model.recurrent_size": [60, 64]}
+    seen = {name: set() for name in tuned}
+    for _ in range(60):
+        trial = study.ask()
+        values = flatten(sample_config(trial, Config(), tuned, ranges))
+        for name in tuned:
+            seen[name].add(values[name])
+        study.tell(trial, 0.0)
+    assert 1e-3 <= min(seen["training.learning_rate"]) <= max(seen["training.learning_rate"]) <= 2e-3
+    assert seen["model.recurrent_size"] == {60, 61, 62, 63, 64}
+    assert seen["model.recurrent_type"] == {"lstm", "gru"}  # categorical: all its choices
+
+
+def test_narrow_ranges_spans_the_best_fraction_of_completed_trials() -> None:
+    study = optuna.create_study()
+    rate = optuna.distributions.FloatDistribution(3e-4, 3e-2, log=True)
+    kind = optuna.distributions.CategoricalDistribution(["lstm", "gru"])
+    for value, lr in [(0.5, 1e-3), (0.1, 4e-3), (0.9, 2e-2), (0.2, 2e-3), (0.3, 5e-4), (0.7, 1e-2)]:
+        study.add_trial(optuna.trial.create_trial(
+            params={"training.learning_rate": lr, "model.recurrent_type": "gru"},
+            distributions={"training.learning_rate": rate, "model.recurrent_type": kind}, value=value,
+        ))
+    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL))
+    names = ["training.learning_rate", "model.recurrent_type", "training.dropout_prob"]
+    # The best third: trials 1 and 3; a quarter still takes the least, 2 trials.
+    for quantile in (1 / 3, 0.25):
+        assert narrow_ranges(study, names, quantile) == ({"training.learning_rate": [2e-3, 4e-3]}, [1, 3])
+    assert narrow_ranges(study, names, 0.5)[0] == {"training.learning_rate": [5e-4, 4e-3]}
+    assert narrow_ranges(study, names, 1.0) == ({"training.learning_rate": [5e-4, 2e-2]}, [0, 1, 2, 3, 4, 5])
+    # Trials that --enqueue-best queues lie inside.
+    assert narrow_ranges(study, names, 0.25, at_least=3) == ({"training.learning_rate": [5e-4, 4e-3]}, [1, 3, 4])
+    with pytest.raises(UsageError, match=r"--narrow must be in \(0, 1\], got 0"):
+        narrow_ranges(study, names, 0)
+    single = optuna.create_study()
+    single.add_trial(study.trials[0])
+    with pytest.raises(StagetuneError, match="1 completed trial; --narrow needs at least 2"):
+        narrow_ranges(single, names, 0.5)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import re
+import signal
 from pathlib import Path
 
+import optuna
+import sqlalchemy
 from optim_helpers import (
     cli_many,
     create_study,
@@ -17,6 +21,9 @@ from optim_helpers import (
     write_speech_data,
 )
 
+from optuna.trial import TrialState
+
+from stagetune.optim.storage import storage_session
 from stagetune.optim.worker import WorkerOptions, run_worker
 
 
@@ -84,3 +91,54 @@ def test_running_trials_show_their_last_value_under_the_metrics_name() -> None:
         "best: none yet",
         "running: trial 4 epoch 2, dev loss 1.235, heartbeat 3 s ago",
     ]
+
+
+def test_handed_back_stale_and_failed_trials_are_told_apart(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'optim.db'}"
+    create_study(url, "optim", write_speech_data(tmp_path / "data"), whitelist=["training.learning_rate"])
+    # Trial 0: its worker gets SIGTERM, checkpoints and hands it back (retry: trial 1).
+    worker = start_cli(["optim", "--study-name", "optim", url, "run", "--objective", "sleep",
+                        "--sleep-seconds", "60"], tmp_path, tmp_path / "worker.log")
+    try:
+        wait_for("a running trial", lambda: trial_states(url, "optim")["RUNNING"] == 1, interval=0.1)
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=60) == 143  # 128 + SIGTERM
+        assert "1 handed back" in (tmp_path / "worker.log").read_text()
+    finally:
+        stop_group(worker)
+    # Trial 2: its worker died an hour ago; the next worker's sweep fails it and queues a
+    # retry (trial 4). Trial 3: failed by itself, an error in training.
+    retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3)
+    with storage_session(url, heartbeat_interval=1, heartbeat_stale_trial_callback=retry) as storage:
+        study = optuna.load_study(study_name="optim", storage=storage)
+        dead, failed = (storage.create_new_trial(study._study_id) for _ in range(2))
+        storage.record_heartbeat(dead)
+        with storage.engine.begin() as connection:
+            connection.execute(sqlalchemy.text("UPDATE trial_heartbeats SET heartbeat = :t WHERE trial_id = :id"),
+                               {"t": datetime.datetime(2000, 1, 1), "id": dead})
+        storage.set_trial_state_values(failed, TrialState.FAIL)
+        optuna.storages.fail_stale_trials(study)
+
+    status = ["optim", "--study-name", "optim", url, "status"]
+    text, as_json = cli_many([status, [*status, "--json"]], tmp_path)
+    assert text.returncode == as_json.returncode == 0, text.stderr + as_json.stderr
+    assert text.stdout.splitlines()[2] == "trials: 1 handed back, 1 stale, 1 FAIL, 2 WAITING"
+    data = json.loads(as_json.stdout)
+    assert {k: v for k, v in data["states"].items() if v} == {"FAIL": 3, "WAITING": 2}  # as optuna has them
+    assert data["fail_kinds"] == {"handed_back": 1, "stale": 1, "failed": 1}
+
+
+def test_a_trial_cut_off_while_claimed_counts_as_stale() -> None:
+    """Re-queued without ever beating: its claim was cut off (the worker died), not handed back."""
+    from stagetune.optim.status import fail_kinds
+
+    def trial(number: int, state: TrialState, history: list[int]) -> optuna.trial.FrozenTrial:
+        frozen = optuna.trial.create_trial(state=state, value=None if state != TrialState.COMPLETE else 1.0,
+                                           system_attrs={"retry_history": history} if history else None)
+        frozen.number, frozen._trial_id = number, number + 100
+        return frozen
+
+    trials = [trial(0, TrialState.FAIL, []), trial(1, TrialState.FAIL, []),
+              trial(2, TrialState.COMPLETE, [0]), trial(3, TrialState.WAITING, [1])]
+    assert fail_kinds(trials, beating={0, 2}) == {0: "handed_back", 1: "stale"}
+    assert fail_kinds(trials[:2]) == {0: "failed", 1: "failed"}  # never re-queued

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
 import threading
 import time
+import uuid
 import warnings
 from pathlib import Path
 
@@ -288,14 +291,52 @@ def test_create_false_refuses_a_database_without_study(make_storage_url) -> None
 
 
 def test_sqlite_uses_wal_and_a_busy_timeout(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path}/new/dirs/optim.db"
+    url = f"sqlite:///{tmp_path}/optim.db"
     with storage_session(url) as storage:
         with storage.engine.connect() as connection:
             assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
             busy_ms = connection.exec_driver_sql("PRAGMA busy_timeout").scalar()
             assert busy_ms == SQLITE_BUSY_TIMEOUT_S * 1000
-    with sqlite3.connect(tmp_path / "new/dirs/optim.db") as connection:  # stored in the file
+    with sqlite3.connect(tmp_path / "optim.db") as connection:  # stored in the file
         assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+@pytest.mark.parametrize("where", ["below tmp_path", "at the filesystem root"])
+def test_sqlite_in_a_missing_directory_is_refused_not_created(tmp_path: Path, where: str) -> None:
+    directory = tmp_path / "exp" / "sm" if where == "below tmp_path" else Path("/") / f"st-missing-{uuid.uuid4().hex}"
+    url = f"sqlite:///{directory}/optim.db"
+    try:
+        with pytest.raises(StorageError) as caught:
+            open_storage(url)
+        assert str(caught.value) == (
+            f"directory {directory} does not exist; create it first (for the study database {url})"
+        )
+        assert not directory.exists() and not directory.parent.joinpath("exp").exists()
+    finally:
+        if directory.exists():  # what stagetune used to do, even at /
+            shutil.rmtree(directory)
+
+
+def test_sqlite_database_of_something_else_is_refused_and_left_as_it_was(tmp_path: Path) -> None:
+    path = tmp_path / "corpus.db"
+    with contextlib.closing(sqlite3.connect(path)) as connection, connection:
+        for n in range(7):
+            connection.execute(f"CREATE TABLE table{n} (id INTEGER PRIMARY KEY, value TEXT)")
+    before = path.read_bytes(), path.stat().st_mtime_ns
+    for create in (True, False):
+        with pytest.raises(StorageError) as caught:
+            open_storage(f"sqlite:///{path}", create=create)
+        assert str(caught.value) == (
+            f"{path} is an SQLite database of something else (tables table0, table1, table2, table3, "
+            "table4, ..., none of them optuna's); stagetune keeps its studies in a file of their own: "
+            "choose another DB_URL"
+        )
+    assert (path.read_bytes(), path.stat().st_mtime_ns) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["corpus.db"]  # no -wal, -shm or .lock beside it
+    # An empty file (``touch optim.db``) is a new database, not another tool's.
+    (tmp_path / "optim.db").touch()
+    with storage_session(f"sqlite:///{tmp_path / 'optim.db'}") as storage:
+        assert storage.get_all_studies() == []
 
 
 def test_sqlite_open_waits_for_another_writer(tmp_path: Path) -> None:

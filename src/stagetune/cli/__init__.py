@@ -14,12 +14,28 @@ import sys
 from typing import NoReturn, Sequence
 
 from stagetune import __version__
-from stagetune.errors import StagetuneError
+from stagetune.cli._common import add_global_options, merge_late_global_options
+from stagetune.errors import StagetuneError, UsageError
 
 __all__ = ["main", "build_parser", "COMMAND_MODULES"]
 
 #: Sub-command modules, in the order ``--help`` lists them.
-COMMAND_MODULES = ("prep", "train", "evaluate", "optim")
+COMMAND_MODULES = ("prep", "train", "evaluate", "optim", "plan")
+
+#: The commands that read ``--read-ini``/``--set``; anywhere else they would do nothing.
+_CONFIG_READERS = {
+    "--read-ini": ("train", "optim init"),
+    "--set": ("train", "optim init", "optim best"),
+}
+#: Why a command reads no configuration (by command, else by its top-level command);
+#: a command in neither table is not checked.
+_WHY_NO_CONFIG = {
+    "prep": "it computes features and reads no model configuration",
+    "evaluate": "MODEL_PT holds the configuration it was trained with",
+    "optim": "a study's configuration is the one optim init stored",
+    "optim best": "its output is the best trial's configuration (its --set edits that)",
+    "plan": "the plan file declares every stage's configuration",
+}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -39,30 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Staged hyperparameter search for PyTorch speech models on Kaldi data.",
     )
     parser.add_argument("--version", action="version", version=f"stagetune {__version__}")
-    parser.add_argument(
-        "--read-ini",
-        metavar="FILE",
-        action="append",
-        default=[],
-        help="read configuration from this INI file (repeatable; later files win)",
-    )
-    parser.add_argument(
-        "--set",
-        metavar="SECTION.KEY=VALUE",
-        dest="overrides",
-        action="append",
-        default=[],
-        help="override one configuration value (repeatable; applied after --read-ini)",
-    )
+    add_global_options(parser)
     parser.add_argument(
         "--print-ini",
         action="store_true",
         help="print the full resolved configuration, every field documented, and exit",
-    )
-    parser.add_argument(
-        "--device",
-        default=None,
-        help="torch device for training (cpu, cuda, cuda:1); default: cuda if available",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
@@ -74,6 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``stagetune`` console script; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    merge_late_global_options(args)
     try:
         if args.print_ini:
             from stagetune.config import load_config, write_ini
@@ -83,6 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not getattr(args, "func", None):
             parser.print_help(sys.stderr)
             return 2
+        _refuse_unread_config(args)
         return int(args.func(args) or 0)
     except StagetuneError as exc:
         print(f"stagetune: error: {exc}", file=sys.stderr)
@@ -90,6 +89,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("stagetune: interrupted", file=sys.stderr)
         return 130
+
+
+def _refuse_unread_config(args: argparse.Namespace) -> None:
+    """``--read-ini``/``--set`` given to a command that would silently ignore them.
+
+    Raises:
+        UsageError: Naming the commands the option belongs to.
+    """
+    command = args.command
+    if command == "optim":
+        if not args.optim_command:
+            return  # `optim` reports the missing command
+        command = f"optim {args.optim_command}"
+    for flag, given in (("--read-ini", args.read_ini), ("--set", args.overrides)):
+        readers = _CONFIG_READERS[flag]
+        why = _WHY_NO_CONFIG.get(command) or _WHY_NO_CONFIG.get(args.command)
+        if given and command not in readers and why:
+            raise UsageError(
+                f"{flag} has no effect on {command}: {why}; {flag} goes with "
+                f"{', '.join(readers[:-1])} or {readers[-1]} (before or after the command)"
+            )
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -6,8 +6,11 @@ import argparse
 import math
 import os
 from pathlib import Path
+from typing import Any
 
 __all__ = [
+    "add_global_options",
+    "merge_late_global_options",
     "add_threads_argument",
     "set_threads",
     "default_threads",
@@ -18,6 +21,75 @@ __all__ = [
     "check_output_file",
     "write_output_file",
 ]
+
+
+#: The global options: flag -> (dest, default before the command, add_argument keywords).
+_GLOBAL_OPTIONS: dict[str, tuple[str, Any, dict[str, Any]]] = {
+    "--read-ini": (
+        "read_ini",
+        [],
+        {
+            "metavar": "FILE",
+            "action": "append",
+            "help": "read configuration from this INI file (repeatable; later files win)",
+        },
+    ),
+    "--set": (
+        "overrides",
+        [],
+        {
+            "metavar": "SECTION.KEY=VALUE",
+            "action": "append",
+            "help": "override one configuration value (repeatable; applied after --read-ini)",
+        },
+    ),
+    "--device": (
+        "device",
+        None,
+        {"metavar": "DEVICE", "help": "torch device for training (cpu, cuda, cuda:1); default: cuda if available"},
+    ),
+}
+_LATE = "late_"
+
+
+def add_global_options(
+    parser: argparse.ArgumentParser, *, after_command: bool = False, skip: tuple[str, ...] = ()
+) -> None:
+    """``--read-ini``, ``--set`` and ``--device``, before the command or after it.
+
+    After a command they fill ``late_*`` attributes, absent unless given (argparse
+    parses a sub-command into a namespace of its own, whose values would replace
+    those given before the command); :func:`merge_late_global_options` appends them.
+
+    Args:
+        parser: The top-level parser, or a command's.
+        after_command: ``parser`` is a command's.
+        skip: Flags the command defines itself (``optim init --set``).
+    """
+    target: Any = parser
+    if after_command:
+        target = parser.add_argument_group("global options (also accepted before the command)")
+    for flag, (dest, default, keywords) in _GLOBAL_OPTIONS.items():
+        if flag in skip:
+            continue
+        if after_command:
+            target.add_argument(flag, dest=_LATE + dest, default=argparse.SUPPRESS, **keywords)
+        else:
+            target.add_argument(flag, dest=dest, default=default, **keywords)
+
+
+def merge_late_global_options(args: argparse.Namespace) -> None:
+    """Fold global options given after the command into those given before it.
+
+    Repeatable ones accumulate in command-line order; a single value given after
+    the command wins.
+    """
+    for dest, default, keywords in _GLOBAL_OPTIONS.values():
+        if not hasattr(args, _LATE + dest):
+            continue
+        late = getattr(args, _LATE + dest)
+        delattr(args, _LATE + dest)
+        setattr(args, dest, [*getattr(args, dest), *late] if keywords.get("action") == "append" else late)
 
 
 def _number(text: str, kind: type, lowest: int, what: str) -> int | float:

@@ -6,6 +6,7 @@ import argparse
 import json
 
 from stagetune.cli._common import (
+    add_global_options,
     add_threads_argument,
     check_output_file,
     set_threads,
@@ -29,6 +30,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=32, metavar="N")
     p.add_argument("--json", action="store_true", help="print the counts as JSON")
     add_threads_argument(p)
+    add_global_options(p, after_command=True)
     p.set_defaults(func=run)
 
 

@@ -6,10 +6,12 @@ import argparse
 import json
 import re
 import sys
+import unicodedata
 from pathlib import Path
 from typing import Any
 
 from stagetune.cli._common import (
+    add_global_options,
     add_threads_argument,
     check_output_file,
     non_negative_int,
@@ -48,8 +50,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     init.add_argument("--whitelist", nargs="+", default=[], metavar="REGEX", help="tune only names fully matching one of these")
     init.add_argument("--blacklist", nargs="+", default=[], metavar="REGEX", help="never tune names fully matching these")
     init.add_argument("--mem-limit-bytes", type=int, default=None, metavar="N", help="prune trials whose training step needs more")
+    init.add_argument(
+        "--time-limit", type=positive_float, default=None, metavar="SECONDS",
+        help="prune trials whose training is projected (from one timed step) to take longer",
+    )
     init.add_argument("--num-trials", type=int, default=None, metavar="N", help="finished (complete + pruned) trials to run in all")
-    init.add_argument("--pruner", default="hyperband", help="hyperband, median, successive-halving or none")
+    init.add_argument(
+        "--pruner", default=None,
+        help="hyperband (default), median, successive-halving or none; with --from-study default PREV's",
+    )
+    init.add_argument(
+        "--sampler", default=None,
+        help="what `optim run` samples with unless given its own --sampler: tpe (default), random, gp, "
+        "cmaes, nsgaii or qmc; with --from-study default PREV's",
+    )
     init.add_argument(
         "--metric",
         default=None,
@@ -57,21 +71,45 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         f"(dev error rate; dev loss per token or frame; the error with the loss as tie-breaker); "
         f"default {DEFAULT_METRIC}, or PREV's with --from-study",
     )
-    init.add_argument("--num-data-workers", type=non_negative_int, default=0, metavar="N")
+    init.add_argument(
+        "--num-data-workers", type=non_negative_int, default=None, metavar="N",
+        help="DataLoader workers per trial (default 0; with --from-study PREV's)",
+    )
     init.add_argument("--force", action="store_true", help="replace settings that do not invalidate trials")
     init.add_argument(
         "--enqueue-base", action="store_true",
         help="a new study's first trial is the base config (with --from-study: PREV's best)",
     )
-    init.add_argument("--from-study", metavar="PREV", help="chain: whitelist from PREV's importance, base config from PREV's best")
+    init.add_argument(
+        "--from-study", metavar="PREV",
+        help="chain: base config from PREV's best (--read-ini and --set apply over it), tune PREV's most "
+        "important parameters (or what --whitelist/--blacklist select); unset settings are PREV's",
+    )
     init.add_argument("--top-k", type=int, default=None, metavar="K", help="with --from-study: the K most important parameters")
     init.add_argument("--threshold", type=float, default=None, metavar="T", help="with --from-study: parameters with importance >= T")
     init.add_argument("--independent", action="store_true", help="with --from-study: each value by lowest median error")
     init.add_argument("--evaluator", default="ped-anova", help="with --from-study: importance evaluator")
+    init.add_argument(
+        "--narrow", type=float, default=None, metavar="Q",
+        help="with --from-study: numeric ranges narrow to the bounding box of PREV's best Q of completed trials "
+        "(0 < Q <= 1; at least 2 trials, and those of --enqueue-best); categorical ones stay",
+    )
+    init.add_argument(
+        "--enqueue-best", type=positive_int, default=None, metavar="N",
+        help="with --from-study: a new study's first trials are PREV's N best (their values of the tuned "
+        "parameters, each once; after the base with --enqueue-base)",
+    )
     init.add_argument("--set", dest="init_set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="edit the base config")
 
-    run_p = cmds.add_parser("run", help="a worker: pull trials, train, report, prune")
-    run_p.add_argument("--sampler", default="tpe", help="tpe (default), random, gp, cmaes, nsgaii or qmc")
+    run_p = cmds.add_parser(
+        "run", help="a worker: pull trials, train, report, prune",
+        description="Pull trials until the study's budget, --n-trials or --timeout is reached (exit 0). "
+        "SIGINT/SIGTERM hand the running trial back for retry and exit 130/143, so `run && next` stops.",
+    )
+    run_p.add_argument(
+        "--sampler", default=None,
+        help="tpe, random, gp, cmaes, nsgaii or qmc; default: the study's (optim init --sampler, else tpe)",
+    )
     run_p.add_argument("--n-trials", type=int, default=None, metavar="N", help="at most N trials in this worker")
     run_p.add_argument("--timeout", type=positive_float, default=None, metavar="SECONDS", help="start no trial after this long")
     run_p.add_argument("--ckpt-dir", default="stagetune-ckpt", metavar="DIR", help="trial checkpoints (shared by all workers)")
@@ -85,7 +123,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     run_p.add_argument("--sleep-seconds", type=float, default=1.0, help="for --objective sleep")
     run_p.add_argument("--verbose", action="store_true", help="a line per epoch too")
     run_p.add_argument("--workers", type=int, default=1, metavar="N", help="run N local worker processes")
-    run_p.add_argument("--gpus", default=None, metavar="IDS", help="with --workers: comma-separated GPU ids, one per worker")
+    run_p.add_argument(
+        "--gpus", default=None, metavar="IDS",
+        help="with --workers: comma-separated GPU ids, one per worker (fewer: workers share them)",
+    )
     add_threads_argument(run_p, per_worker=True)
 
     imp = cmds.add_parser("important", help="rank parameters by importance; one dotted name per line")
@@ -106,6 +147,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     status = cmds.add_parser("status", help="trials by state, budget, best, running trials")
     status.add_argument("--json", action="store_true")
     status.add_argument("--check", action="store_true", help="exit 0 only when the budget is met")
+    for parser, own in ((init, ("--set",)), (run_p, ()), (imp, ()), (best, ("--set",)), (status, ())):
+        add_global_options(parser, after_command=True, skip=own)
     p.set_defaults(func=run)
 
 
@@ -122,68 +165,154 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.optim_command:
         raise UsageError("optim needs a command: init, run, important, best or status")
+    # Before the imports: usage errors are instant.
+    if args.study_name is not None:
+        _check_study_name(args.study_name, "--study-name")
+    if getattr(args, "from_study", None) is not None:
+        _check_study_name(args.from_study, "--from-study")
+    if args.optim_command == "run" and args.gpus is not None:
+        _gpu_ids(args.gpus)
+        if args.objective == "train":  # the benchmark objectives never touch a GPU
+            _check_gpus_device(args.gpus, args.device)
     from stagetune.optim.storage import default_study_name, warn_inline_password
 
     warning = warn_inline_password(args.url)
     if warning:
         _err(f"stagetune: warning: {warning}")
-    study_name = args.study_name or default_study_name(args.url)
+    study_name = args.study_name
+    if study_name is None:
+        study_name = default_study_name(args.url)
+        _check_study_name(study_name, "--study-name (by default the database name)")
     return _COMMANDS[args.optim_command](args, study_name)
 
 
+def _check_study_name(name: str, what: str) -> None:
+    """A study name is also a directory name (its trials' checkpoints): refuse what is no plain name.
+
+    Raises:
+        UsageError: ``name`` is empty, ``.`` or ``..``, or holds a path separator
+            or a control character.
+    """
+    from stagetune.errors import UsageError
+
+    if not name:
+        hint = "; name the study, or leave --study-name out to use the database name" if what == "--study-name" else ""
+        raise UsageError(f"{what} is empty{hint}")
+    problem = None
+    if name in (".", ".."):
+        problem = "is not a name"
+    elif "/" in name or "\\" in name:
+        problem = "holds a path separator"
+    elif any(unicodedata.category(c) == "Cc" for c in name):
+        problem = "holds a control character"
+    if problem is not None:
+        raise UsageError(
+            f"{what} {name!r} {problem}; a study name also names its checkpoint directory, "
+            f"so use letters, digits and -_. (e.g. {_plain_name(name)!r})"
+        )
+
+
+def _plain_name(name: str) -> str:
+    """A suggestion for a study name that :func:`_check_study_name` refused."""
+    plain = re.sub(r"(?:[^\w.-]|\.\.)+", "-", name).strip("-.")
+    return plain or "stage1"
+
+
 def _init(args: argparse.Namespace, study_name: str) -> int:
-    from stagetune.config import apply_overrides, load_config
+    from stagetune.config import apply_overrides, load_config, read_ini
     from stagetune.errors import UsageError
     from stagetune.optim.storage import mask_url, storage_session
     from stagetune.optim.study import init_study, load_study
 
-    chain = (args.top_k, args.threshold, args.independent)
-    if args.from_study is None and any(v not in (None, False) for v in chain):
-        raise UsageError("--top-k, --threshold and --independent of init go with --from-study")
-    if args.from_study is not None and args.read_ini:
-        raise UsageError("--from-study takes the base config from the previous study's best; drop --read-ini")
-    if args.from_study is not None and args.whitelist:
-        raise UsageError("--from-study takes the whitelist from the previous study's importance; drop --whitelist")
+    chain = {
+        "--top-k": args.top_k, "--threshold": args.threshold, "--independent": args.independent or None,
+        "--narrow": args.narrow, "--enqueue-best": args.enqueue_best,
+    }
+    given = [flag for flag, value in chain.items() if value is not None]
+    if args.from_study is None and given:
+        raise UsageError(
+            f"--top-k, --threshold, --independent, --narrow and --enqueue-best of init go with --from-study; "
+            f"got {' '.join(given)} without it"
+        )
+    ranked = args.top_k is not None or args.threshold is not None
+    if args.whitelist and ranked:
+        raise UsageError(
+            "--whitelist names what to tune, --top-k/--threshold take PREV's most important parameters: "
+            "give one or the other (--blacklist goes with both)"
+        )
+    if args.narrow is not None and not 0 < args.narrow <= 1:
+        raise UsageError(f"--narrow must be in (0, 1], got {args.narrow:g}; e.g. 0.25 for PREV's best quarter")
     spec = None
+    points: list[dict[str, Any]] = []
     if args.from_study is None:
         if args.train_dir is None:
             raise UsageError("init needs TRAIN_DIR (or --from-study to reuse a previous study's data)")
         # Arguments and data are checked before the database is opened: a mistake
         # leaves no new, empty database file behind.
         config = load_config(args.read_ini, args.overrides + args.init_set)
-        spec = _init_spec(
-            args, config, args.train_dir, args.dev_dir, args.dev_proportion,
-            args.whitelist, None, args.metric or DEFAULT_METRIC,
-        )
+        spec = _init_spec(args, config, args.train_dir, args.dev_dir, args.dev_proportion, args.whitelist)
     # --from-study reads PREV from the database, which must exist already.
     with storage_session(args.url, create=args.from_study is None) as storage:
         if spec is None:
+            import dataclasses
+
             from stagetune.optim.analysis import (
                 best_config,
+                best_points,
                 completed_in_memory,
+                narrow_ranges,
                 rank_parameters,
                 select_important,
             )
+            from stagetune.optim.sampling import drop_matching
 
             prev, prev_spec = load_study(storage, args.from_study, args.url)
-            # The same ranking `optim important` prints for PREV.
-            ranking = rank_parameters(completed_in_memory(storage, prev), evaluator=args.evaluator)
-            whitelist = [
-                re.escape(name)
-                for name in select_important(ranking, top_k=args.top_k, threshold=args.threshold)
-            ]
+            completed = completed_in_memory(storage, prev)
+            if ranked or not (args.whitelist or args.blacklist):
+                # The same ranking `optim important` prints for PREV, less the blacklisted names.
+                ranking = rank_parameters(completed, evaluator=args.evaluator)
+                kept = drop_matching([n for n, _ in ranking], args.blacklist, "--blacklist")
+                if not kept:
+                    raise UsageError(
+                        f"--blacklist leaves none of the parameters ranked in study {args.from_study!r} "
+                        f"({', '.join(n for n, _ in ranking)}); give a --whitelist instead"
+                    )
+                chosen = select_important(
+                    [(n, v) for n, v in ranking if n in kept], top_k=args.top_k, threshold=args.threshold
+                )
+                whitelist = [re.escape(name) for name in chosen]
+            else:  # what the lists select, as a study of its own would
+                whitelist = args.whitelist
             config, repairs = best_config(prev, prev_spec, independent=args.independent)
             for name, change in repairs.items():
                 _err(f"repaired {name}: {change}")
+            for path in args.read_ini:  # over PREV's best, as over the defaults without --from-study
+                config = read_ini(path, config)
             config = apply_overrides(config, args.overrides + args.init_set)
-            metric = args.metric or prev_spec.metric
             train_dir = args.train_dir or prev_spec.train_dir
             dev_dir = args.dev_dir if args.train_dir else (args.dev_dir or prev_spec.dev_dir)
             dev_prop = args.dev_proportion if args.train_dir or args.dev_dir else prev_spec.dev_proportion
-            spec = _init_spec(args, config, train_dir, dev_dir, dev_prop, whitelist, args.from_study, metric)
+            spec = _init_spec(
+                args, config, train_dir, dev_dir, dev_prop, whitelist, parent=(args.from_study, prev_spec)
+            )
+            if args.narrow is not None:
+                # PREV's trials queued by --enqueue-best lie inside the ranges (no sampler sees a
+                # value outside its distribution).
+                ranges, numbers = narrow_ranges(
+                    completed, spec.tuned, args.narrow, at_least=args.enqueue_best or 2
+                )
+                for name, (low, high) in ranges.items():
+                    _err(f"narrowed {name} to [{low:g}, {high:g}]")
+                spec = dataclasses.replace(
+                    spec,
+                    ranges=ranges,
+                    narrowed_from={"study": args.from_study, "quantile": args.narrow, "trials": numbers},
+                )
+            if args.enqueue_best is not None:
+                points = best_points(completed, spec, args.enqueue_best)
         result = init_study(
             storage, study_name, args.url, spec, force=args.force,
-            enqueue_base=args.enqueue_base, log=_err,
+            enqueue_base=args.enqueue_base, enqueue=points, log=_err,
         )
     where = mask_url(args.url)
     budget = f"{spec.num_trials} trials" if spec.num_trials else "no trial budget"
@@ -205,27 +334,45 @@ def _init_spec(
     dev_dir: str | None,
     dev_proportion: float | None,
     whitelist: list[str],
-    parent_study: str | None,
-    metric: str,
+    *,
+    parent: tuple[str, Any] | None = None,
 ) -> Any:
-    """The validated study spec of ``optim init`` (reads the data; writes nothing)."""
+    """The validated study spec of ``optim init`` (reads the data; writes nothing).
+
+    A setting not given on the command line is the ``parent`` study's (name,
+    spec), if any, else the default.
+    """
+    from stagetune.errors import UsageError
+    from stagetune.optim.registry import SAMPLERS
+    from stagetune.optim.spec import DEFAULT_SAMPLER
     from stagetune.optim.study import build_spec
 
-    return build_spec(
+    def setting(given: Any, inherited: str, default: Any) -> Any:
+        if given is not None:
+            return given
+        return getattr(parent[1], inherited) if parent is not None else default
+
+    sampler = setting(args.sampler, "sampler", None) or DEFAULT_SAMPLER
+    if sampler not in SAMPLERS:
+        raise UsageError(f"--sampler {sampler!r}: choose one of {', '.join(sorted(SAMPLERS))}")
+    spec = build_spec(
         config,
         train_dir,
         dev_dir=dev_dir,
         dev_proportion=dev_proportion if dev_dir is None else None,
         whitelist=whitelist,
         blacklist=args.blacklist,
-        mem_limit_bytes=args.mem_limit_bytes,
+        mem_limit_bytes=setting(args.mem_limit_bytes, "mem_limit_bytes", None),
         num_trials=args.num_trials,
-        pruner=args.pruner,
-        device=args.device,
-        num_data_workers=args.num_data_workers,
-        parent_study=parent_study,
-        metric=metric,
+        pruner=setting(args.pruner, "pruner", "hyperband"),
+        device=setting(args.device, "device", None),
+        num_data_workers=setting(args.num_data_workers, "num_data_workers", 0),
+        parent_study=parent[0] if parent is not None else None,
+        metric=setting(args.metric, "metric", DEFAULT_METRIC),
     )
+    spec.sampler = sampler
+    spec.time_limit_s = setting(args.time_limit, "time_limit_s", None)  # checked > 0 when parsed
+    return spec
 
 
 def _run(args: argparse.Namespace, study_name: str) -> int:
@@ -234,7 +381,7 @@ def _run(args: argparse.Namespace, study_name: str) -> int:
     from stagetune.optim.registry import SAMPLERS
     from stagetune.optim.worker import WorkerOptions, run_worker
 
-    if args.sampler not in SAMPLERS:
+    if args.sampler is not None and args.sampler not in SAMPLERS:
         raise UsageError(f"--sampler {args.sampler!r}: choose one of {', '.join(sorted(SAMPLERS))}")
     if args.objective not in OBJECTIVES:
         raise UsageError(f"--objective {args.objective!r}: choose one of {', '.join(sorted(OBJECTIVES))}")
@@ -243,6 +390,8 @@ def _run(args: argparse.Namespace, study_name: str) -> int:
             raise UsageError(f"{flag} must be >= 0, got {value}")
     if args.workers < 1:
         raise UsageError(f"--workers must be >= 1, got {args.workers}")
+    if args.gpus is not None and args.objective == "train":
+        _check_gpus_visible(args.gpus)
     if args.workers > 1 or args.gpus:
         return _run_pool(args, study_name)
     if args.objective == "train":  # quadratic and sleep workers never import torch
@@ -265,7 +414,78 @@ def _run(args: argparse.Namespace, study_name: str) -> int:
     )
     summary = run_worker(args.url, study_name, options, log=_err)
     _err(summary.line())
-    return 0
+    return summary.exit_code()  # 130/143 when interrupted: `run && next-stage` stops
+
+
+def _gpu_ids(text: str) -> list[str]:
+    """``--gpus`` as a list of ids.
+
+    Raises:
+        UsageError: It names no GPU.
+    """
+    from stagetune.errors import UsageError
+
+    gpus = [g.strip() for g in text.split(",") if g.strip()]
+    if not gpus:
+        raise UsageError(f"--gpus {text!r}: expected comma-separated GPU ids, e.g. --gpus 0,1")
+    return gpus
+
+
+def _check_gpus_device(text: str, device: str | None, study_name: str | None = None) -> None:
+    """``--gpus`` with a device that is no GPU: the workers would train on it regardless.
+
+    Args:
+        text: ``--gpus`` as given.
+        device: ``--device``, or the study's device when ``study_name`` is given.
+        study_name: Whose device it is, when not ``--device``.
+
+    Raises:
+        UsageError: ``device`` is set and no CUDA device.
+    """
+    from stagetune.errors import UsageError
+
+    if device is not None and device.split(":")[0] != "cuda":
+        whose = f"--device {device}" if study_name is None else (
+            f"study {study_name!r} trains on {device} (its optim init --device), which"
+        )
+        raise UsageError(
+            f"--gpus {text} gives each worker a GPU, but {whose} is no GPU; drop --gpus, or give --device cuda"
+        )
+
+
+def _check_gpus_visible(text: str) -> None:
+    """``--gpus`` on a node where torch sees no CUDA device would train on the CPU.
+
+    ``torch.cuda.device_count`` asks NVML where it can: CUDA stays uninitialised
+    in the pool, which forks its workers later.
+
+    Raises:
+        UsageError: No CUDA device is visible.
+    """
+    import torch
+
+    from stagetune.errors import UsageError
+
+    if torch.cuda.device_count() == 0:
+        raise UsageError(f"--gpus {text}: no CUDA device is visible here; drop --gpus to train on the CPU")
+
+
+def _gpu_sharing(gpus: list[str], workers: int) -> str | None:
+    """The warning when ``--gpus`` names fewer or more GPUs than there are workers."""
+    if len(gpus) < workers:
+        shared = "one GPU" if len(gpus) == 1 else f"{len(gpus)} GPUs"
+        return (
+            f"--gpus {','.join(gpus)}: {workers} workers share {shared} (worker i on GPU i mod {len(gpus)}); "
+            f"fine for small models, else give one GPU id per worker"
+        )
+    if len(gpus) > workers:
+        idle = gpus[workers:]
+        return (
+            f"--gpus {','.join(gpus)} names {len(gpus)} GPUs for {workers} "
+            f"worker{'' if workers == 1 else 's'}: GPU{'' if len(idle) == 1 else 's'} {','.join(idle)} "
+            f"stay{'s' if len(idle) == 1 else ''} idle; add --workers {len(gpus)} to use every one"
+        )
+    return None
 
 
 def _run_pool(args: argparse.Namespace, study_name: str) -> int:
@@ -291,7 +511,7 @@ def _run_pool(args: argparse.Namespace, study_name: str) -> int:
             worker += [flag, str(value)]
     worker += ["--keep-models"] if args.keep_models else []
     worker += ["--verbose"] if args.verbose else []
-    gpus = [g for g in (args.gpus or "").split(",") if g.strip()]
+    gpus = _gpu_ids(args.gpus) if args.gpus is not None else []
     # Imported once in the pool, shared by the forked workers (they never import more).
     preload = ["stagetune.optim.worker", *driver_modules(args.url)]
     if args.objective == "train":
@@ -301,7 +521,21 @@ def _run_pool(args: argparse.Namespace, study_name: str) -> int:
     # One clear error for a missing study or unreachable database, not one per worker.
     # The connections are closed again before forking: every worker opens its own.
     with storage_session(args.url, heartbeat_interval=None, create=False) as storage:
-        load_study(storage, study_name, args.url)
+        _, spec = load_study(storage, study_name, args.url)
+    if args.objective == "train":
+        from stagetune.optim.worker import check_device
+
+        if gpus and args.device is None:
+            _check_gpus_device(args.gpus, spec.device, study_name)
+            if spec.device is None:
+                # A worker must train on its GPU: one that cannot see it (a wrong id)
+                # fails at once rather than train on the CPU, cuda's fallback.
+                worker = ["--device", "cuda", *worker]
+        # One error before forking, rather than one from every worker.
+        check_device(study_name, spec.device, args.device)
+    sharing = _gpu_sharing(gpus, args.workers) if gpus else None
+    if sharing:
+        _err(f"stagetune: warning: {sharing}")
     return run_pool(worker, args.workers, main=main, gpus=gpus, seed=args.seed, preload=preload, out=_err)
 
 

@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from stagetune.cli._common import add_global_options
+
 __all__ = ["add_parser", "run"]
 
 
@@ -55,6 +57,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--compress", action="store_true", help="write Kaldi-compressed (lossy) feature matrices"
     )
+    add_global_options(parser, after_command=True)
     parser.set_defaults(func=run)
     return parser
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from stagetune.cli._common import add_threads_argument, non_negative_int, set_threads
+from stagetune.cli._common import add_global_options, add_threads_argument, non_negative_int, set_threads
 
 __all__ = ["add_parser", "run"]
 
@@ -29,6 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-data-workers", type=non_negative_int, default=0, metavar="N", help="DataLoader workers")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     add_threads_argument(p)
+    add_global_options(p, after_command=True)
     p.set_defaults(func=run)
 
 

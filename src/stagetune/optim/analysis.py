@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import math
 import statistics
 import warnings
 from typing import Any, Sequence
@@ -12,10 +13,11 @@ from optuna.distributions import json_to_distribution
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import text
 
-from stagetune.config import Config, field_info, flatten, with_values
+from stagetune.config import Config, active, field_info, flatten, with_values
 from stagetune.errors import StagetuneError, UsageError
 from stagetune.optim.metrics import DEV_ERROR_ATTR, DEV_LOSS_ATTR, VALUE_EPOCH_ATTR
 from stagetune.optim.registry import EVALUATORS, make_evaluator
+from stagetune.optim.sampling import bounding_range
 from stagetune.optim.spec import StudySpec
 from stagetune.space import Ref
 
@@ -28,6 +30,8 @@ __all__ = [
     "independent_values",
     "repair_dependent_bounds",
     "best_config",
+    "best_points",
+    "narrow_ranges",
 ]
 
 #: Above this many distinct values a numeric parameter is grouped into bins.
@@ -273,3 +277,62 @@ def best_config(
     repairs = repair_dependent_bounds(values)
     config = with_values(base, {k: values[k] for k in sampled})
     return apply_overrides(config, overrides), repairs
+
+
+def _ranked(study: optuna.Study) -> list[FrozenTrial]:
+    """Completed trials, best (lowest value) first; ties by trial number."""
+    return sorted(_completed(study), key=lambda t: (float(t.value), t.number))
+
+
+def best_points(study: optuna.Study, spec: StudySpec, count: int) -> list[dict[str, Any]]:
+    """The ``count`` best completed trials as trials of a study with ``spec`` (best first).
+
+    Each is ``spec``'s base config with the trial's values of ``spec.tuned``
+    (dependent bounds repaired), given as the tuned values active in it: what
+    :func:`~stagetune.optim.study.base_params` gives for the base config.  Trials
+    that agree on these values appear once.
+    """
+    if count < 1:
+        raise UsageError(f"--enqueue-best must be >= 1, got {count}")
+    base = flatten(spec.config())
+    points: list[dict[str, Any]] = []
+    for trial in _ranked(study)[:count]:
+        values = dict(base)
+        values.update({n: trial.params[n] for n in spec.tuned if n in trial.params})
+        repair_dependent_bounds(values)
+        point = {n: values[n] for n in spec.tuned if active(field_info(n), values)}
+        if point not in points:
+            points.append(point)
+    return points
+
+
+def narrow_ranges(
+    study: optuna.Study, names: Sequence[str], quantile: float, *, at_least: int = 2
+) -> tuple[dict[str, list[int | float]], list[int]]:
+    """Ranges of ``names`` narrowed to where the study's best trials lie.
+
+    The best ``quantile`` of the completed trials (at least ``at_least``, and at
+    least 2: those queued by ``--enqueue-best`` must lie inside) give, per numeric
+    parameter, the bounding box of their values (see
+    :func:`~stagetune.optim.sampling.bounding_range`).  Categorical parameters,
+    and those the best trials never sampled, keep their declared ranges.
+
+    Returns:
+        ``{name: [low, high]}``, and the numbers of the trials the box spans.
+    """
+    if not 0 < quantile <= 1:
+        raise UsageError(f"--narrow must be in (0, 1], got {quantile:g}; e.g. 0.25 for the best quarter")
+    trials = _ranked(study)
+    if len(trials) < 2:
+        raise StagetuneError(
+            f"study {study.study_name!r} has 1 completed trial; --narrow needs at least 2 "
+            f"(run more trials, or drop --narrow)"
+        )
+    # (A product like 0.1 * 30 may round above 3.0: its ceiling must stay 3.)
+    top = trials[: max(2, at_least, math.ceil(quantile * len(trials) - 1e-9))]
+    ranges: dict[str, list[int | float]] = {}
+    for name in names:
+        box = bounding_range(field_info(name), [t.params[name] for t in top if name in t.params])
+        if box is not None:
+            ranges[name] = box
+    return ranges, sorted(t.number for t in top)

@@ -6,11 +6,12 @@ counts twice.  Workers take a study-wide lock (a PostgreSQL advisory lock, a
 MySQL named lock, or a file lock beside a SQLite database), count slots, and
 only then ask for a trial; so with any number of workers the finished trials
 never exceed the budget, and no worker starts a trial the budget cannot use.
+``optim init`` takes the same lock to create a study, so the study, its spec
+and a queued base trial are all there before the first claim.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import threading
 import time
@@ -22,6 +23,7 @@ import optuna
 from sqlalchemy import Connection, DateTime, func, select, text
 
 from stagetune.errors import StorageError
+from stagetune.optim.storage import sqlite_file_lock
 
 __all__ = [
     "SLOT_STATES",
@@ -30,6 +32,7 @@ __all__ = [
     "count_trials",
     "count_by_state",
     "heartbeat_ages",
+    "beating_trials",
     "orphaned_trials",
 ]
 
@@ -61,13 +64,8 @@ def budget_lock(
             if not database or database == ":memory:":
                 yield
                 return
-            lock_path = Path(database).with_name(Path(database).name + ".lock")
-            with lock_path.open("a") as handle:
-                fcntl.flock(handle, fcntl.LOCK_EX)
-                try:
-                    yield
-                finally:
-                    fcntl.flock(handle, fcntl.LOCK_UN)
+            with sqlite_file_lock(Path(database)):
+                yield
             return
         with engine.connect() as conn:
             if dialect == "postgresql":
@@ -173,3 +171,12 @@ def heartbeat_ages(storage: optuna.storages.RDBStorage, study_id: int) -> dict[i
         now = conn.execute(select(func.now(type_=DateTime))).scalar().replace(tzinfo=None)
         rows = conn.execute(query, {"sid": study_id}).all()
     return {int(number): (now - beat).total_seconds() for number, beat in rows}
+
+
+def beating_trials(storage: optuna.storages.RDBStorage, study_id: int) -> set[int]:
+    """Numbers of the study's trials that ever recorded a heartbeat (any state).
+
+    A trial without one was cut off while it was being claimed (see :func:`orphaned_trials`).
+    """
+    query = "SELECT t.number, t.trial_id FROM trials t JOIN trial_heartbeats h ON h.trial_id = t.trial_id WHERE t.study_id = :sid"
+    return {int(number) for number, _ in _pairs(storage, None, query, study_id)}

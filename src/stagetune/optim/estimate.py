@@ -1,9 +1,11 @@
 """The synthetic training step, its cache key, and its meta-device estimate.
 
-:func:`run_synthetic_step` is the one step every memory figure is of: the
-model and optimizer built on a device and one training step run on the
-trial's largest batch.  :func:`footprint_key` names what changes its memory,
-and :class:`Footprint` is the figure all methods return.
+:class:`SyntheticStep` is the one step every memory figure (and the step
+time of :mod:`stagetune.optim.duration`) is of: the model and optimizer
+built on a device and a training step run on the trial's largest batch
+(:func:`run_synthetic_step` builds it and runs it once).
+:func:`footprint_key` names what changes its memory, and :class:`Footprint`
+is the figure all methods return.
 
 :func:`estimate_step` runs that step on the meta device under the tracker
 (no data, no memory), so a trial far over budget, or one that would not fit
@@ -42,6 +44,7 @@ __all__ = [
     "RecurrentCost",
     "RECURRENT_COSTS",
     "footprint_key",
+    "SyntheticStep",
     "run_synthetic_step",
     "estimate_step",
 ]
@@ -130,6 +133,93 @@ def footprint_key(
     return f"step-v{_KEY_VERSION}-{digest[:24]}"
 
 
+class SyntheticStep:
+    """A trial's model, optimizer and largest batch on a device; each call is one training step.
+
+    The batch: feats ``(batch_size, max_frames, feat_dim)`` with every length
+    ``max_frames``; CTC targets ``(batch_size, max_target_len)`` in
+    ``1..num_outputs-1``, frame targets ``(batch_size, max_frames)`` labels.
+    The optimizer state is allocated when the step is built (one step with
+    zero gradients), so every call is a steady-state step.  On the meta
+    device the feature lengths stay on the CPU (the model reads them as
+    numbers).
+
+    Args:
+        prepare: Called with the model before the optimizer is made (the
+            estimate swaps recurrent layers here).
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        feat_dim: int,
+        num_outputs: int,
+        *,
+        batch_size: int,
+        max_frames: int,
+        max_target_len: int,
+        device: torch.device | str,
+        prepare: Callable[[nn.Module], None] | None = None,
+    ) -> None:
+        device = torch.device(device)
+        _check_sizes(feat_dim, num_outputs, batch_size, max_frames, max_target_len)
+        self.config, self.device = config, device
+        lengths_device = torch.device("cpu") if device.type == "meta" else device
+        with torch.device(device):
+            self.model = build_model(config, feat_dim, num_outputs)
+        if prepare is not None:
+            prepare(self.model)
+        self.optimizer = make_optimizer(self.model, config)
+        # A step with zero gradients allocates the optimizer state up front.
+        for p in self.model.parameters():
+            p.grad = torch.zeros_like(p)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+        self.feats = torch.randn(batch_size, max_frames, feat_dim, device=device)
+        self.feat_lens = torch.full((batch_size,), max_frames, dtype=torch.long, device=lengths_device)
+        if config.model.task == "frame":
+            self.targets = torch.randint(0, num_outputs, (batch_size, max_frames), device=device)
+            self.target_lens = torch.full((batch_size,), max_frames, dtype=torch.long, device=device)
+        else:
+            # On meta, concatenated targets: unpadding them would need their values.
+            meta = device.type == "meta"
+            shape = (batch_size * max_target_len,) if meta else (batch_size, max_target_len)
+            self.targets = torch.randint(1, max(num_outputs, 2), shape, device=device)
+            self.target_lens = torch.full((batch_size,), max_target_len, dtype=torch.long, device=device)
+
+    def __call__(self) -> None:
+        """One training step, as :func:`stagetune.epoch.train_one_epoch` runs it per batch."""
+        model, optimizer, t = self.model, self.optimizer, self.config.training
+        task = TASKS[self.config.model.task]
+        optimizer.zero_grad(set_to_none=True)
+        use_amp = self.device.type == "cuda" and t.autocast
+        with torch.autocast("cuda") if use_amp else nullcontext():
+            logits, out_lens = model(self.feats, self.feat_lens)
+            loss = task.loss(logits, out_lens, self.targets, self.target_lens, time_stride=model.time_stride)
+        loss.backward()  # logits and loss stay referenced, as in train_one_epoch
+        if t.clip_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad_norm)
+        optimizer.step()
+
+    def timed(self, repeats: int = 1) -> float:
+        """Wall seconds of the fastest of ``repeats`` steps (on CUDA, idle device to finished step).
+
+        The fastest, because what slows a step down on a shared machine is
+        another process, and training pays that only while it lasts.
+        """
+        fastest = float("inf")
+        for _ in range(repeats):
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            start = time.perf_counter()
+            self()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            fastest = min(fastest, time.perf_counter() - start)
+        return fastest
+
+
 def run_synthetic_step(
     config: Config,
     feat_dim: int,
@@ -143,51 +233,18 @@ def run_synthetic_step(
 ) -> None:
     """Build the model and optimizer on ``device`` and run one step on the largest batch.
 
-    The batch: feats ``(batch_size, max_frames, feat_dim)`` with every length
-    ``max_frames``; CTC targets ``(batch_size, max_target_len)`` in
-    ``1..num_outputs-1``, frame targets ``(batch_size, max_frames)`` labels.
-    Everything is freed on return.  On the meta device the feature lengths
-    stay on the CPU (the model reads them as numbers).
-
-    Args:
-        prepare: Called with the model before the optimizer is made (the
-            estimate swaps recurrent layers here).
+    A :class:`SyntheticStep` built and called once; everything is freed on return.
     """
-    device = torch.device(device)
-    _check_sizes(feat_dim, num_outputs, batch_size, max_frames, max_target_len)
-    task = TASKS[config.model.task]
-    t = config.training
-    lengths_device = torch.device("cpu") if device.type == "meta" else device
-    with torch.device(device):
-        model = build_model(config, feat_dim, num_outputs)
-    if prepare is not None:
-        prepare(model)
-    optimizer = make_optimizer(model, config)
-    # A step with zero gradients allocates the optimizer state up front.
-    for p in model.parameters():
-        p.grad = torch.zeros_like(p)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-
-    feats = torch.randn(batch_size, max_frames, feat_dim, device=device)
-    feat_lens = torch.full((batch_size,), max_frames, dtype=torch.long, device=lengths_device)
-    if config.model.task == "frame":
-        targets = torch.randint(0, num_outputs, (batch_size, max_frames), device=device)
-        target_lens = torch.full((batch_size,), max_frames, dtype=torch.long, device=device)
-    else:
-        # On meta, concatenated targets: unpadding them would need their values.
-        meta = device.type == "meta"
-        shape = (batch_size * max_target_len,) if meta else (batch_size, max_target_len)
-        targets = torch.randint(1, max(num_outputs, 2), shape, device=device)
-        target_lens = torch.full((batch_size,), max_target_len, dtype=torch.long, device=device)
-    use_amp = device.type == "cuda" and t.autocast
-    with torch.autocast("cuda") if use_amp else nullcontext():
-        logits, out_lens = model(feats, feat_lens)
-        loss = task.loss(logits, out_lens, targets, target_lens, time_stride=model.time_stride)
-    loss.backward()  # logits and loss stay referenced, as in train_one_epoch
-    if t.clip_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad_norm)
-    optimizer.step()
+    SyntheticStep(
+        config,
+        feat_dim,
+        num_outputs,
+        batch_size=batch_size,
+        max_frames=max_frames,
+        max_target_len=max_target_len,
+        device=device,
+        prepare=prepare,
+    )()
 
 
 @dataclass(frozen=True)

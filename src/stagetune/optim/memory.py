@@ -81,6 +81,7 @@ from stagetune.optim.estimate import (
     RECURRENT_COSTS,
     Footprint,
     RecurrentCost,
+    SyntheticStep,
     estimate_step,
     footprint_key,
     run_synthetic_step,
@@ -93,6 +94,7 @@ __all__ = [
     "RecurrentCost",
     "RECURRENT_COSTS",
     "footprint_key",
+    "SyntheticStep",
     "run_synthetic_step",
     "measure_step",
     "estimate_step",
@@ -120,11 +122,17 @@ def measure_step(
     max_frames: int,
     max_target_len: int,
     device: torch.device | str,
+    then: Callable[[SyntheticStep], Any] | None = None,
 ) -> Footprint:
     """Measure one real training step's peak bytes on ``device`` (cuda or cpu).
 
     Allocates the real step: on CPU make sure it fits in RAM first
     (:func:`check_footprint` does).  The global RNG state is left untouched.
+
+    Args:
+        then: Called with the built step once the measured step has run and
+            its peak is read, outside the measurement (the time check times
+            a step here: the measured one was its warm-up).
 
     Raises:
         ValueError: For a device that is neither cuda nor cpu.
@@ -148,20 +156,31 @@ def measure_step(
         torch.cuda.reset_peak_memory_stats(index)
         try:
             with torch.random.fork_rng(devices=[index]):
-                run_synthetic_step(config, feat_dim, num_outputs, device=device, **sizes)
-            torch.cuda.synchronize(index)
-            peak = torch.cuda.max_memory_allocated(index) - baseline
+                step = SyntheticStep(config, feat_dim, num_outputs, device=device, **sizes)
+                step()
+                torch.cuda.synchronize(index)
+                peak = torch.cuda.max_memory_allocated(index) - baseline
+                seconds = time.perf_counter() - start
+                if then is not None:
+                    then(step)
+                del step
         finally:
             _release_memory(device)
     else:
         tracker = AllocationTracker()
         try:
-            with torch.random.fork_rng(devices=[]), tracker:
-                run_synthetic_step(config, feat_dim, num_outputs, device=device, **sizes)
+            with torch.random.fork_rng(devices=[]):
+                with tracker:
+                    step = SyntheticStep(config, feat_dim, num_outputs, device=device, **sizes)
+                    step()
+                peak = tracker.peak
+                seconds = time.perf_counter() - start
+                if then is not None:  # outside the tracker, which slows every operator
+                    then(step)
+                del step
         finally:
             _release_memory(device)
-        peak = tracker.peak
-    return Footprint(int(peak), _method(device), time.perf_counter() - start, key)
+    return Footprint(int(peak), _method(device), seconds, key)
 
 
 def _capacity_bytes(device: torch.device) -> int:
@@ -198,6 +217,7 @@ def check_footprint(
     device: torch.device | str,
     limit_bytes: int | None,
     cache: MutableMapping[str, int] | None = None,
+    then: Callable[[SyntheticStep], Any] | None = None,
 ) -> Footprint:
     """The step's footprint as the optimizer needs it before a trial trains.
 
@@ -214,6 +234,8 @@ def check_footprint(
     Args:
         limit_bytes: The budget (``--mem-limit-bytes``); ``None`` for none.
         cache: Architecture key -> bytes, read and written.
+        then: Passed to :func:`measure_step`; called only when the step is
+            measured (not for a cached figure or an estimate).
     """
     device = torch.device(device)
     key = footprint_key(
@@ -233,7 +255,7 @@ def check_footprint(
             footprint = estimate
     if footprint is None:
         try:
-            footprint = measure_step(config, feat_dim, num_outputs, device=device, **sizes)
+            footprint = measure_step(config, feat_dim, num_outputs, device=device, then=then, **sizes)
         except Exception as exc:  # noqa: BLE001 - only out-of-memory is an answer
             if not is_out_of_memory(exc):
                 raise

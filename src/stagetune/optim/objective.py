@@ -3,13 +3,15 @@
 ``train`` samples a config from the study spec, reuses the result of an
 identical completed trial, prunes a config whose time stride leaves some
 utterances too few output frames for CTC, checks its memory footprint against
-the budget, and otherwise trains with per-epoch reporting and pruning.  A
-trial's model dir that holds a checkpoint of another study (one deleted and
-created again under the same name) is moved aside first, never resumed.  Each
-epoch's value is the study's metric (:mod:`stagetune.optim.metrics`) of its
-dev error and dev loss; the trial's value is the lowest.  ``quadratic`` and
-``sleep`` are trivial objectives over the same search space, for benchmarks
-and tests of the search machinery.
+the budget and its projected training time against the time limit
+(:mod:`stagetune.optim.duration`), and otherwise trains with per-epoch
+reporting and pruning.  A trial's model dir that holds a checkpoint of
+another study (one deleted and created again under the same name) is moved
+aside first, never resumed.  Each epoch's value is the study's metric
+(:mod:`stagetune.optim.metrics`) of its dev error and dev loss; the trial's
+value is the lowest.  ``quadratic`` and ``sleep`` are trivial objectives
+over the same search space, for benchmarks and tests of the search
+machinery.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import zlib
 from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Iterator
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator
 
 import optuna
 
@@ -34,9 +36,21 @@ from stagetune.optim.metrics import DEV_ERROR_ATTR, DEV_LOSS_ATTR, METRICS, VALU
 from stagetune.optim.sampling import sample_config
 from stagetune.optim.spec import StudySpec
 
+if TYPE_CHECKING:  # torch stays unimported for the quadratic and sleep objectives
+    import torch
+
+    from stagetune.optim.estimate import Footprint, SyntheticStep
+
 __all__ = ["TrialContext", "OBJECTIVES", "DbCall", "original_trial_number", "FootprintCache"]
 
 FOOTPRINT_PREFIX = "stagetune_footprint:"
+#: Trial user attributes of the time check: seconds of one step on the largest
+#: batch, the projected training seconds, the limit (on a trial it pruned),
+#: and the seconds the attempt actually spent training (to compare).
+STEP_SECONDS_ATTR = "step_s"
+PROJECTED_ATTR = "projected_train_s"
+TIME_LIMIT_ATTR = "time_limit_s"
+TRAIN_SECONDS_ATTR = "train_s"
 
 #: Runs a database call ``fn`` described by ``what``; the worker's rides out outages.
 DbCall = Callable[[Callable[[], Any], str], Any]
@@ -63,6 +77,9 @@ class TrialContext:
     #: trial -> context in which its parameters are buffered and written at once at the end
     batch_params: Callable[[Any], ContextManager[None]] = lambda trial: contextlib.nullcontext()
     db: DbCall = lambda fn, what: fn()
+    #: Footprint key -> seconds of one step on the largest batch, timed by this
+    #: worker: the figure is the machine's, so it is never shared with others.
+    step_seconds: dict[str, float] = field(default_factory=dict)
     _base: Config | None = field(default=None, repr=False)
 
     @property
@@ -74,7 +91,7 @@ class TrialContext:
     def sample(self, trial: Any) -> Config:
         """The trial's config; its sampled parameters reach the database in one write."""
         with self.batch_params(trial):
-            return sample_config(trial, self.base, self.spec.tuned)
+            return sample_config(trial, self.base, self.spec.tuned, self.spec.ranges)
 
 
 class FootprintCache(MutableMapping):
@@ -202,7 +219,8 @@ def _train(ctx: TrialContext, trial: optuna.Trial) -> float:
     from stagetune.failures import is_out_of_memory
     from stagetune.feasibility import find_shortfall
     from stagetune.model import TASKS
-    from stagetune.optim.memory import check_footprint
+    from stagetune.optim.duration import TIMED_STEPS
+    from stagetune.optim.memory import check_footprint, footprint_key
     from stagetune.training import NonFiniteLoss, fit, resolve_device
 
     spec = ctx.spec
@@ -221,17 +239,28 @@ def _train(ctx: TrialContext, trial: optuna.Trial) -> float:
         raise _prune(trial, shortfall.message())
     device = resolve_device(spec.device if ctx.device is None else ctx.device)
     num_outputs = TASKS[config.model.task].num_outputs(len(spec.tokens))
+    sizes = dict(
+        batch_size=config.data.batch_size_for(len(ctx.corpus.train_ids)),
+        max_frames=spec.longest_utterance,
+        max_target_len=spec.longest_transcript,
+    )
+    key = footprint_key(config, spec.feat_dim, num_outputs, **sizes, device=device)
+    footprint = None
     if spec.mem_limit_bytes is not None:
+        timing = spec.time_limit_s is not None and key not in ctx.step_seconds
+
+        def time_it(step: SyntheticStep) -> None:  # the measured step was the warm-up
+            ctx.step_seconds[key] = step.timed(TIMED_STEPS)
+
         footprint = check_footprint(
             config,
             spec.feat_dim,
             num_outputs,
-            batch_size=config.data.batch_size_for(len(ctx.corpus.train_ids)),
-            max_frames=spec.longest_utterance,
-            max_target_len=spec.longest_transcript,
+            **sizes,
             device=device,
             limit_bytes=spec.mem_limit_bytes,
             cache=FootprintCache(ctx.study, ctx.db),
+            then=time_it if timing else None,
         )
         trial.set_user_attr("mem_bytes", int(footprint.bytes))
         trial.set_user_attr("mem_method", footprint.method)
@@ -241,6 +270,8 @@ def _train(ctx: TrialContext, trial: optuna.Trial) -> float:
                 f"memory footprint {footprint.bytes} bytes ({footprint.method}) exceeds "
                 f"--mem-limit-bytes {spec.mem_limit_bytes}",
             )
+    if spec.time_limit_s is not None:
+        _check_time(ctx, trial, config, num_outputs, device, sizes, key, footprint)
 
     best = _BestEpoch(METRICS[spec.metric], trial)
 
@@ -261,6 +292,7 @@ def _train(ctx: TrialContext, trial: optuna.Trial) -> float:
     if signum is not None:  # arrived while sampling or measuring: nothing trained yet
         raise TrainingInterrupted(f"{signal.Signals(signum).name} received before training", signum)
     _set_aside_foreign(ctx, trial, model_dir)
+    started = time.perf_counter()
     try:
         result = fit(
             config,
@@ -283,11 +315,74 @@ def _train(ctx: TrialContext, trial: optuna.Trial) -> float:
             raise _prune(trial, f"out of memory during training: {str(exc).splitlines()[0][:200]}") from None
         raise
     trial.set_user_attr("best_epoch", result.best_epoch)
+    trial.set_user_attr(TRAIN_SECONDS_ATTR, round(time.perf_counter() - started, 3))
     best.see_history(result.history)
     _cleanup(ctx, model_dir)
     if best.value is None:  # fit trains at least one epoch; never here
         raise RuntimeError(f"trial {trial.number}: training reported no epoch")
     return float(best.value)
+
+
+def _check_time(
+    ctx: TrialContext,
+    trial: optuna.Trial,
+    config: Config,
+    num_outputs: int,
+    device: torch.device | str,
+    sizes: dict[str, int],
+    key: str,
+    footprint: Footprint | None,
+) -> None:
+    """Prune a trial whose projected training time exceeds ``--time-limit``.
+
+    The step time comes from this worker's cache, from the step after the
+    memory measurement (``_train`` asked it for one), or from a step timed
+    here; the projection is stored on the trial whether or not it fits.  A
+    retry of an attempt that passed the check keeps that attempt's projection
+    (its epochs are trained already: a second timing must not undo them).
+    """
+    from stagetune.failures import is_out_of_memory
+    from stagetune.optim.duration import format_seconds, project_training, time_step
+
+    spec = ctx.spec
+    limit = spec.time_limit_s
+    inherited = trial.user_attrs.get(PROJECTED_ATTR)
+    if inherited is not None:
+        seconds, how = float(inherited), "projected by an earlier attempt of this trial"
+    else:
+        step_seconds = ctx.step_seconds.get(key)
+        if step_seconds is None and footprint is not None and footprint.method == "meta-estimate":
+            # The memory check would not run this step (larger than the free RAM): nor do we.
+            ctx.log(f"trial {trial.number}: training time not checked: its step was not run")
+            return
+        if step_seconds is None:
+            try:
+                step_seconds = time_step(config, spec.feat_dim, num_outputs, device=device, **sizes)
+            except Exception as exc:  # noqa: BLE001 - only out-of-memory is an answer
+                if not is_out_of_memory(exc):
+                    raise
+                message = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+                raise _prune(trial, f"out of memory while timing a training step: {message}") from None
+            ctx.step_seconds[key] = step_seconds
+        corpus = ctx.corpus
+        train_ids, frames = set(corpus.train_ids), corpus.train.num_frames
+        projection = project_training(
+            step_seconds,
+            config,
+            train_parts=[[frames[u] for u in part if u in train_ids] for part in corpus.train.parts],
+            dev_lengths=[corpus.dev.num_frames[u] for u in corpus.dev_ids],
+            max_frames=spec.longest_utterance,
+        )
+        seconds, how = projection.seconds, projection.describe()
+        trial.set_user_attr(STEP_SECONDS_ATTR, step_seconds)
+        trial.set_user_attr(PROJECTED_ATTR, seconds)
+    ctx.log(f"trial {trial.number}: projected training time {format_seconds(seconds)} s ({how})")
+    if seconds > limit:
+        trial.set_user_attr(TIME_LIMIT_ATTR, limit)
+        raise _prune(
+            trial,
+            f"projected {format_seconds(seconds)} s of training exceeds --time-limit {limit:g} s ({how})",
+        )
 
 
 def _cleanup(ctx: TrialContext, model_dir: Path) -> None:

@@ -9,7 +9,8 @@ start-ups (about 0.9 s of CPU each); elsewhere each is a fresh ``python -m
 stagetune`` process. Nothing here opens a database or touches a GPU before
 forking (``optim run`` checks the study first and closes its connections).
 SIGTERM/SIGINT to the pool reach every worker, which checkpoint and hand their
-trials back; the pool ends with a combined summary.
+trials back; the pool ends with a combined summary and, like a single worker,
+the shell's status for the signal (130 for SIGINT, 143 for SIGTERM).
 """
 
 from __future__ import annotations
@@ -143,7 +144,8 @@ def run_pool(
         out: Where prefixed lines go.
 
     Returns:
-        0 when every worker exited 0, else the first non-zero exit status.
+        The first exit status of a worker that failed; else, when the pool was
+        interrupted, 128 + the first signal it received; else 0.
     """
     fork = can_fork() if fork is None else fork
     if fork:
@@ -172,9 +174,12 @@ def run_pool(
     for thread in threads:
         thread.start()
 
+    received: list[int] = []
+
     def forward(signum: int, frame: Any) -> None:
+        received.append(signum)
         for child in children:
-            child.signal(signal.SIGTERM)
+            child.signal(signum)  # SIGINT or SIGTERM: either hands the trial back
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -189,10 +194,15 @@ def run_pool(
         match = _DONE.search(line)
         for number, what in _COUNT.findall(match["counts"]):
             totals[what.strip()] = totals.get(what.strip(), 0) + int(number)
-    failed = [i for i, c in enumerate(codes) if c != 0]
+    # Once the pool is interrupted, a worker that ended by a signal was interrupted too.
+    interrupted = {128 + signal.SIGINT, 128 + signal.SIGTERM} if received else set()
+    failed = [i for i, c in enumerate(codes) if c != 0 and c not in interrupted]
     summary = ", ".join(f"{v} {k}" for k, v in totals.items()) or "no trials"
     out(
         f"{num_workers} workers done: {summary}"
         + (f"; workers {', '.join(f'w{i} (exit {codes[i]})' for i in failed)} failed" if failed else "")
+        + (f"; interrupted by {signal.Signals(received[0]).name}" if received else "")
     )
-    return codes[failed[0]] if failed else 0
+    if failed:
+        return codes[failed[0]]
+    return 128 + received[0] if received else 0

@@ -15,13 +15,22 @@ storage call takes a pooled connection. This subclass adds three things:
   takes no second connection (with ``pool_size=1`` that was a new connection,
   on PostgreSQL a server-side fork, for every trial).
 
+It also keeps two facts optuna does not: :meth:`StagetuneStorage.create_study_with_attrs`
+creates a study together with its user attributes (``optim init``'s spec) in one
+transaction, so nobody ever sees a study without its spec; and the heartbeat
+sweep marks each trial it finds stale (:data:`STALE_ATTR`), so ``optim status``
+tells a dead worker's trial from one handed back on SIGTERM (both are FAILed and
+re-queued).
+
 Everything else is optuna's ``RDBStorage`` unchanged; other threads (the
-heartbeat) are not affected by either.
+heartbeat) are not affected by either. This module is the one place that uses
+optuna's private RDB API (``optuna.storages._rdb``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import threading
 from typing import Any, Callable, Iterator
 
@@ -34,10 +43,19 @@ from optuna.distributions import (
 )
 from optuna.storages._rdb import models
 from optuna.storages._rdb.storage import _create_scoped_session
+from optuna.study import StudyDirection
 from sqlalchemy import Connection
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-__all__ = ["StagetuneStorage"]
+__all__ = ["StagetuneStorage", "OPTUNA_TABLES", "STALE_ATTR"]
+
+#: The tables of an optuna database (optuna's own models, plus alembic's revision table).
+OPTUNA_TABLES = frozenset(models.BaseModel.metadata.tables) | {"alembic_version"}
+
+#: Trial system attribute set by the heartbeat sweep on a trial it finds stale; its
+#: value is the trial's id, as a retry copies its original's system attributes.
+STALE_ATTR = "stagetune_stale_trial_id"
 
 _Pending = list[tuple[str, float, BaseDistribution, "BaseDistribution | None"]]
 
@@ -58,6 +76,43 @@ class StagetuneStorage(optuna.storages.RDBStorage):
         if study_id is None:
             study_id = self._study_ids[study_name] = super().get_study_id_from_name(study_name)
         return study_id
+
+    def create_study_with_attrs(
+        self, study_name: str, direction: StudyDirection, user_attrs: dict[str, Any]
+    ) -> int:
+        """Create a study with its user attributes in one transaction; its id.
+
+        Optuna's ``create_study`` then ``set_user_attr`` commit twice: a reader in
+        between sees a study without attributes.
+
+        Raises:
+            optuna.exceptions.DuplicatedStudyError: A study of that name exists.
+        """
+        try:
+            with _create_scoped_session(self.scoped_session) as session:
+                study = models.StudyModel(
+                    study_name=study_name,
+                    directions=[models.StudyDirectionModel(objective=0, direction=direction)],
+                )
+                session.add(study)
+                session.add_all(
+                    models.StudyUserAttributeModel(study=study, key=key, value_json=json.dumps(value))
+                    for key, value in user_attrs.items()
+                )
+        except IntegrityError:
+            raise optuna.exceptions.DuplicatedStudyError(
+                f"another study named {study_name!r} already exists"
+            ) from None
+        return self.get_study_id_from_name(study_name)
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        # optuna.storages.fail_stale_trials asks this, then FAILs each trial: mark them
+        # first (a FAILed trial takes no more attributes).
+        stale = super()._get_stale_trial_ids(study_id)
+        for trial_id in stale:
+            with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+                self.set_trial_system_attr(trial_id, STALE_ATTR, trial_id)
+        return stale
 
     def delete_study(self, study_id: int) -> None:
         self._study_ids = {name: i for name, i in self._study_ids.items() if i != study_id}

@@ -6,6 +6,7 @@ no parameter is named in this module.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
@@ -14,7 +15,18 @@ from stagetune.config import Config, FieldInfo, active, field_info, flatten, ite
 from stagetune.errors import UsageError
 from stagetune.space import Ref
 
-__all__ = ["Selection", "select_tunable", "sample_values", "sample_config", "distribution_args"]
+__all__ = [
+    "Selection",
+    "select_tunable",
+    "drop_matching",
+    "sample_values",
+    "sample_config",
+    "distribution_args",
+    "bounding_range",
+]
+
+#: ``{dotted name: [low, high]}``: narrowed ranges that replace declared bounds.
+Ranges = Mapping[str, Sequence[int | float]]
 
 
 @dataclass(frozen=True)
@@ -75,8 +87,22 @@ def select_tunable(
     return Selection(tuple(tuned), tuple(dropped))
 
 
-def distribution_args(info: FieldInfo, values: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
-    """``(kind, kwargs)`` for the trial's ``suggest_<kind>`` given current values."""
+def drop_matching(names: Sequence[str], patterns: Sequence[str], flag: str = "--blacklist") -> list[str]:
+    """``names`` less those fully matching one of ``patterns`` (checked as :func:`select_tunable` does)."""
+    tunable = [i.name for i in iter_fields() if i.search_space() is not None]
+    deny = _compile(patterns, flag, tunable)
+    return [n for n in names if not any(r.fullmatch(n) for r in deny)]
+
+
+def distribution_args(
+    info: FieldInfo, values: Mapping[str, Any], ranges: Ranges | None = None
+) -> tuple[str, dict[str, Any]]:
+    """``(kind, kwargs)`` for the trial's ``suggest_<kind>`` given current values.
+
+    A numeric parameter in ``ranges`` is sampled from its narrowed range, clipped
+    to its declared bounds as resolved for ``values`` (a dependent bound may be
+    tighter than the range): one wholly outside them shrinks to the nearest bound.
+    """
     space = info.search_space()
     assert space is not None, info.name
     if space.choices is not None:
@@ -87,6 +113,9 @@ def distribution_args(info: FieldInfo, values: Mapping[str, Any]) -> tuple[str, 
 
     low, high = resolve(space.low), resolve(space.high)
     high = max(low, high)
+    if ranges is not None and info.name in ranges:
+        narrow_low, narrow_high = ranges[info.name]
+        low, high = min(max(narrow_low, low), high), max(min(narrow_high, high), low)
     kwargs: dict[str, Any] = {"low": low, "high": high, "log": space.log}
     if space.step is not None:
         kwargs["step"] = space.step
@@ -97,10 +126,13 @@ def distribution_args(info: FieldInfo, values: Mapping[str, Any]) -> tuple[str, 
     return "float", {**kwargs, "low": float(low), "high": float(high)}
 
 
-def sample_values(trial: Any, base: Config, tuned: Sequence[str]) -> dict[str, Any]:
+def sample_values(
+    trial: Any, base: Config, tuned: Sequence[str], ranges: Ranges | None = None
+) -> dict[str, Any]:
     """Suggest each tuned parameter whose conditions hold, in declaration order.
 
-    ``trial`` is anything with optuna's ``suggest_int/float/categorical``.
+    ``trial`` is anything with optuna's ``suggest_int/float/categorical``;
+    ``ranges`` are a study's narrowed ranges (:attr:`StudySpec.ranges`).
     Returns only the sampled dotted names and values.
     """
     values = flatten(base)
@@ -109,7 +141,7 @@ def sample_values(trial: Any, base: Config, tuned: Sequence[str]) -> dict[str, A
     for info in iter_fields():
         if info.name not in wanted or not active(info, values):
             continue
-        kind, kwargs = distribution_args(info, values)
+        kind, kwargs = distribution_args(info, values, ranges)
         suggest = getattr(trial, f"suggest_{kind}")
         value = suggest(info.name, **kwargs)
         values[info.name] = value
@@ -117,6 +149,39 @@ def sample_values(trial: Any, base: Config, tuned: Sequence[str]) -> dict[str, A
     return sampled
 
 
-def sample_config(trial: Any, base: Config, tuned: Sequence[str]) -> Config:
+def sample_config(
+    trial: Any, base: Config, tuned: Sequence[str], ranges: Ranges | None = None
+) -> Config:
     """The base config with a trial's sampled values, validated."""
-    return with_values(base, sample_values(trial, base, tuned))
+    return with_values(base, sample_values(trial, base, tuned, ranges))
+
+
+def bounding_range(info: FieldInfo, seen: Sequence[int | float]) -> list[int | float] | None:
+    """The narrowed range of a numeric parameter: the bounding box of ``seen`` values.
+
+    The box is clipped to the declared numeric bounds (a dependent bound is applied
+    when sampling) and aligned to the declared step; integers stay integers. A box
+    of one value widens to the neighbouring steps of an integer or stepped space;
+    a continuous one keeps its declared range (None), as does a categorical one or
+    one with no value seen.
+    """
+    space = info.search_space()
+    if space is None or space.choices is not None or not seen:
+        return None
+    low, high = min(seen), max(seen)
+    step = space.step if space.step is not None else (1 if info.type is int else None)
+    if step is not None:
+        origin = space.low if not isinstance(space.low, Ref) else 0
+        low = origin + math.floor((low - origin) / step + 1e-9) * step
+        high = origin + math.ceil((high - origin) / step - 1e-9) * step
+        if low == high:
+            low, high = low - step, high + step
+    elif low == high:
+        return None
+    if not isinstance(space.low, Ref):
+        low = max(low, space.low)
+    if not isinstance(space.high, Ref):
+        high = min(high, space.high)
+    if info.type is int:
+        return [int(low), int(high)]
+    return [float(low), float(high)]

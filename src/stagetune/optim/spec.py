@@ -13,14 +13,16 @@ from stagetune.config import Config, from_dict
 from stagetune.errors import StagetuneError
 from stagetune.optim.metrics import LEGACY_METRIC, METRICS
 
-__all__ = ["SPEC_VERSION", "SPEC_ATTR", "StudySpec", "spec_differences", "SAFE_TO_REPLACE"]
+__all__ = ["SPEC_VERSION", "SPEC_ATTR", "DEFAULT_SAMPLER", "StudySpec", "spec_differences", "SAFE_TO_REPLACE"]
 
 SPEC_VERSION = 1
 #: Study user attribute holding the spec (visible in optuna-dashboard).
 SPEC_ATTR = "stagetune_spec"
 #: Fields ``optim init --force`` may change on an existing study: they do not
 #: invalidate trials already run.
-SAFE_TO_REPLACE = frozenset({"num_trials", "mem_limit_bytes", "pruner", "num_data_workers", "device"})
+SAFE_TO_REPLACE = frozenset({"num_trials", "mem_limit_bytes", "pruner", "num_data_workers", "device", "sampler", "time_limit_s"})
+#: The sampler of a study whose spec names none (one stored before specs named it).
+DEFAULT_SAMPLER = "tpe"
 
 
 @dataclass
@@ -40,6 +42,9 @@ class StudySpec:
     num_train_utterances: int
     num_dev_utterances: int
     mem_limit_bytes: int | None = None
+    #: Prune a trial whose projected training time exceeds this (``optim init
+    #: --time-limit``; see :mod:`stagetune.optim.duration`); None for no limit.
+    time_limit_s: float | None = None
     num_trials: int | None = None
     pruner: str = "hyperband"
     device: str | None = None
@@ -48,12 +53,25 @@ class StudySpec:
     #: Key of :data:`~stagetune.optim.metrics.METRICS`: what a trial's value is.
     #: A spec stored before metrics existed has none and reads as the dev error.
     metric: str = LEGACY_METRIC
+    #: Key of :data:`~stagetune.optim.registry.SAMPLERS` that ``optim run`` uses unless
+    #: given ``--sampler``; None (a spec stored before it existed) means the default.
+    sampler: str | None = None
+    #: Narrowed search ranges ``{dotted name: [low, high]}`` (``optim init --narrow``):
+    #: they replace the declared bounds; dependent bounds still apply when sampling.
+    ranges: dict[str, list[int | float]] = field(default_factory=dict)
+    #: Where :attr:`ranges` came from: ``{"study", "quantile", "trials"}`` (the parent's
+    #: trial numbers whose bounding box they are); None when nothing was narrowed.
+    narrowed_from: dict[str, Any] | None = None
     version: int = SPEC_VERSION
     created_by: str = field(default_factory=lambda: f"stagetune {__version__}")
     #: Random id of this study, drawn when its spec is built: trial checkpoints carry
     #: it, so a study deleted and created again under its name never reuses the old
     #: one's.  None in a spec stored before it existed.
     study_uid: str | None = field(default_factory=lambda: uuid.uuid4().hex)
+
+    def sampler_name(self) -> str:
+        """The sampler ``optim run`` uses by default."""
+        return self.sampler or DEFAULT_SAMPLER
 
     def config(self) -> Config:
         """The base configuration."""
@@ -97,6 +115,8 @@ def spec_differences(old: StudySpec, new: StudySpec) -> list[tuple[str, Any, Any
     """``(field, old, new)`` for every field that differs (base config per dotted name)."""
     diffs: list[tuple[str, Any, Any]] = []
     a, b = old.to_json(), new.to_json()
+    # No sampler named and the default named are the same setting.
+    a["sampler"], b["sampler"] = old.sampler_name(), new.sampler_name()
     for key in a:
         if key in _IGNORED or a[key] == b[key]:
             continue

@@ -1,17 +1,61 @@
-"""``optim status``: trials by state, budget progress, best trial, running trials."""
+"""``optim status``: trials by state, budget progress, best trial, running trials.
+
+Optuna knows one state for a trial that ended without a result, FAIL. Status tells
+three kinds apart, as they mean different things to the user:
+
+* handed back: its worker was stopped (SIGTERM/SIGINT) and queued a retry, which
+  resumes from its checkpoint;
+* stale: its worker died (no heartbeat for the grace period, or cut off while
+  claiming it); the next worker failed it and, retries permitting, queued a retry;
+* failed: the trial itself failed (an error in training), or ran out of retries.
+"""
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import optuna
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
-from stagetune.optim.budget import heartbeat_ages
+from stagetune.optim.budget import beating_trials, heartbeat_ages
 from stagetune.optim.metrics import METRICS
+from stagetune.optim.rdb import STALE_ATTR
 from stagetune.optim.spec import StudySpec
 
-__all__ = ["study_status", "format_status"]
+__all__ = ["FAIL_KINDS", "study_status", "format_status", "fail_kinds"]
+
+#: The kinds of FAIL trials, as ``study_status(...)["fail_kinds"]`` counts them and
+#: ``format_status`` labels them.
+FAIL_KINDS = {"handed_back": "handed back", "stale": "stale", "failed": "FAIL"}
+
+
+def fail_kinds(trials: list[FrozenTrial], beating: set[int] | None = None) -> dict[int, str]:
+    """The kind (a key of :data:`FAIL_KINDS`) of each FAIL trial, by trial number.
+
+    Args:
+        trials: All trials of the study (retries name the trials they retry).
+        beating: Numbers of the trials that ever recorded a heartbeat (None: all did).
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        requeued = {
+            number
+            for t in trials
+            for number in optuna.storages.RetryHeartbeatStaleTrialCallback.retry_history(t)
+        }
+    kinds: dict[int, str] = {}
+    for t in trials:
+        if t.state != TrialState.FAIL:
+            continue
+        never_beat = beating is not None and t.number not in beating
+        if t.system_attrs.get(STALE_ATTR) == t._trial_id or (t.number in requeued and never_beat):
+            kinds[t.number] = "stale"
+        elif t.number in requeued:
+            kinds[t.number] = "handed_back"
+        else:
+            kinds[t.number] = "failed"
+    return kinds
 
 
 def study_status(
@@ -26,6 +70,10 @@ def study_status(
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     best = min(complete, key=lambda t: t.value) if complete else None
     ages = heartbeat_ages(storage, study._study_id) if storage is not None else {}
+    beating = beating_trials(storage, study._study_id) if storage is not None else None
+    kinds = dict.fromkeys(FAIL_KINDS, 0)
+    for kind in fail_kinds(trials, beating).values():
+        kinds[kind] += 1
     running = [
         {
             "number": t.number,
@@ -41,6 +89,7 @@ def study_status(
         "parent_study": spec.parent_study,
         "metric": spec.metric,
         "states": by_state,
+        "fail_kinds": kinds,
         "finished": finished,
         "num_trials": spec.num_trials,
         "budget_met": spec.num_trials is not None and finished >= spec.num_trials,
@@ -52,7 +101,13 @@ def study_status(
 
 def format_status(status: dict[str, Any]) -> str:
     """Human-readable lines."""
-    states = ", ".join(f"{v} {k}" for k, v in status["states"].items() if v)
+    counts: dict[str, int] = {}
+    for state, n in status["states"].items():
+        if state == "FAIL" and "fail_kinds" in status:  # a FAIL trial may be no failure
+            counts.update({FAIL_KINDS[kind]: m for kind, m in status["fail_kinds"].items()})
+        else:
+            counts[state] = n
+    states = ", ".join(f"{n} {label}" for label, n in counts.items() if n)
     budget = status["num_trials"]
     lines = [
         f"study {status['study']}" + (f" (from {status['parent_study']})" if status["parent_study"] else ""),

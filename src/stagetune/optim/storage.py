@@ -553,3 +553,15 @@ def storage_session(url: str, **kwargs: Any) -> Iterator[StagetuneStorage]:
         yield storage
     finally:
         close_storage(storage)
+
+
+@contextlib.contextmanager
+def sqlite_file_lock(database: Path) -> Iterator[None]:
+    import fcntl
+    lock_path = database.with_name(database.name + ".lock")
+    with lock_path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

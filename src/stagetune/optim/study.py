@@ -3,22 +3,37 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import optuna
+from optuna.study import StudyDirection
 
+from stagetune import __version__
 from stagetune.config import Config, active, field_info, flatten, to_dict
 from stagetune.errors import StagetuneError, UsageError
+from stagetune.optim.budget import budget_lock
 from stagetune.optim.metrics import DEFAULT_METRIC, METRICS
+from stagetune.optim.rdb import StagetuneStorage
 from stagetune.optim.registry import PRUNERS
 from stagetune.optim.sampling import select_tunable
 from stagetune.optim.spec import SAFE_TO_REPLACE, SPEC_ATTR, StudySpec, spec_differences
 from stagetune.optim.storage import mask_url
 
-__all__ = ["InitResult", "read_spec", "load_study", "build_spec", "base_params", "init_study"]
+__all__ = [
+    "InitResult",
+    "read_spec",
+    "check_release",
+    "load_study",
+    "build_spec",
+    "base_params",
+    "init_study",
+]
+
+_RELEASE = re.compile(r"^stagetune (\d+)\.(\d+)(?:\.\S*)?$")
 
 
 @dataclass
@@ -51,16 +66,46 @@ def read_spec(storage: optuna.storages.BaseStorage, study_name: str, url: str) -
     return StudySpec.from_json(attrs.get(SPEC_ATTR), study_name)
 
 
+def check_release(spec: StudySpec, study_name: str) -> None:
+    """Refuse a study made by a stagetune of another major or minor version.
+
+    Such a release may sample, train or checkpoint differently: its trials and this
+    one's would not be comparable, and a retry could resume another's checkpoint.
+    Patch levels mix freely.
+
+    Raises:
+        StagetuneError: ``spec.created_by`` names another major.minor (or no release).
+    """
+    ours = _RELEASE.match(f"stagetune {__version__}")
+    theirs = _RELEASE.match(spec.created_by)
+    if ours is not None and theirs is not None and theirs.groups() == ours.groups():
+        return
+    which = f"stagetune {theirs[1]}.{theirs[2]}.x" if theirs is not None else "the stagetune that created it"
+    raise StagetuneError(
+        f"study {study_name!r} was created by {spec.created_by}, this is stagetune {__version__}: "
+        f"releases of another major or minor version do not share a study (their trials and "
+        f"checkpoints differ); use {which} for it, or start a new --study-name"
+    )
+
+
 def load_study(
     storage: optuna.storages.BaseStorage,
     study_name: str,
     url: str,
     *,
     sampler: optuna.samplers.BaseSampler | None = None,
+    same_release: bool = True,
 ) -> tuple[optuna.Study, StudySpec]:
-    """The study with its spec's pruner (and the given sampler)."""
+    """The study with its spec's pruner (and the given sampler).
+
+    Args:
+        same_release: Refuse a study of another stagetune major.minor version (see
+            :func:`check_release`); False for commands that only read it.
+    """
     _quiet_optuna()
     spec = read_spec(storage, study_name, url)
+    if same_release:
+        check_release(spec, study_name)
     pruner = PRUNERS[spec.pruner](spec.config().training.num_epochs)
     study = optuna.load_study(study_name=study_name, storage=storage, sampler=sampler, pruner=pruner)
     return study, spec
@@ -129,13 +174,14 @@ def base_params(spec: StudySpec) -> dict[str, object]:
 
 
 def init_study(
-    storage: optuna.storages.BaseStorage,
+    storage: StagetuneStorage,
     study_name: str,
     url: str,
     spec: StudySpec,
     *,
     force: bool = False,
     enqueue_base: bool = False,
+    enqueue: Sequence[dict[str, object]] = (),
     log: Callable[[str], None] = print,
 ) -> InitResult:
     """Create the study, or check an existing one against ``spec``.
@@ -144,26 +190,48 @@ def init_study(
     differences, unless ``force`` and every difference is safe to replace.
     ``enqueue_base`` makes a new study's first trial the base config itself (for
     a chained stage: the previous stage's best), so a stage never ends worse
-    than the point it started from.
+    than the point it started from; the trials ``enqueue`` gives (tuned values,
+    as :func:`base_params` gives them) follow it, each once.
+
+    Safe to run from many processes at once: they take the study's lock (the
+    one workers claim trials under) in turn, so exactly one creates the study
+    and the others answer as a rerun would; the study and its spec are written
+    in one transaction, and a queued base trial is there before any claim.
     """
     _quiet_optuna()
     for name, why in spec.dropped:
         log(f"not tuning {name}: {why}")
-    try:
-        study_id = storage.get_study_id_from_name(study_name)
-    except KeyError:
-        study_id = None
-    if study_id is None:
-        study = optuna.create_study(study_name=study_name, storage=storage, direction="minimize")
+    with budget_lock(storage, study_name):
         try:
-            study.set_user_attr(SPEC_ATTR, spec.to_json())
-            if enqueue_base:
-                study.enqueue_trial(base_params(spec))
-        except BaseException:
-            optuna.delete_study(study_name=study_name, storage=storage)
-            raise
-        return InitResult(study_name, "created", spec, [])
+            study_id = storage.get_study_id_from_name(study_name)
+        except KeyError:
+            try:
+                storage.create_study_with_attrs(study_name, StudyDirection.MINIMIZE, {SPEC_ATTR: spec.to_json()})
+            except optuna.exceptions.DuplicatedStudyError:  # created meanwhile, not by `optim init`
+                study_id = storage.get_study_id_from_name(study_name)
+            else:
+                queue: list[dict[str, object]] = []
+                for params in ([base_params(spec)] if enqueue_base else []) + list(enqueue):
+                    if params not in queue:
+                        queue.append(params)
+                if queue:
+                    study = optuna.load_study(study_name=study_name, storage=storage)
+                    try:
+                        for params in queue:
+                            study.enqueue_trial(params)
+                    except BaseException:
+                        optuna.delete_study(study_name=study_name, storage=storage)
+                        raise
+                return InitResult(study_name, "created", spec, [])
+        return _check_existing(storage, study_id, study_name, spec, force=force)
+
+
+def _check_existing(
+    storage: StagetuneStorage, study_id: int, study_name: str, spec: StudySpec, *, force: bool
+) -> InitResult:
+    """``optim init`` of a study that exists: nothing to do, refused, or (``force``) updated."""
     old = StudySpec.from_json(storage.get_study_user_attrs(study_id).get(SPEC_ATTR), study_name)
+    check_release(old, study_name)
     changes = spec_differences(old, spec)
     if not changes:
         return InitResult(study_name, "unchanged", old, [])
@@ -176,6 +244,7 @@ def init_study(
             else "add --force to replace them"
         )
         raise UsageError(f"study {study_name!r} exists with other settings ({listing}); {hint}")
-    spec = dataclasses.replace(spec, study_uid=old.study_uid)  # the same study: its trials' checkpoints stay its own
+    # The same study: its trials' checkpoints stay its own, and it stays bound to its release.
+    spec = dataclasses.replace(spec, study_uid=old.study_uid, created_by=old.created_by)
     storage.set_study_user_attr(study_id, SPEC_ATTR, spec.to_json())
     return InitResult(study_name, "updated", spec, changes)

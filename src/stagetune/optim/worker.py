@@ -7,7 +7,11 @@ Preemption safety:
   re-queues with the same parameters (``RetryHeartbeatStaleTrialCallback``);
   the retry resumes from the original trial's last epoch checkpoint;
 * SIGTERM/SIGINT checkpoint the running trial, hand it back for immediate
-  retry, and end the worker with exit status 0.
+  retry, and end the worker; ``optim run`` then exits with the shell's status
+  for the signal (130 for SIGINT, 143 for SIGTERM), so ``run && next`` stops.
+
+A training worker checks first that its node has the device the trials train
+on (:func:`check_device`): on a wrong node every trial would fail.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import optuna
 from optuna.study._tell import _tell_with_warning
 from optuna.trial import TrialState
 
-from stagetune.errors import StagetuneError, TrainingInterrupted
+from stagetune.errors import StagetuneError, TrainingInterrupted, UsageError
 from stagetune.optim.budget import (
     FINISHED_STATES,
     SLOT_STATES,
@@ -37,11 +41,11 @@ from stagetune.optim.budget import (
 )
 from stagetune.optim.objective import OBJECTIVES, DbCall, TrialContext
 from stagetune.optim.rdb import StagetuneStorage
-from stagetune.optim.registry import make_sampler
+from stagetune.optim.registry import SAMPLERS, make_sampler
 from stagetune.optim.storage import close_storage, mask_url, open_storage, retry_transient
 from stagetune.optim.study import load_study
 
-__all__ = ["WorkerOptions", "WorkerSummary", "run_worker"]
+__all__ = ["WorkerOptions", "WorkerSummary", "run_worker", "check_device"]
 
 #: Consecutive failed trials after which a worker gives up (a systematic error).
 MAX_CONSECUTIVE_FAILURES = 3
@@ -51,7 +55,8 @@ MAX_CONSECUTIVE_FAILURES = 3
 class WorkerOptions:
     """How one worker runs."""
 
-    sampler: str = "tpe"
+    #: A key of SAMPLERS; None: the study's own (its ``optim init --sampler``).
+    sampler: str | None = None
     n_trials: int | None = None
     timeout: float | None = None
     ckpt_dir: Path = Path("stagetune-ckpt")
@@ -74,6 +79,12 @@ class WorkerSummary:
     counts: dict[str, int] = field(default_factory=lambda: {s: 0 for s in ("COMPLETE", "PRUNED", "FAIL", "HANDED_BACK")})
     stop_reason: str = ""
     best: tuple[int, float] | None = None
+    #: The signal (SIGTERM, SIGINT) that stopped the worker; None when it stopped on its own.
+    signum: int | None = None
+
+    def exit_code(self) -> int:
+        """The shell's status: 128 + the signal that stopped the worker, else 0."""
+        return 0 if self.signum is None else 128 + self.signum
 
     def line(self) -> str:
         parts = ", ".join(f"{v} {k.lower().replace('_', ' ')}" for k, v in self.counts.items())
@@ -149,6 +160,52 @@ def _compact(params: dict[str, Any]) -> str:
     return " ".join(f"{k.split('.', 1)[1]}={fmt(v)}" for k, v in params.items())
 
 
+def check_device(study_name: str, spec_device: str | None, override: str | None) -> None:
+    """Refuse to train on a node without the device the study's trials train on.
+
+    Checked before a trial is claimed: on such a node every trial would fail, and
+    the worker would store failed trials before it stopped. ``torch.cuda.device_count``
+    asks NVML where it can, which leaves CUDA uninitialised: the worker pool calls
+    this before it forks.
+
+    Args:
+        study_name: For the message.
+        spec_device: The study's device (``optim init --device``); None: cuda if available.
+        override: The worker's ``--device``, which replaces the study's.
+
+    Raises:
+        UsageError: ``override`` is no torch device, or names CUDA where there is none.
+        StagetuneError: The study's device is CUDA, and this node has none.
+    """
+    name = override if override is not None else spec_device
+    if name is None:  # cuda where available, else cpu: any node will do
+        return
+    import torch
+
+    what = f"--device {name}" if override is not None else (
+        f"study {study_name!r} trains on {name} (its optim init --device)"
+    )
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"{what}: {name!r} is not a torch device; use cpu, cuda or cuda:N") from None
+    if device.type != "cuda":
+        return
+    count = torch.cuda.device_count()
+    if count > (device.index or 0):
+        return
+    seen = f"only {count} CUDA device{'s are' if count > 1 else ' is'} visible" if count else "no CUDA device is visible"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        seen += f" (CUDA_VISIBLE_DEVICES={visible})"
+    if override is not None:
+        raise UsageError(f"{what}: {seen} here; use --device cpu, or a device this node has")
+    raise StagetuneError(
+        f"{what}, but {seen} on this node; run the worker on a node that has it, "
+        f"or train on the CPU with `stagetune --device cpu optim ... run`"
+    )
+
+
 def run_worker(
     url: str,
     study_name: str,
@@ -186,13 +243,22 @@ def _work(
     log: Callable[[str], None],
 ) -> WorkerSummary:
     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-    study, spec = load_study(storage, study_name, url, sampler=make_sampler(options.sampler, options.seed))
+    study, spec = load_study(storage, study_name, url)
+    sampler = options.sampler or spec.sampler_name()
+    if sampler not in SAMPLERS:
+        raise StagetuneError(
+            f"study {study_name!r} samples with {sampler!r}, which this stagetune does not know "
+            f"(it knows {', '.join(sorted(SAMPLERS))}); give optim run --sampler"
+        )
+    study.sampler = make_sampler(sampler, options.seed)
+    if options.objective == "train":
+        check_device(study_name, spec.device, options.device)
     study_id = study._study_id
     gpu = os.environ.get("CUDA_VISIBLE_DEVICES")
     log(
         f"worker {os.getpid()} on study {study_name} in {mask_url(url)}: objective {options.objective}"
         + (f" (metric {spec.metric})" if options.objective == "train" else "")
-        + f", sampler {options.sampler}" + (f", CUDA_VISIBLE_DEVICES={gpu}" if gpu is not None else "")
+        + f", sampler {sampler}" + (f", CUDA_VISIBLE_DEVICES={gpu}" if gpu is not None else "")
     )
 
     def db(fn: Callable[[], Any], what: str) -> Any:
@@ -222,7 +288,8 @@ def _work(
     stop: dict[str, int | None] = {"signal": None}
 
     def on_signal(signum: int, frame: Any) -> None:
-        stop["signal"] = signum
+        if stop["signal"] is None:  # the first one decides the exit status
+            stop["signal"] = signum
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     ctx.stop_signal = lambda: stop["signal"]
@@ -274,6 +341,7 @@ def _work(
         while True:
             if stop["signal"] is not None:
                 summary.stop_reason = f"{signal.Signals(stop['signal']).name} received"
+                summary.signum = stop["signal"]
                 break
             if options.n_trials is not None and num_started >= options.n_trials:
                 summary.stop_reason = f"--n-trials {options.n_trials} reached"
@@ -303,6 +371,7 @@ def _work(
             outcome = _run_one(storage, study, trial, ctx, options, retry, summary, log, stop, db)
             if outcome == "handed_back":
                 summary.stop_reason = f"{signal.Signals(stop['signal']).name} received"
+                summary.signum = stop["signal"]
                 break
             consecutive_failures = consecutive_failures + 1 if outcome == "FAIL" else 0
             if consecutive_failures >= MAX_CONSECUTIVE_FAILURES:

@@ -1,0 +1,149 @@
+"""``stagetune plan``: staged searches declared in a file, run with the real CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from optim_helpers import assert_one_line_error, cli, start_cli, stop_group, trial_states, wait_for, write_speech_data
+
+from stagetune.cli import main
+from stagetune.plan.spec import read_plan
+
+MODEL = "model.convolutional_layers=0 model.recurrent_layers=1 model.recurrent_size=8 data.batch_size=4"
+
+
+def plan_text(tmp: Path, *, sm_trials: int = 3, lg: str = "", **plan: str) -> str:
+    head = {
+        "train": str(tmp / "train"), "test": str(tmp / "test"), "dev_proportion": "0.25",
+        "out_dir": str(tmp / "out"), "final": "lg", "final_epochs": "1", "heartbeat_interval": "1",
+        "grace_period": "3", **plan,
+    }
+    return (
+        "[plan]\n" + "".join(f"{k} = {v}\n" for k, v in head.items() if v)
+        + f"[sm]\nset = {MODEL}\nwhitelist = training\\.learning_rate training\\.dropout_prob\n"
+        f"epochs = 1\ntrials = {sm_trials}\nsampler = random\nmetric = loss\nseed = 1\n"
+        f"[lg]\nfrom = sm\ntop_k = 1\ntrials = 2\n{lg}"
+    )
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    write_speech_data(tmp_path / "train", 16)
+    write_speech_data(tmp_path / "test", 6)
+    return tmp_path
+
+
+def write(tmp: Path, text: str, name: str = "p.ini") -> Path:
+    path = tmp / name
+    path.write_text(text)
+    return path
+
+
+def test_a_derived_stage_inherits_its_parents_settings_unless_it_sets_them(corpus: Path) -> None:
+    plan = read_plan(write(corpus, plan_text(corpus, lg="pruner = median\n")))
+    sm, lg = plan.stages
+    assert (lg.parent, lg.trials, lg.pruner) == ("sm", 2, "median")
+    assert (lg.sampler, lg.metric, lg.epochs, lg.seed) == (sm.sampler, sm.metric, sm.epochs, sm.seed) == ("random", "loss", 1, 1)
+    assert plan.study_name("lg") == "p-lg" and plan.url == f"sqlite:///{corpus / 'out'}/optim.db"
+
+
+BAD = [
+    ("unknown key", "seed = 1\n", "seed = 1\nepoks = 2\n", "[sm]: unknown key 'epoks'"),
+    ("from no stage", "from = sm", "from = nope", "[lg] from = 'nope': no such stage; stages: sm, lg"),
+    ("cycle", "trials = 2\n", "trials = 2\n[x]\nfrom = y\ntop_k = 1\n[y]\nfrom = x\ntop_k = 1\n", "a cycle (x -> y -> x)"),
+    ("nothing to tune", "whitelist = training\\.learning_rate", "whitelist = training\\.nothing_like_this",
+     "[sm] whitelist/blacklist: --whitelist 'training\\\\.nothing_like_this' matches no tunable parameter"),
+    ("derived needs top_k", "top_k = 1\n", "", "[lg]: a stage derived from 'sm' needs top_k or threshold"),
+    ("whitelist and top_k", "[lg]\n", "[lg]\nwhitelist = x\n", "[lg] whitelist: a derived stage tunes either"),
+    ("bad number", "trials = 2\n", "trials = two\n", "[lg] trials = 'two': not an integer"),
+    ("final no stage", "final = lg", "final = md", "[plan] final = 'md': no such stage"),
+    ("no plan section", "[plan]\n", "[plam]\n", "no [plan] section"),
+    ("bad set", f"set = {MODEL}", "set = model.recurrent_size=-3", "[sm] config/set:"),
+]
+
+
+@pytest.mark.parametrize(("old", "new", "needle"), [case[1:] for case in BAD], ids=[case[0] for case in BAD])
+def test_an_invalid_plan_is_one_line_naming_file_section_and_key(
+    corpus: Path, capsys: pytest.CaptureFixture[str], old: str, new: str, needle: str
+) -> None:
+    text = plan_text(corpus)
+    assert old in text
+    path = write(corpus, text.replace(old, new, 1))
+    assert main(["plan", str(path), "status"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"stagetune: error: {path}"), err
+    assert needle in err[0], err[0]
+    assert not (corpus / "out").exists()  # nothing written
+
+
+def _states(url: str, name: str) -> Counter[str]:
+    return trial_states(url, name)
+
+
+def _counts(corpus: Path, url: str, name: str) -> Counter[str]:
+    """Trial states of a study a running plan may not have created yet (then none)."""
+    if not (corpus / "out" / "optim.db").exists():
+        return Counter()
+    try:
+        return trial_states(url, name)
+    except Exception:  # the database or the study is still being created
+        return Counter()
+
+
+def test_plan_runs_every_stage_to_its_exact_budget_then_the_final_model_and_resumes(corpus: Path) -> None:
+    path = write(corpus, plan_text(corpus))
+    url = f"sqlite:///{corpus / 'out'}/optim.db"
+    # killed (the whole process group, -9) in the middle of the first stage
+    first = start_cli(["plan", path, "run", "--workers", "2"], corpus, corpus / "first.log")
+    try:
+        wait_for("a finished sm trial", lambda: _counts(corpus, url, "p-sm")["COMPLETE"] >= 1, timeout=240)
+    finally:
+        stop_group(first)
+    done = cli(["plan", path, "run", "--workers", "2"], corpus, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert _states(url, "p-sm")["COMPLETE"] + _states(url, "p-sm")["PRUNED"] == 3
+    assert _states(url, "p-lg")["COMPLETE"] + _states(url, "p-lg")["PRUNED"] == 2
+    assert _states(url, "p-sm")["RUNNING"] == _states(url, "p-lg")["RUNNING"] == 0
+    result = json.loads((corpus / "out" / "final" / "result.json").read_text())
+    assert result["study"] == "p-lg" and 0 <= result["test"]["rate"]
+    assert f"final: model {corpus / 'out' / 'final' / 'model.pt'}" in done.stdout
+
+    # a finished plan: a rerun changes nothing and is quick
+    stamp = (corpus / "out" / "final" / "result.json").stat().st_mtime_ns
+    started = time.monotonic()
+    again = cli(["plan", path, "run"], corpus)
+    assert again.returncode == 0, again.stderr
+    assert time.monotonic() - started < 5
+    assert "+ stagetune" not in again.stdout  # no step started
+    assert (corpus / "out" / "final" / "result.json").stat().st_mtime_ns == stamp
+
+    status = cli(["plan", path, "status", "--json"], corpus)
+    table = json.loads(status.stdout)
+    assert [(s["stage"], s["state"], s["finished"], s["budget"]) for s in table["stages"]] == [
+        ("sm", "done", 3, 3), ("lg", "done", 2, 2)]
+    assert table["final"]["state"] == "trained" and table["final"]["test_error"] == result["test"]["rate"]
+
+    # a changed plan is refused with the differences, --force takes what is safe
+    changed = write(corpus, plan_text(corpus, sm_trials=4))
+    refused = cli(["plan", changed, "run"], corpus)
+    assert refused.returncode == 2
+    assert "num_trials: 3 -> 4" in refused.stderr and "--force" in refused.stderr
+
+
+def test_sigint_stops_the_plan_with_130(corpus: Path) -> None:
+    path = write(corpus, plan_text(corpus))
+    url = f"sqlite:///{corpus / 'out'}/optim.db"
+    proc = start_cli(["plan", path, "run", "--workers", "1"], corpus, corpus / "run.log")
+    try:
+        wait_for("a running sm trial", lambda: _counts(corpus, url, "p-sm")["RUNNING"] >= 1, timeout=240)
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=120) == 130, (corpus / "run.log").read_text()
+    finally:
+        stop_group(proc)
+    assert not (corpus / "out" / "final").exists()
