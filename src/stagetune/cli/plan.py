@@ -1,4 +1,4 @@
-"""``stagetune plan PLAN.ini run|status``: a staged search declared in a file."""
+"""``stagetune plan PLAN.ini run|status|submit``: a staged search declared in a file."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="A plan file declares the data, the study database and the stages of a staged "
         "search (see conf/plans/). 'run' runs each stage's study to its budget on this machine and "
         "then trains and evaluates the final stage's best config; rerunning continues where it "
-        "stopped. 'status' shows every stage.",
+        "stopped. 'submit' does the same as chained Slurm jobs. 'status' shows every stage.",
     )
     p.add_argument("plan", metavar="PLAN_INI")
     actions = p.add_subparsers(dest="plan_command", metavar="ACTION", required=True)

@@ -15,7 +15,9 @@ file locked) are classified in one place, :func:`is_transient_db_error`, and
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
+import random
 import re
 import sqlite3
 import time
@@ -30,7 +32,7 @@ import sqlalchemy.exc
 from sqlalchemy.engine import URL, make_url
 
 from stagetune.errors import StorageError, UsageError
-from stagetune.optim.rdb import StagetuneStorage
+from stagetune.optim.rdb import OPTUNA_TABLES, StagetuneStorage
 
 __all__ = [
     "SQLITE_BUSY_TIMEOUT_S",
@@ -41,6 +43,7 @@ __all__ = [
     "open_storage",
     "close_storage",
     "storage_session",
+    "sqlite_file_lock",
     "is_transient_db_error",
     "retry_transient",
     "driver_modules",
@@ -57,6 +60,9 @@ CONNECT_TIMEOUT_S = 10
 """How long a PostgreSQL/MySQL connection attempt may take before it fails."""
 
 _SQLITE_OPEN_MAX_WAIT_S = 60.0
+# Opening a new server database, processes that collide creating the tables try again:
+# each try finds more of them made (MySQL commits every CREATE on its own).
+_SCHEMA_RACE_TRIES = 8
 _RETRY_FIRST_DELAY_S = 0.25
 _RETRY_MAX_DELAY_S = 5.0
 
@@ -86,6 +92,8 @@ _SCHEME = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*)://(?P<rest>.*)$", r
 _BARE_USERINFO = re.compile(r"(?P<user>[^\s:/@]+):[^\s]*@")
 _QUERY_PASSWORD = re.compile(r"(?P<key>[?&;](?:password|passwd|pwd)=)(?P<value>[^&;#]*)", re.I)
 
+_SCHEMA_RACE = "another process was creating the tables at the same time"
+
 # One table for both questions asked about a database error: is it transient, and
 # what short reason does the user read? (pattern, reason, transient)
 _DB_ERROR_KINDS: tuple[tuple[re.Pattern[str], str, bool], ...] = tuple(
@@ -113,6 +121,10 @@ _DB_ERROR_KINDS: tuple[tuple[re.Pattern[str], str, bool], ...] = tuple(
         (r"password authentication failed|no password supplied|access denied for user",
          "authentication failed", False),
         (r'database ".*" does not exist|unknown database', "the database does not exist", False),
+        # Two processes creating optuna's tables at once: one sees the other's table
+        # (or its row in a catalogue or in alembic_version) appear under its feet.
+        (r"already exists|duplicate key value violates|duplicate entry|unique constraint failed",
+         _SCHEMA_RACE, False),
     )
 )
 # Opening waits these out (many workers starting at once); a server that refuses
@@ -274,30 +286,85 @@ def _engine_kwargs(parsed: URL) -> dict[str, Any]:
     return kwargs
 
 
-def _prepare_sqlite(parsed: URL, url: str, *, create: bool) -> None:
-    """Create the file's directory and switch the file to WAL journal mode.
-
-    WAL lets readers run beside the one writer, which many workers sharing a file
-    need (~1.7x faster here). The mode is stored in the file, so setting it once
-    with a plain sqlite3 connection covers every later connection, including those
-    of optuna's engine and of unpickled storages in other processes.
-    """
+def _sqlite_path(parsed: URL) -> Path | None:
+    """The file of an SQLite URL; None for an in-memory database."""
     database = parsed.database
-    if not database or database == ":memory:":
-        return
-    path = Path(database)
+    return None if not database or database == ":memory:" else Path(database)
+
+
+@contextlib.contextmanager
+def sqlite_file_lock(database: Path) -> Iterator[None]:
+    """Hold an exclusive lock, across processes, on the file ``DATABASE.lock`` beside ``database``.
+
+    Not reentrant: a process must not take it twice at once.
+    """
+    lock_path = database.with_name(database.name + ".lock")
+    with lock_path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _check_sqlite(path: Path, url: str, *, create: bool) -> bool:
+    """Refuse a missing file (unless ``create``), a missing directory, and a foreign database.
+
+    The directory must exist: a mistyped path is refused rather than created. An
+    existing database of something else (tables, none of them optuna's) is refused
+    before anything is written to it.
+
+    Returns:
+        Whether the file holds all of optuna's tables already.
+    """
     if not path.exists():
         if not create:
             raise StorageError(
                 f"no study database at {path} ({mask_url(url)}); check the DB_URL of "
                 f"`stagetune optim DB_URL ...`, or create a study there with `optim DB_URL init`"
             )
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
+        if not path.parent.is_dir():
             raise StorageError(
-                f"cannot create directory {path.parent} for {mask_url(url)}: {exc.strerror}"
-            ) from exc
+                f"directory {path.parent} does not exist; create it first "
+                f"(for the study database {mask_url(url)})"
+            )
+        return False
+    tables = _sqlite_tables(path)
+    if tables and OPTUNA_TABLES.isdisjoint(tables):
+        shown = ", ".join(tables[:5]) + (", ..." if len(tables) > 5 else "")
+        raise StorageError(
+            f"{path} is an SQLite database of something else (tables {shown}, none of them "
+            f"optuna's); stagetune keeps its studies in a file of their own: choose another DB_URL"
+        )
+    return OPTUNA_TABLES.issubset(tables)
+
+
+def _sqlite_tables(path: Path) -> list[str]:
+    """The tables of the SQLite file at ``path``, read without writing anything.
+
+    A file that cannot be read this way gives none: the usual open reports it.
+    """
+    try:
+        connection = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=SQLITE_BUSY_TIMEOUT_S)
+        try:
+            rows = connection.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
+            ).fetchall()
+        finally:
+            connection.close()
+    except sqlite3.Error:
+        return []
+    return sorted(str(name) for (name,) in rows)
+
+
+def _use_wal(path: Path) -> None:
+    """Switch the SQLite file to WAL journal mode.
+
+    WAL lets readers run beside the one writer, which many workers sharing a file
+    need (~1.7x faster here). The mode is stored in the file, so setting it once
+    with a plain sqlite3 connection covers every later connection, including those
+    of optuna's engine and of unpickled storages in other processes.
+    """
     connection = sqlite3.connect(path, timeout=SQLITE_BUSY_TIMEOUT_S)
     try:
         mode = connection.execute("PRAGMA journal_mode=WAL").fetchone()[0]
@@ -450,21 +517,40 @@ def open_storage(
             raise UsageError(f"{name} must be a positive number of seconds, got {value}")
     url = _with_default_driver(url)
     parsed = _parse(url)
-    is_sqlite = parsed.get_backend_name() == "sqlite"
+    sqlite_path = _sqlite_path(parsed) if parsed.get_backend_name() == "sqlite" else None
 
     def construct() -> StagetuneStorage:
-        if is_sqlite:
-            _prepare_sqlite(parsed, url, create=create)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return StagetuneStorage(
-                url,
-                engine_kwargs=_engine_kwargs(parsed),
-                heartbeat_interval=heartbeat_interval,
-                grace_period=grace_period,
-                heartbeat_stale_trial_callback=heartbeat_stale_trial_callback,
-                skip_table_creation=not create,
-            )
+        if sqlite_path is None:
+            return build()
+        if _check_sqlite(sqlite_path, url, create=create) or not create:  # no tables to create
+            _use_wal(sqlite_path)
+            return build()
+        # Processes creating the tables of one file take turns; on a server they retry.
+        with sqlite_file_lock(sqlite_path):
+            _use_wal(sqlite_path)
+            return build()
+
+    def build() -> StagetuneStorage:
+        # Creating the tables checks, then creates: processes opening a new database
+        # together collide; once one has made a table, the others find it.
+        for attempt in range(1, _SCHEMA_RACE_TRIES + 1):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    return StagetuneStorage(
+                        url,
+                        engine_kwargs=_engine_kwargs(parsed),
+                        heartbeat_interval=heartbeat_interval,
+                        grace_period=grace_period,
+                        heartbeat_stale_trial_callback=heartbeat_stale_trial_callback,
+                        skip_table_creation=not create,
+                    )
+            except Exception as exc:
+                described = _describe_db_error(exc)
+                if not create or attempt == _SCHEMA_RACE_TRIES or described is None or described[0] != _SCHEMA_RACE:
+                    raise
+                time.sleep(random.uniform(0.02, 0.1) * attempt)  # out of step with the others
+        raise AssertionError("unreachable")
 
     try:
         # Many workers start at once: a locked SQLite file, a server momentarily out
@@ -476,7 +562,7 @@ def open_storage(
             max_wait_s=_SQLITE_OPEN_MAX_WAIT_S,
             only=_OPEN_RETRY_REASONS,
         )
-    except (ImportError, RuntimeError, sqlalchemy.exc.SQLAlchemyError, sqlite3.Error,
+    except (ImportError, RuntimeError, OSError, sqlalchemy.exc.SQLAlchemyError, sqlite3.Error,
             optuna.exceptions.StorageInternalError) as exc:
         raise _open_error(exc, url, parsed, create=create) from exc
 
@@ -529,6 +615,8 @@ def _open_error(exc: BaseException, url: str, parsed: URL, *, create: bool) -> S
             reason = f"authentication failed for user {user}; check its password ({source})"
         elif reason == "the database does not exist":
             reason = f"database {parsed.database!r} does not exist; create it first"
+        elif reason == _SCHEMA_RACE:
+            return StorageError(f"could not create the tables of {masked}: {reason}; run the command again")
         return StorageError(f"could not connect to {masked}: {reason}")
     # A DBAPIError's own text adds the SQL and a link; the driver's first line says it all.
     # Optuna's StorageInternalError hides the driver's error behind a generic text.
@@ -553,15 +641,3 @@ def storage_session(url: str, **kwargs: Any) -> Iterator[StagetuneStorage]:
         yield storage
     finally:
         close_storage(storage)
-
-
-@contextlib.contextmanager
-def sqlite_file_lock(database: Path) -> Iterator[None]:
-    import fcntl
-    lock_path = database.with_name(database.name + ".lock")
-    with lock_path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -25,7 +25,10 @@ from typing import Any, Callable, Sequence
 from stagetune.errors import StagetuneError
 from stagetune.plan.spec import Plan, Stage
 
-__all__ = ["PLAN_ATTR", "init_argv", "run_argv", "final_paths", "stage_state", "run_plan"]
+__all__ = [
+    "PLAN_ATTR", "init_argv", "run_argv", "final_paths", "stage_state", "recorded", "final_done",
+    "init_stage", "final_step", "Child", "run_plan",
+]
 
 #: Study user attribute holding the plan stage's ``optim init`` arguments.
 PLAN_ATTR = "stagetune_plan_stage"
@@ -118,7 +121,7 @@ def _record(plan: Plan, stage: Stage, fingerprint: str) -> None:
         storage.set_study_user_attr(study_id, PLAN_ATTR, fingerprint)
 
 
-class _Child:
+class Child:
     """``python -m stagetune ARGV`` in its own process group; a signal to us reaches it."""
 
     def __init__(self) -> None:
@@ -146,7 +149,7 @@ def run_plan(
     say: Callable[[str], None] = print,
 ) -> int:
     """Run every stage to its budget, then the final step; the exit status."""
-    child = _Child()
+    child = Child()
     interrupted: list[int] = []
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -163,7 +166,7 @@ def run_plan(
             if code != 0:
                 return code
         if plan.final is not None:
-            code = _final(plan, child, say)
+            code = final_step(plan, child, say)
             if interrupted:
                 return 128 + interrupted[0]
             if code != 0:
@@ -175,18 +178,29 @@ def run_plan(
             signal.signal(s, handler)
 
 
+def recorded(plan: Plan, stage: Stage, state: dict[str, Any] | None) -> bool:
+    """Whether ``state`` (of :func:`stage_state`) was initialised with the plan's current arguments."""
+    return state is not None and state.get("plan_argv") == _fingerprint(init_argv(plan, stage))
+
+
+def init_stage(plan: Plan, stage: Stage, child: Child, say: Callable[[str], None], *, force: bool = False) -> int:
+    """``optim init`` of ``stage`` unless already done with these arguments; records them."""
+    if recorded(plan, stage, stage_state(plan, stage)):
+        return 0
+    Path(plan.out_dir).mkdir(parents=True, exist_ok=True)
+    code = child(init_argv(plan, stage, force=force), say)
+    if code == 0:
+        _record(plan, stage, _fingerprint(init_argv(plan, stage)))
+    return code
+
+
 def _run_stage(
-    plan: Plan, stage: Stage, workers: int, gpus: str | None, force: bool, child: _Child, say: Callable[[str], None]
+    plan: Plan, stage: Stage, workers: int, gpus: str | None, force: bool, child: Child, say: Callable[[str], None]
 ) -> int:
-    argv = init_argv(plan, stage)
-    fingerprint = _fingerprint(argv)
+    code = init_stage(plan, stage, child, say, force=force)
+    if code != 0:
+        return code
     state = stage_state(plan, stage)
-    if state is None or state.get("plan_argv") != fingerprint:
-        code = child(init_argv(plan, stage, force=force), say)
-        if code != 0:
-            return code
-        _record(plan, stage, fingerprint)
-        state = stage_state(plan, stage)
     if state is not None and state["budget_met"]:
         say(f"stage {stage.name}: budget met ({state['finished']}/{state['num_trials']} trials)")
         return 0
@@ -203,18 +217,35 @@ def _run_stage(
     return 0
 
 
-def _final(plan: Plan, child: _Child, say: Callable[[str], None]) -> int:
+def final_done(plan: Plan) -> dict[str, Any] | None:
+    """The final step's result when it was trained from the final stage's current best trial."""
+    if plan.final is None:
+        return None
+    state = stage_state(plan, plan.stage(plan.final))
+    best = state["best"] if state else None
+    result = final_paths(plan)["result"]
+    if best is None or not result.exists():
+        return None
+    try:
+        done = json.loads(result.read_text())
+    except (OSError, ValueError):
+        return None
+    same = done.get("trial") == best["number"] and done.get("study") == plan.study_name(plan.final)
+    return done if same else None
+
+
+def final_step(plan: Plan, child: Child, say: Callable[[str], None]) -> int:
+    """Train the final stage's best config (``final_epochs``) and evaluate it on the test dir."""
     paths = final_paths(plan)
     stage = plan.stage(plan.final)
+    done = final_done(plan)
+    if done is not None:
+        say(f"final: trained already: {_describe(done)}")
+        return 0
     state = stage_state(plan, stage)
     best = state["best"] if state else None
     if best is None:
         raise StagetuneError(f"final step: stage {stage.name} has no complete trial to train")
-    if paths["result"].exists():
-        done = json.loads(paths["result"].read_text())
-        if done.get("trial") == best["number"] and done.get("study") == plan.study_name(stage.name):
-            say(f"final: trained already: {paths['model_dir']} ({_describe(done)})")
-            return 0
     steps = [
         ["optim", "--study-name", plan.study_name(stage.name), plan.url, "best", str(paths["best"])],
         ["--read-ini", str(paths["best"]),

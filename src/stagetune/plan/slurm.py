@@ -29,7 +29,6 @@ The job scripts are written to ``OUT_DIR/slurm/`` (their logs go there too);
 from __future__ import annotations
 
 import getpass
-import json
 import os
 import re
 import shlex
@@ -41,7 +40,9 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from stagetune.errors import StagetuneError, UsageError
-from stagetune.plan.runner import _Child, _final, _fingerprint, _record, final_paths, init_argv, run_argv, stage_state
+from stagetune.plan.runner import (
+    Child, final_done, final_paths, final_step, init_argv, init_stage, recorded, run_argv, stage_state,
+)
 from stagetune.plan.spec import Plan, Stage
 
 __all__ = ["SlurmOptions", "Job", "SIGNAL_SECONDS", "plan_jobs", "render_dry_run", "submit_plan", "run_job"]
@@ -125,28 +126,13 @@ def _job_argv(plan: Plan, step: str, stage: str | None, after: str | None, force
     return argv + (["--after", after] if after else []) + (["--force"] if force else [])
 
 
-def _final_done(plan: Plan) -> bool:
-    """The final model is trained from the final stage's current best trial (as runner._final checks)."""
-    assert plan.final is not None
-    state = stage_state(plan, plan.stage(plan.final))
-    best = state["best"] if state else None
-    result = final_paths(plan)["result"]
-    if best is None or not result.exists():
-        return False
-    try:
-        done = json.loads(result.read_text())
-    except (OSError, ValueError):
-        return False
-    return done.get("trial") == best["number"] and done.get("study") == plan.study_name(plan.final)
-
-
 def _stage_done(plan: Plan, stage: Stage) -> dict[str, Any] | None:
     """The stage's state when its budget is met under the settings the plan recorded (else None)."""
     state = stage_state(plan, stage)
     if state is None or not state["budget_met"]:
         return None
     # as plan run: settings not recorded by the plan may differ (optim init will tell)
-    return state if state.get("plan_argv") == _fingerprint(init_argv(plan, stage)) else None
+    return state if recorded(plan, stage, state) else None
 
 
 def _var(name: str, taken: set[str]) -> str:
@@ -201,7 +187,7 @@ def plan_jobs(
         )
         previous = (stage.name, work.var)
 
-    if plan.final is not None and (previous is not None or not _final_done(plan)):
+    if plan.final is not None and (previous is not None or final_done(plan) is None):
         what = f"final: train and evaluate stage {plan.final}'s best config"
         script = _header(plan, what) + (
             f"# {'Once stage ' + previous[0] + ' has met its budget: o' if previous else 'O'}ptim best, "
@@ -348,21 +334,11 @@ def run_job(
             raise UsageError("plan job init needs the STAGE to initialise")
         if after is not None:
             _check_budget_met(plan, after, f"stage {stage_name}")
-        stage = plan.stage(stage_name)
-        fingerprint = _fingerprint(init_argv(plan, stage))
-        state = stage_state(plan, stage)
-        if state is not None and state.get("plan_argv") == fingerprint:
-            say(f"stage {stage.name}: initialised already")
-            return 0
-        Path(plan.out_dir).mkdir(parents=True, exist_ok=True)
-        code = _Child()(init_argv(plan, stage, force=force), say)
-        if code == 0:
-            _record(plan, stage, fingerprint)
-        return code
+        return init_stage(plan, plan.stage(stage_name), Child(), say, force=force)
     if step == "final":
         if plan.final is None:
             raise UsageError(f"{plan.path} has no final step ([plan] final = STAGE)")
         if after is not None:
             _check_budget_met(plan, after, "the final step")
-        return _final(plan, _Child(), say)
+        return final_step(plan, Child(), say)
     raise UsageError(f"plan job: unknown step {step!r}; steps: init, final")
