@@ -604,7 +604,7 @@ def _status(args: argparse.Namespace, study_name: str) -> int:
     from stagetune.optim.study import load_study
 
     with storage_session(args.url, heartbeat_interval=None, create=False) as storage:
-        study, spec = load_study(storage, study_name, args.url)
+        study, spec = load_study(storage, study_name, args.url, same_release=False)  # reading is safe across releases
         status = study_status(study, spec, storage)
     if args.json:
         print(json.dumps(status, default=str))
