@@ -515,7 +515,8 @@ def _run_pool(args: argparse.Namespace, study_name: str) -> int:
     # Imported once in the pool, shared by the forked workers (they never import more).
     preload = ["stagetune.optim.worker", *driver_modules(args.url)]
     if args.objective == "train":
-        preload += ["torch", "stagetune.training", "stagetune.optim.memory", "stagetune.corpus"]
+        # torch._dynamo: every optimizer's first use imports it (about 3 s); it starts no thread
+        preload += ["torch", "torch._dynamo", "stagetune.training", "stagetune.optim.memory", "stagetune.corpus"]
     from stagetune.cli import main
 
     # One clear error for a missing study or unreachable database, not one per worker.
