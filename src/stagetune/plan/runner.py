@@ -14,6 +14,7 @@ for the safe ones).
 from __future__ import annotations
 
 import hashlib
+from contextlib import nullcontext
 import json
 import os
 import signal
@@ -122,18 +123,20 @@ def _record(plan: Plan, stage: Stage, fingerprint: str) -> None:
 
 
 class Child:
-    """``python -m stagetune ARGV`` in its own process group; a signal to us reaches it."""
+    """``python -m stagetune ARGV``, one at a time; :meth:`forward` passes our signals on."""
 
     def __init__(self) -> None:
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def __call__(self, argv: Sequence[str], say: Callable[[str], None]) -> int:
+    def __call__(self, argv: Sequence[str], say: Callable[[str], None], *, stdout: Path | None = None) -> int:
+        """Run it (its standard output into ``stdout`` when given) and return its exit status."""
         say("+ stagetune " + " ".join(argv))
-        self.proc = subprocess.Popen([sys.executable, "-m", "stagetune", *argv])
-        try:
-            return self.proc.wait()
-        finally:
-            self.proc = None
+        with open(stdout, "wb") if stdout is not None else nullcontext() as sink:
+            self.proc = subprocess.Popen([sys.executable, "-m", "stagetune", *argv], stdout=sink)
+            try:
+                return self.proc.wait()
+            finally:
+                self.proc = None
 
     def forward(self, signum: int) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -260,7 +263,7 @@ def final_step(plan: Plan, child: Child, say: Callable[[str], None]) -> int:
                               "dev_value": best["value"], "model": str(paths["model_dir"] / "model.pt")}
     if plan.test:
         out = paths["model_dir"] / "test.json"
-        code = _evaluate(result["model"], plan.test, out, say)
+        code = child(["evaluate", result["model"], plan.test, "--json"], say, stdout=out)
         if code != 0:
             return code
         result["test"] = json.loads(out.read_text())
@@ -271,19 +274,9 @@ def final_step(plan: Plan, child: Child, say: Callable[[str], None]) -> int:
     return 0
 
 
-def _evaluate(model: str, test: str, out: Path, say: Callable[[str], None]) -> int:
-    argv = ["evaluate", model, test, "--json"]
-    say("+ stagetune " + " ".join(argv))
-    proc = subprocess.run([sys.executable, "-m", "stagetune", *argv], stdout=subprocess.PIPE, text=True)
-    if proc.returncode == 0:
-        out.write_text(proc.stdout)
-    return proc.returncode
-
-
 def _describe(result: dict[str, Any]) -> str:
     text = f"model {result['model']} (best trial {result['trial']} of {result['study']})"
     test = result.get("test")
     if test:
-        rate = test.get("error_rate", test.get("rate"))
-        text += f", test error {rate:.2%}" if isinstance(rate, (int, float)) else f", test {test}"
+        text += f", test error {test['rate']:.2%}"
     return text
