@@ -5,14 +5,21 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import time
 from collections import Counter
 from pathlib import Path
 
+import optuna
 import pytest
-from optim_helpers import assert_one_line_error, cli, start_cli, stop_group, trial_states, wait_for, write_speech_data
+from optim_helpers import (
+    LR_DOMINATED, assert_one_line_error, cli, create_study, lr_dominated, opened_study, read_spec, start_cli,
+    stop_group, trial_states, wait_for, write_speech_data,
+)
 
 from stagetune.cli import main
+from stagetune.optim.sampling import sample_values
+from stagetune.optim.spec import SPEC_ATTR
 from stagetune.plan.spec import read_plan
 
 MODEL = "model.convolutional_layers=0 model.recurrent_layers=1 model.recurrent_size=8 data.batch_size=4"
@@ -65,6 +72,15 @@ BAD = [
     ("final no stage", "final = lg", "final = md", "[plan] final = 'md': no such stage"),
     ("no plan section", "[plan]\n", "[plam]\n", "no [plan] section"),
     ("bad set", f"set = {MODEL}", "set = model.recurrent_size=-3", "[sm] config/set:"),
+    ("slurm time too short", "trials = 2\n", "trials = 2\ntime = 2\n",
+     "[lg] time = '2': workers are warned 120 s before their time limit"),
+    ("slurm bad time", "final = lg", "final = lg\ntime = 2h", "[plan] time = '2h': expected a Slurm time limit"),
+    ("slurm bad gres", "seed = 1\n", "seed = 1\ngres = gpu 1\n", "[sm] gres = 'gpu 1': expected generic resources"),
+    ("slurm own option", "final = lg", "final = lg\nsbatch = --qos=x -J name",
+     "[plan] sbatch = '--qos=x -J name': -J: the plan sets --job-name of its jobs itself"),
+    ("slurm no option", "seed = 1\n", "seed = 1\nsbatch = qos=x\n",
+     "[sm] sbatch = 'qos=x': 'qos=x' is no sbatch option"),
+    ("slurm workers", "trials = 2\n", "trials = 2\nworkers = 0\n", "[lg] workers = '0': must be >= 1"),
 ]
 
 
@@ -96,8 +112,19 @@ def _counts(corpus: Path, url: str, name: str) -> Counter[str]:
         return Counter()
 
 
+def _running(proc: subprocess.Popen[bytes], log: Path, url: str, name: str) -> bool:
+    """Whether study ``name`` has a running trial; fails with the plan's log if the plan ended first."""
+    assert proc.poll() is None, log.read_text()
+    return _counts(log.parent, url, name)["RUNNING"] >= 1
+
+
+def _trials(url: str, name: str) -> list[tuple[int, str, dict]]:
+    with opened_study(url, name) as study:
+        return [(t.number, t.state.name, t.system_attrs) for t in study.get_trials(deepcopy=False)]
+
+
 def test_plan_runs_every_stage_to_its_exact_budget_then_the_final_model_and_resumes(corpus: Path) -> None:
-    path = write(corpus, plan_text(corpus))
+    path = write(corpus, plan_text(corpus, lg="epochs = 3\n"))  # lg's trials last long enough to interrupt
     url = f"sqlite:///{corpus / 'out'}/optim.db"
     # killed (the whole process group, -9) in the middle of the first stage
     first = start_cli(["plan", path, "run", "--workers", "2"], corpus, corpus / "first.log")
@@ -105,11 +132,30 @@ def test_plan_runs_every_stage_to_its_exact_budget_then_the_final_model_and_resu
         wait_for("a finished sm trial", lambda: _counts(corpus, url, "p-sm")["COMPLETE"] >= 1, timeout=240)
     finally:
         stop_group(first)
+    # rerun, then Ctrl-C in the middle of the second stage: exit 130, nothing after it started
+    second = start_cli(["plan", path, "run", "--workers", "2"], corpus, corpus / "second.log")
+    try:
+        wait_for("a running lg trial", lambda: _running(second, corpus / "second.log", url, "p-lg"), timeout=240)
+        os.killpg(second.pid, signal.SIGINT)
+        assert second.wait(timeout=120) == 130, (corpus / "second.log").read_text()
+    finally:
+        stop_group(second)
+    assert "final:" not in (corpus / "second.log").read_text()
+    sm = _trials(url, "p-sm")
+    assert sum(state in ("COMPLETE", "PRUNED") for _, state, _ in sm) == 3, sm
+
     done = cli(["plan", path, "run", "--workers", "2"], corpus, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert _states(url, "p-sm")["COMPLETE"] + _states(url, "p-sm")["PRUNED"] == 3
-    assert _states(url, "p-lg")["COMPLETE"] + _states(url, "p-lg")["PRUNED"] == 2
-    assert _states(url, "p-sm")["RUNNING"] == _states(url, "p-lg")["RUNNING"] == 0
+    # no stage redone: sm untouched, lg not initialised again; its workers, then the final step
+    steps = [line for line in done.stdout.splitlines() if line.startswith("+ stagetune")]
+    assert " --study-name p-lg " in steps[0] and " run " in steps[0], done.stdout
+    assert not [step for step in steps if " p-sm " in step or " init " in step], done.stdout
+    assert _trials(url, "p-sm") == sm
+    lg = _trials(url, "p-lg")
+    assert sum(state in ("COMPLETE", "PRUNED") for _, state, _ in lg) == 2, lg  # the budget, exactly
+    # every trial Ctrl-C handed back was retried to the end (none left running or waiting)
+    retried = [attrs.get("failed_trial") for _, state, attrs in lg if state in ("COMPLETE", "PRUNED")]
+    assert sorted(n for n, state, _ in lg if state == "FAIL") == sorted(n for n in retried if n is not None), lg
     result = json.loads((corpus / "out" / "final" / "result.json").read_text())
     assert result["study"] == "p-lg" and 0 <= result["test"]["rate"]
     assert f"final: model {corpus / 'out' / 'final' / 'model.pt'}" in done.stdout
@@ -136,14 +182,34 @@ def test_plan_runs_every_stage_to_its_exact_budget_then_the_final_model_and_resu
     assert "num_trials: 3 -> 4" in refused.stderr and "--force" in refused.stderr
 
 
-def test_sigint_stops_the_plan_with_130(corpus: Path) -> None:
-    path = write(corpus, plan_text(corpus))
-    url = f"sqlite:///{corpus / 'out'}/optim.db"
-    proc = start_cli(["plan", path, "run", "--workers", "1"], corpus, corpus / "run.log")
-    try:
-        wait_for("a running sm trial", lambda: _counts(corpus, url, "p-sm")["RUNNING"] >= 1, timeout=240)
-        os.killpg(proc.pid, signal.SIGINT)
-        assert proc.wait(timeout=120) == 130, (corpus / "run.log").read_text()
-    finally:
-        stop_group(proc)
-    assert not (corpus / "out" / "final").exists()
+def test_plan_run_gpus_without_a_cuda_device_is_refused_before_anything_starts(corpus: Path) -> None:
+    import torch
+
+    if torch.cuda.device_count():
+        pytest.skip("a CUDA device is visible")
+    done = cli(["plan", write(corpus, plan_text(corpus)), "run", "--gpus", "0"], corpus)
+    # optim run --gpus's own check, before any stage starts
+    assert_one_line_error(done, "--gpus 0: no CUDA device is visible here; drop --gpus to train on the CPU")
+    assert done.returncode == 2 and "+ stagetune" not in done.stdout
+    assert not (corpus / "out").exists()
+
+
+def test_a_stage_derived_from_a_narrowed_stage_keeps_its_narrowed_ranges(corpus: Path) -> None:
+    # md: what `optim init --from-study sm --narrow ...` (plan: narrow = Q) stores, with told trials inside
+    url = f"sqlite:///{corpus / 'optim.db'}"
+    spec = create_study(url, "md", corpus / "train", whitelist=LR_DOMINATED, num_trials=8, pruner="none")
+    ranges = {"training.learning_rate": [0.001, 0.005], "training.dropout_prob": [0.1, 0.3]}
+    origin = {"study": "sm", "quantile": 0.25, "trials": [2, 5]}
+    with opened_study(url, "md") as study:
+        study.set_user_attr(SPEC_ATTR, {**spec.to_json(), "ranges": ranges, "narrowed_from": origin})
+        study.sampler = optuna.samplers.RandomSampler(seed=0)
+        for _ in range(8):
+            trial = study.ask()
+            study.tell(trial, lr_dominated(sample_values(trial, spec.config(), spec.tuned, ranges)))
+    # lg from md without narrow = ...: md's ranges, not the declared ones, for what lg tunes
+    done = cli(["optim", "--study-name", "lg", url, "init", "--from-study", "md", "--whitelist",
+                "training\\.learning_rate", "model\\.recurrent_type"], corpus)
+    assert done.returncode == 0, done.stderr
+    lg = read_spec(url, "lg")
+    assert lg["ranges"] == {"training.learning_rate": [0.001, 0.005]} and lg["narrowed_from"] == origin
+    assert "kept training.learning_rate narrowed to [0.001, 0.005], as in study 'md'" in done.stderr

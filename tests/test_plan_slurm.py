@@ -8,6 +8,7 @@ its time limit (``--signal=B:USR1@120``) hands its trial back and requeues.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -19,6 +20,7 @@ from typing import Iterator
 
 import pytest
 from optim_helpers import STAGETUNE, assert_one_line_error, opened_study, trial_states, wait_for, write_speech_data
+from optuna.trial import TrialState
 from slurm_cluster import SlurmCluster
 
 MODEL = "model.convolutional_layers=0 model.recurrent_layers=1 model.recurrent_size=8 data.batch_size=4"
@@ -73,10 +75,18 @@ def test_a_submitted_plan_runs_stage_after_stage_to_the_final_model_and_a_resubm
 ) -> None:
     tmp = plan_path.parent
     url = f"sqlite:///{tmp / 'out' / 'optim.db'}"
+    # Slurm settings from the plan file: [plan]'s for every job, lg's own time limit for its jobs
+    text = plan_path.read_text().replace("grace_period = 3\n", "grace_period = 3\npartition = debug\ntime = 10\n")
+    plan_path.write_text(text.replace("trials = 2\n", "trials = 2\ntime = 15\n"))
     started = time.monotonic()
     done = _submit(slurm, plan_path)
     assert done.returncode == 0, done.stdout + done.stderr
     assert re.findall(r"^submitted (\S+): job \d+", done.stdout, re.M) == JOBS, done.stdout
+    ids = dict(re.findall(r"^submitted (\S+): job (\d+)", done.stdout, re.M))
+    for job, limit in (("p-sm-init", "00:10:00"), ("p-sm-work", "00:10:00"), ("p-lg-work", "00:15:00"),
+                       ("p-final", "00:10:00")):
+        shown = slurm.run("scontrol", "show", "job", ids[job]).stdout
+        assert f"TimeLimit={limit}" in shown and "Partition=debug" in shown, (job, shown)
     _wait_idle(slurm, timeout=240)
     elapsed = time.monotonic() - started
     logs = _logs(tmp / "out" / "slurm")
@@ -170,33 +180,135 @@ def test_submit_without_slurm_says_what_is_missing_and_dry_run_needs_no_slurm(pl
     assert unknown.returncode == 2
 
 
+def test_the_worker_template_and_the_plans_worker_jobs_share_one_body() -> None:
+    """``slurm/optim-worker.sbatch`` forwards, hands back and requeues as the tested plan jobs do."""
+    from stagetune.plan.slurm import WORKER_BODY
+
+    template = (Path(__file__).resolve().parents[1] / "slurm" / "optim-worker.sbatch").read_text()
+    body = WORKER_BODY.format(
+        run='stagetune optim --study-name "$study" "$url" run --seed "${SLURM_ARRAY_TASK_ID:-0}" '
+            '--ckpt-dir "${STAGETUNE_CKPT_DIR:-stagetune-ckpt}" "$@"',
+        check='stagetune optim --study-name "$study" "$url" status --check', what="optim-worker.sbatch")
+    assert body in template
+    assert "#SBATCH --requeue\n" in template and "#SBATCH --signal=B:USR1@120\n" in template
+
+
+def _sbatch_lines(stdout: str) -> dict[str, str]:
+    """Job name -> its sbatch command in a dry run's output."""
+    lines = [line for line in stdout.splitlines() if "sbatch " in line]
+    return {re.search(r"--job-name=(\S+)", line)[1]: line for line in lines}
+
+
+def test_the_plan_files_slurm_settings_reach_every_sbatch_command_and_submits_options_override_them(
+    plan_path: Path,
+) -> None:
+    # [plan]: every job's; a stage's own replace them (sbatch: after [plan]'s); lg inherits sm's
+    plan_path.write_text(
+        plan_path.read_text()
+        .replace("grace_period = 3\n", "grace_period = 3\npartition = debug\ngres = gpu:1\ntime = 10\n"
+                 "sbatch = --qos=normal --account='my proj'\n")
+        .replace("seed = 1\n", "seed = 1\npartition = long\nsbatch = --mem=100\nworkers = 3\n")
+        .replace("trials = 2\n", "trials = 2\ntime = 1-00:00:00\n")
+    )
+    env = {**os.environ, "PATH": str(Path(sys.executable).parent)}  # no Slurm needed for a dry run
+    run = [*STAGETUNE, "plan", plan_path.name, "submit", "--dry-run"]
+    done = subprocess.run(run, cwd=plan_path.parent, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    sbatch = _sbatch_lines(done.stdout)
+    assert list(sbatch) == JOBS, done.stdout
+    extra = "--qos=normal '--account=my proj'"
+    expected = {  # (partition, time, gres, extra sbatch options, array)
+        "p-sm-init": ("long", "10", None, f"{extra} --mem=100", None),
+        "p-sm-work": ("long", "10", "gpu:1", f"{extra} --mem=100", "0-2"),
+        "p-lg-init": ("long", "1-00:00:00", None, f"{extra} --mem=100", None),
+        "p-lg-work": ("long", "1-00:00:00", "gpu:1", f"{extra} --mem=100", "0-2"),
+        "p-final": ("debug", "10", "gpu:1", extra, None),
+    }
+    for job, (partition, limit, gres, options, array) in expected.items():
+        line = sbatch[job]
+        assert f"--partition={partition} " in line and f"--time={limit} " in line, line
+        assert (re.search(r"--gres=(\S+)", line) or [None, None])[1] == gres, line
+        assert f" {options} " in line, line
+        assert (re.search(r"--array=(\S+)", line) or [None, None])[1] == array, line
+
+    # submit's options override the file for every job; --sbatch-option comes after its options
+    over = subprocess.run([*run, "--partition=cli", "--time=3:00", "--gres=gpu:2", "--workers=1",
+                           "--sbatch-option=--qos=high"], cwd=plan_path.parent, env=env, capture_output=True,
+                          text=True)
+    assert over.returncode == 0, over.stderr
+    for job, line in _sbatch_lines(over.stdout).items():
+        assert "--partition=cli " in line and "--time=3:00 " in line and "--partition=long" not in line, line
+        assert ("--gres=gpu:2 " in line) == (job.endswith(("-work", "-final"))), line
+        assert re.search(r" --qos=high (--dependency=\S+ --kill-on-invalid-dep=yes )?\S+\.sh\)$", line), line
+        assert "--array" not in line or "--array=0-0 " in line, line
+
+    # a bad option is one line naming it (checked as the file's keys are), and nothing is printed or written
+    refused = subprocess.run([*run, "--sbatch-option=--array=0-9"], cwd=plan_path.parent, env=env,
+                             capture_output=True, text=True)
+    assert_one_line_error(refused, "--sbatch-option '--array=0-9': --array: the plan sets --array of its jobs "
+                                   "itself; use the workers key (or submit --workers)")
+    assert refused.returncode == 2 and not refused.stdout
+    assert not (plan_path.parent / "out").exists()
+
+
+def _history(trial_dir: Path) -> list[dict[str, str]]:
+    with (trial_dir / "history.csv").open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def _running_epoch(url: str, name: str) -> int:
+    """The last epoch of the study's running trial (0 before any, or before the study exists)."""
+    if not Path(url.removeprefix("sqlite:///")).exists():
+        return 0
+    try:
+        with opened_study(url, name) as study:
+            running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    except Exception:  # the init job is still creating the database or the study
+        return 0
+    return int(running[0].user_attrs.get("epoch", 0)) if running else 0
+
+
 @pytest.mark.slow
-def test_the_time_limit_warning_hands_the_trial_back_and_requeues_the_worker(
+def test_a_worker_signalled_before_its_time_limit_hands_its_trial_back_requeues_and_the_next_task_resumes_it(
     slurm: SlurmCluster, tmp_path: Path
 ) -> None:
     write_speech_data(tmp_path / "train", 16)
     plan = tmp_path / "p.ini"
-    plan.write_text(  # one long trial (many epochs), one worker
+    plan.write_text(  # one long trial (many epochs), two array tasks that run one at a time (2 CPUs each)
         "[plan]\ntrain = train\ndev_proportion = 0.25\nout_dir = out\nheartbeat_interval = 1\n"
+        "grace_period = 3\nworkers = 2\nsbatch = --cpus-per-task=2\n"
         f"[sm]\nset = {MODEL}\nwhitelist = training\\.learning_rate\nepochs = 5000\ntrials = 1\nmetric = loss\n"
     )
     url = f"sqlite:///{tmp_path / 'out' / 'optim.db'}"
     done = _submit(slurm, plan)
     assert done.returncode == 0, done.stdout + done.stderr
-    ids = dict(re.findall(r"^submitted (\S+): job (\d+)", done.stdout, re.M))
+    work = dict(re.findall(r"^submitted (\S+): job (\d+)", done.stdout, re.M))["p-sm-work"]
     logs = tmp_path / "out" / "slurm"
-    wait_for("the study", lambda: "created study p-sm" in "".join(p.read_text() for p in logs.glob("p-sm-init-*")),
-             timeout=120, interval=0.5)
-    wait_for("the trial to run", lambda: trial_states(url, "p-sm") == {"RUNNING": 1}, timeout=120, interval=0.5)
-    # what --signal=B:USR1@120 sends to the batch shell before the time limit
-    signal = slurm.run("scancel", "--batch", "--signal=USR1", f"{ids['p-sm-work']}_0")
-    assert signal.returncode == 0, signal.stderr
-    log = logs / f"p-sm-work-{ids['p-sm-work']}_0.out"
-    wait_for("the requeue", lambda: "requeueing" in log.read_text(), timeout=120, interval=0.5)
-    assert "trial 0 handed back for retry" in log.read_text(), log.read_text()
-    assert trial_states(url, "p-sm") == {"FAIL": 1, "WAITING": 1}  # the retry waits for the next worker
-    wait_for("the task to be requeued", lambda: re.search(
-        r"JobState=PENDING .*Restarts=1", " ".join(slurm.run("scontrol", "show", "job", ids["p-sm-work"]).stdout.split())),
-        timeout=60, interval=0.5)
-    assert slurm.run("scancel", ids["p-sm-work"]).returncode == 0
+    trial_dir = tmp_path / "out" / "ckpt" / "p-sm" / "trial-0"
+    try:
+        wait_for("trial 0 to finish an epoch", lambda: _running_epoch(url, "p-sm") >= 1, timeout=120, interval=0.5)
+        # what --signal=B:USR1@120 sends before the time limit; --full: the worker gets it too
+        signal = slurm.run("scancel", "--full", "--signal=USR1", f"{work}_0")
+        assert signal.returncode == 0, signal.stderr
+        first = logs / f"p-sm-work-{work}_0.out"
+        wait_for("task 0 to requeue", lambda: "requeueing" in first.read_text(), timeout=60, interval=0.5)
+        assert "trial 0 handed back for retry" in first.read_text(), first.read_text()
+        before = _history(trial_dir)
+        assert before, "no epoch finished before the signal"
+        # task 1 takes the trial over and continues it from its checkpoint
+        wait_for("the retry to train an epoch", lambda: _running_epoch(url, "p-sm") > len(before),
+                 timeout=90, interval=0.5)
+        with opened_study(url, "p-sm") as study:
+            trials = study.get_trials(deepcopy=False)
+        assert [t.state for t in trials] == [TrialState.FAIL, TrialState.RUNNING]  # the same trial, no other
+        assert trials[1].system_attrs["failed_trial"] == 0 and trials[1].params == trials[0].params
+        after = _history(trial_dir)
+        assert after[: len(before)] == before  # the epochs before the signal were not trained again
+        assert int(after[len(before)]["epoch"]) == len(before) + 1
+        assert "handed back" not in (logs / f"p-sm-work-{work}_1.out").read_text()
+        # task 0 waits in the queue, requeued, for what may be left
+        job = " ".join(slurm.run("scontrol", "show", "job", f"{work}_0").stdout.split())
+        assert re.search(r"JobState=PENDING .*Restarts=1", job), job
+    finally:
+        slurm.run("scancel", work)
     _wait_idle(slurm, timeout=60)

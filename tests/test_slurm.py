@@ -2,7 +2,7 @@
 
 An sbatch array is the cluster way to start many workers on one study: the
 budget must come out exact on every backend, and Slurm's preemption signal
-(``scancel --signal=TERM``, what ``--signal=TERM@60`` and preemption send) must
+(``scancel --signal=TERM``, what preemption sends) must
 reach the worker, which hands its trial back for the next worker to retry.
 """
 
@@ -80,8 +80,8 @@ def test_slurms_sigterm_hands_the_trial_back_and_the_next_task_retries_it(
     long = ["--objective", "sleep", "--sleep-seconds", "120"]
     job = _sbatch(slurm, tmp_path, "--array=0", str(SBATCH), url, "preempt", *long, wait=False)
     wait_for("the trial to run", lambda: trial_states(url, "preempt") == {"RUNNING": 1}, timeout=120)
-    # what Slurm sends on preemption or at the time limit (--signal=TERM@60): the
-    # script execs the worker, so the batch step's SIGTERM reaches it
+    # what Slurm sends on preemption: the script forwards the batch step's SIGTERM
+    # to the worker (and, unlike after --signal=B:USR1@120, does not requeue itself)
     cancel = slurm.run("scancel", "--batch", "--signal=TERM", job)
     assert cancel.returncode == 0, cancel.stderr
     wait_for("the job to end", lambda: not slurm.run("squeue", "-h", "-j", job).stdout.strip(), timeout=120)

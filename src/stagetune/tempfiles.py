@@ -13,12 +13,12 @@ import os
 import re
 import signal
 import socket
-import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, Iterator
 
 from stagetune.errors import StagetuneError
+from stagetune.signals import handling
 
 __all__ = ["OUTPUT_NAMES", "PrepInterrupted", "Signals", "TempFiles", "remove_stale_temp_files"]
 
@@ -128,15 +128,8 @@ class Signals:
 
     @contextmanager
     def installed(self) -> Iterator[Signals]:
-        if threading.current_thread() is not threading.main_thread():
+        with handling(self._handle):
             yield self
-            return
-        previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            yield self
-        finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
         if self.received is not None:  # arrived after disarm()
             self._raise("it had just written all of its outputs, which are complete")
 

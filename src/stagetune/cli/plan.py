@@ -27,6 +27,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--force", action="store_true", help="accept changed stage settings that keep trials valid")
     s = actions.add_parser("status", help="one table of all stages")
     s.add_argument("--json", action="store_true", help="print the table as JSON")
+    from stagetune.cli.optim_tools import add_plan_report_parser
+
+    add_plan_report_parser(actions)
     _add_submit_parser(actions)
     p.set_defaults(func=run)
 
@@ -35,15 +38,28 @@ def run(args: argparse.Namespace) -> int:
     from stagetune.errors import UsageError
     from stagetune.plan.spec import read_plan
 
-    plan = read_plan(args.plan)
+    from stagetune.packaged import resolve
+
+    plan = read_plan(resolve(args.plan, "plan"))  # PLAN_INI or @plans/NAME
     if args.plan_command == "status":
         return _status(plan, args.json)
     if args.plan_command == "submit":
         return _submit(plan, args)
+    if args.plan_command == "report":
+        from stagetune.cli.optim_tools import plan_report
+
+        return plan_report(plan, args)
     if args.plan_command == "job":
         return _job(plan, args)
     if args.workers is not None and args.workers < 1:
         raise UsageError(f"--workers must be >= 1, got {args.workers}")
+    if args.gpus is not None:
+        # optim run --gpus's own checks, before any stage starts (each stage's optim run
+        # warns when its workers share GPUs or leave some idle)
+        from stagetune.cli.optim import _check_gpus_visible, _gpu_ids
+
+        _gpu_ids(args.gpus)
+        _check_gpus_visible(args.gpus)
     from stagetune.plan.runner import run_plan
 
     return run_plan(plan, workers=args.workers, gpus=args.gpus, force=args.force,
@@ -82,11 +98,13 @@ def _add_submit_parser(actions: argparse._SubParsersAction) -> None:
         "budget, which stops the jobs after it; the final step (best, train, evaluate) is a job after the last "
         "stage. Workers get --requeue --signal=B:USR1@120: they hand their trial back before the time "
         "limit and requeue. Submitting again submits only what is left. Job scripts and logs: "
-        "OUT_DIR/slurm/. Every job gets --partition, --time and --sbatch-option; --gres only the "
-        "workers and the final job.",
+        "OUT_DIR/slurm/. The plan file's partition, gres, time and sbatch keys ([plan] for every job, "
+        "a stage's for its jobs) give the sbatch options; the options below override them for every "
+        "job (--sbatch-option adds to them). --gres goes only to the workers and the final job.",
     )
     sb.add_argument("--dry-run", action="store_true", help="print the submission as a shell script; submit nothing")
-    sb.add_argument("--workers", type=int, metavar="N", help="array tasks per stage (default: the plan's workers, else 1)")
+    sb.add_argument("--workers", type=int, metavar="N",
+                    help="array tasks per stage (default: the stage's workers, else the plan's, else 1)")
     sb.add_argument("--partition", metavar="NAME", help="sbatch --partition of every job")
     sb.add_argument("--gres", metavar="SPEC", help="sbatch --gres of the workers and the final job, e.g. gpu:1")
     sb.add_argument("--time", metavar="LIMIT", help="sbatch --time of every job, e.g. 4:00:00")
@@ -104,10 +122,21 @@ def _add_submit_parser(actions: argparse._SubParsersAction) -> None:
 
 
 def _submit(plan: Any, args: argparse.Namespace) -> int:
+    from stagetune.errors import UsageError
     from stagetune.plan.slurm import SlurmOptions, submit_plan
+    from stagetune.plan.slurm_keys import check_gres, check_partition, check_time, split_sbatch
 
-    options = SlurmOptions(partition=args.partition, gres=args.gres, time=args.time,
-                           extra=tuple(args.sbatch_options), workers=args.workers)
+    given = {}
+    for key, flag, check in (("partition", "--partition", check_partition), ("gres", "--gres", check_gres),
+                             ("time", "--time", check_time), ("sbatch_options", "--sbatch-option", split_sbatch)):
+        value = getattr(args, key)
+        try:
+            given[key] = None if value is None else check(value)
+        except ValueError as exc:
+            shown = " ".join(value) if isinstance(value, list) else value
+            raise UsageError(f"{flag} {shown!r}: {exc}") from None
+    options = SlurmOptions(partition=given["partition"], gres=given["gres"], time=given["time"],
+                           extra=given["sbatch_options"], workers=args.workers)
     return submit_plan(plan, options, dry_run=args.dry_run, force=args.force,
                        say=lambda line: print(line, flush=True))
 

@@ -17,7 +17,6 @@ import hashlib
 from contextlib import nullcontext
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any, Callable, Sequence
 
 from stagetune.errors import StagetuneError
 from stagetune.plan.spec import Plan, Stage
+from stagetune.signals import handling
 
 __all__ = [
     "PLAN_ATTR", "init_argv", "run_argv", "final_paths", "stage_state", "recorded", "final_done",
@@ -160,10 +160,9 @@ def run_plan(
         child.forward(signum)
 
     Path(plan.out_dir).mkdir(parents=True, exist_ok=True)  # the plan's own: database, checkpoints, final model
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with handling(on_signal):
         for stage in plan.stages:
-            code = _run_stage(plan, stage, workers or plan.workers, gpus, force, child, say)
+            code = _run_stage(plan, stage, workers or plan.stage_workers(stage), gpus, force, child, say)
             if interrupted:
                 return 128 + interrupted[0]
             if code != 0:
@@ -176,9 +175,6 @@ def run_plan(
                 return code
         say(f"plan {plan.name}: done")
         return 0
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
 
 
 def recorded(plan: Plan, stage: Stage, state: dict[str, Any] | None) -> bool:

@@ -20,7 +20,13 @@ met (under the settings the plan recorded) and a trained final model are skipped
 Workers are submitted with ``--requeue --signal=B:USR1@120``: their job script
 turns Slurm's USR1 (two minutes before the time limit) and SIGTERM (preemption)
 into a SIGTERM to the worker, which checkpoints its trial and hands it back;
-after USR1 the task requeues itself, so the array carries on.
+after USR1 the task requeues itself unless the stage's budget is met, and the
+next task (or this one, requeued) resumes the trial from its checkpoint.
+``slurm/optim-worker.sbatch`` has the same body (:data:`WORKER_BODY`).
+
+Each job's ``--partition``, ``--time``, ``--gres`` (workers and final only) and
+extra sbatch options come from the plan file (a stage's own, else ``[plan]``'s;
+the final job: ``[plan]``'s), overridden by ``plan submit``'s options.
 
 The job scripts are written to ``OUT_DIR/slurm/`` (their logs go there too);
 ``--dry-run`` prints the whole submission as a shell script instead.
@@ -43,23 +49,39 @@ from stagetune.errors import StagetuneError, UsageError
 from stagetune.plan.runner import (
     Child, final_done, final_paths, final_step, init_argv, init_stage, recorded, run_argv, stage_state,
 )
+from stagetune.plan.slurm_keys import SIGNAL_SECONDS
 from stagetune.plan.spec import Plan, Stage
 
-__all__ = ["SlurmOptions", "Job", "SIGNAL_SECONDS", "plan_jobs", "render_dry_run", "submit_plan", "run_job"]
-
-#: A worker is warned this many seconds before its time limit (``--signal=B:USR1@...``).
-SIGNAL_SECONDS = 120
+__all__ = [
+    "SlurmOptions", "Job", "SIGNAL_SECONDS", "WORKER_BODY", "plan_jobs", "render_dry_run", "submit_plan", "run_job",
+]
 
 
 @dataclass(frozen=True)
 class SlurmOptions:
-    """``sbatch`` options of every job (``gres``: only the jobs that train: workers and final)."""
+    """``plan submit``'s options: they override the plan file's settings for every job.
+
+    ``gres`` goes only to the jobs that train (workers and final); ``extra`` comes
+    after the plan's ``sbatch`` options (sbatch takes the last of a repeated option).
+    """
 
     partition: str | None = None
     gres: str | None = None
     time: str | None = None
     extra: tuple[str, ...] = ()
-    workers: int | None = None  # array tasks per stage; default: the plan's workers
+    workers: int | None = None  # array tasks per stage; default: the stage's, else the plan's workers
+
+
+def _slurm_settings(plan: Plan, stage: Stage | None, options: SlurmOptions) -> tuple[list[str], list[str], list[str]]:
+    """(options of every job of ``stage``, or of the final job when None; gres; extra sbatch options)."""
+    def pick(key: str) -> str | None:
+        return getattr(options, key) or (getattr(stage, key) if stage else None) or getattr(plan, key)
+
+    common = [f"--partition={pick('partition')}"] if pick("partition") else []
+    common += [f"--time={pick('time')}"] if pick("time") else []
+    gres = [f"--gres={pick('gres')}"] if pick("gres") else []
+    extra = [*plan.sbatch, *(stage.sbatch if stage else ()), *options.extra]
+    return common, gres, extra
 
 
 @dataclass(frozen=True)
@@ -101,24 +123,38 @@ def _worker_script(plan: Plan, stage: Stage) -> str:
     argv.pop(i)
     # task i gets seed + i, as worker i of a local pool does
     run = f'{_command(argv)} --seed "$(({seed} + ${{SLURM_ARRAY_TASK_ID:-0}}))"'
-    return _header(plan, f"stage {stage.name}, one worker per array task") + (
-        "# Slurm's USR1 (before the time limit) and SIGTERM (preemption) reach the worker as\n"
-        "# SIGTERM: it checkpoints its trial and hands it back; after USR1 this task requeues.\n"
-        f"{run} &\n"
-        "worker=$!\n"
-        "requeue=0\n"
-        "trap 'requeue=1; kill -TERM \"$worker\" 2>/dev/null' USR1\n"
-        "trap 'kill -TERM \"$worker\" 2>/dev/null' TERM\n"
-        "status=0\n"
-        'wait "$worker" || status=$?\n'
-        "# a trapped signal ends wait early: wait again until the worker has exited\n"
-        'while kill -0 "$worker" 2>/dev/null; do status=0; wait "$worker" || status=$?; done\n'
-        'if [ "$requeue" = 1 ] && [ "$status" != 0 ]; then\n'
-        '  echo "stagetune plan: time limit near; requeueing ${SLURM_JOB_ID:-}" >&2\n'
-        '  scontrol requeue "${SLURM_JOB_ID:?}"\n'
-        "fi\n"
-        'exit "$status"\n'
-    )
+    check = _command(["optim", "--study-name", plan.study_name(stage.name), plan.url, "status", "--check"])
+    return _header(plan, f"stage {stage.name}, one worker per array task") + WORKER_BODY.format(
+        run=run, check=check, what="stagetune plan")
+
+
+#: The body of a worker's job script, shared with ``slurm/optim-worker.sbatch``
+#: (``{run}``: the worker, ``{check}``: exit 0 when the budget is met).
+WORKER_BODY = """\
+# Slurm's USR1 (--signal=B:USR1@120 before the time limit, or scancel --signal=USR1) and
+# SIGTERM (preemption) reach the worker as SIGTERM: it checkpoints its trial and hands it
+# back. After USR1 this task requeues itself unless the study's budget is met (the next
+# worker, or this one requeued, resumes the trial from its checkpoint).
+trap '' USR1  # the worker ignores USR1 itself (scancel --full signals every process)
+{run} &
+worker=$!
+requeue=0
+trap 'requeue=1; kill -TERM "$worker" 2>/dev/null' USR1
+trap 'kill -TERM "$worker" 2>/dev/null' TERM
+status=0
+wait "$worker" || status=$?
+# a trapped signal ends wait early: wait again until the worker has exited
+while kill -0 "$worker" 2>/dev/null; do status=0; wait "$worker" || status=$?; done
+if [ "$requeue" = 1 ] && [ "$status" != 0 ]; then
+  if {check} >/dev/null; then
+    echo "{what}: the study's budget is met; not requeueing ${{SLURM_JOB_ID:-}}" >&2
+  else
+    echo "{what}: trial handed back; requeueing ${{SLURM_JOB_ID:-}}" >&2
+    scontrol requeue "${{SLURM_JOB_ID:?}}"
+  fi
+fi
+exit "$status"
+"""
 
 
 def _job_argv(plan: Plan, step: str, stage: str | None, after: str | None, force: bool) -> list[str]:
@@ -149,19 +185,17 @@ def plan_jobs(
 ) -> list[Job]:
     """The jobs still to submit, in order (each one's dependency comes before it)."""
     log_dir = Path(plan.out_dir) / "slurm"
-    common = [f"--chdir={os.getcwd()}"]
-    common += [f"--partition={options.partition}"] if options.partition else []
-    common += [f"--time={options.time}"] if options.time else []
-    gres = [f"--gres={options.gres}"] if options.gres else []
-    workers = options.workers or plan.workers
     jobs: list[Job] = []
     taken: set[str] = set()
     previous: tuple[str, str] | None = None  # (stage, var) of the last array submitted
 
-    def add(name: str, what: str, script: str, opts: list[str], after: tuple[str, str] | None) -> Job:
+    def add(name: str, what: str, script: str, opts: list[str], after: tuple[str, str] | None,
+            stage: Stage | None, trains: bool) -> Job:
+        common, gres, extra = _slurm_settings(plan, stage, options)
         job = Job(var=_var(name.removeprefix(f"{plan.name}-"), taken), name=name, what=what, script=script,
-                  options=(f"--job-name={name}", *common, *opts, *options.extra), after=after,
-                  path=log_dir / f"{name}.sh")
+                  options=(f"--job-name={name}", f"--chdir={os.getcwd()}", *common, *opts,
+                           *(gres if trains else ()), *extra),
+                  after=after, path=log_dir / f"{name}.sh")
         jobs.append(job)
         return job
 
@@ -170,6 +204,7 @@ def plan_jobs(
         if state is not None:
             say(f"stage {stage.name}: budget met ({state['finished']}/{state['num_trials']} trials); not submitted")
             continue
+        workers = options.workers or plan.stage_workers(stage)
         what = f"stage {stage.name}: initialise the study"
         script = _header(plan, what) + (
             f"# {'Once stage ' + previous[0] + ' has met its budget, r' if previous else 'R'}uns (and records "
@@ -177,13 +212,13 @@ def plan_jobs(
             + "exec " + _command(_job_argv(plan, "init", stage.name, previous[0] if previous else None, force)) + "\n"
         )
         init = add(f"{plan.name}-{stage.name}-init", what, script, [f"--output={log_dir}/%x-%j.out"],
-                   None if previous is None else ("afterany", previous[1]))
+                   None if previous is None else ("afterany", previous[1]), stage, trains=False)
         work = add(
             f"{plan.name}-{stage.name}-work", f"stage {stage.name}: {workers} worker{'s' * (workers > 1)} "
             f"to {stage.trials} trials", _worker_script(plan, stage),
             [f"--array=0-{workers - 1}", f"--output={log_dir}/%x-%A_%a.out", "--open-mode=append", "--requeue",
-             f"--signal=B:USR1@{SIGNAL_SECONDS}", *gres],
-            ("afterok", init.var),
+             f"--signal=B:USR1@{SIGNAL_SECONDS}"],
+            ("afterok", init.var), stage, trains=True,
         )
         previous = (stage.name, work.var)
 
@@ -194,8 +229,8 @@ def plan_jobs(
             "train, evaluate, as plan run does\n"
             + "exec " + _command(_job_argv(plan, "final", None, previous[0] if previous else None, force)) + "\n"
         )
-        add(f"{plan.name}-final", what, script, [f"--output={log_dir}/%x-%j.out", *gres],
-            None if previous is None else ("afterany", previous[1]))
+        add(f"{plan.name}-final", what, script, [f"--output={log_dir}/%x-%j.out"],
+            None if previous is None else ("afterany", previous[1]), None, trains=True)
     elif plan.final is not None:
         say(f"final: trained already: {final_paths(plan)['model_dir']}; not submitted")
     return jobs

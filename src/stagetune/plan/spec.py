@@ -10,6 +10,10 @@
     workers = 2                 # local workers per stage (plan run --workers overrides)
     final = lg                  # train this stage's best config at the end
     final_epochs = 8
+    partition = gpu             # plan submit: sbatch options of every job (submit's
+    gres = gpu:1                #   --partition, --gres, --time, --sbatch-option override);
+    time = 4:00:00              #   gres: only the jobs that train (workers, final)
+    sbatch = --qos=normal --account=proj
 
     [sm]
     config = conf/demo.ini      # base config files, later ones win
@@ -24,13 +28,18 @@
     top_k = 3
     narrow = 0.25               # ranges: the top quarter of sm's trials
     trials = 6
+    time = 1-00:00:00           # lg's jobs: its own Slurm settings
+    sbatch = --mem=16G          #   (sbatch: after [plan]'s)
 
 Every other section is a stage, run in file order.  A stage derived ``from``
 another starts from its parent's best config (``config`` files and ``set``
 edits apply over it) and tunes the parent's ``top_k`` most important
 parameters (or those of importance >= ``threshold``), or what its own
 ``whitelist``/``blacklist`` select;
-it inherits its budget and trial settings unless it sets them.  Paths are
+it inherits its budget, trial and Slurm settings (``workers``, ``partition``,
+``gres``, ``time``, ``sbatch``) unless it sets them; a root stage's Slurm
+settings default to the ``[plan]`` section's, whose ``sbatch`` options every job
+gets before its stage's.  The final job gets the ``[plan]`` section's.  Paths are
 relative to the directory the command runs in, like the CLI's.  Errors name the
 file, the section and the key.
 """
@@ -47,6 +56,7 @@ from stagetune.errors import ConfigError, StagetuneError
 from stagetune.optim.metrics import DEFAULT_METRIC, METRICS
 from stagetune.optim.registry import PRUNERS, SAMPLERS
 from stagetune.optim.sampling import select_tunable
+from stagetune.plan.slurm_keys import check_gres, check_partition, check_time, split_sbatch
 
 __all__ = ["Plan", "Stage", "read_plan", "PLAN_KEYS", "STAGE_KEYS"]
 
@@ -78,10 +88,17 @@ class Stage:
     epochs: int | None = None
     time_limit: float | None = None
     seed: int = 0
+    # Workers (plan run, plan submit's array) and Slurm settings of the stage's jobs; else [plan]'s.
+    workers: int | None = None
+    partition: str | None = None
+    gres: str | None = None
+    time: str | None = None
+    sbatch: tuple[str, ...] = ()  # after [plan]'s sbatch options
 
 
 #: Settings a derived stage takes from its parent unless the plan gives them.
-INHERITED = ("trials", "sampler", "pruner", "metric", "mem_limit_bytes", "epochs", "time_limit", "seed")
+INHERITED = ("trials", "sampler", "pruner", "metric", "mem_limit_bytes", "epochs", "time_limit", "seed",
+             "workers", "partition", "gres", "time", "sbatch")
 
 
 @dataclass(frozen=True)
@@ -102,9 +119,19 @@ class Plan:
     workers: int = 1
     heartbeat_interval: int | None = None
     grace_period: int | None = None
+    # Slurm defaults of every job (plan submit); a stage's own replace them, but for sbatch,
+    # whose options come before the stage's.
+    partition: str | None = None
+    gres: str | None = None
+    time: str | None = None
+    sbatch: tuple[str, ...] = ()
 
     def stage(self, name: str) -> Stage:
         return next(s for s in self.stages if s.name == name)
+
+    def stage_workers(self, stage: Stage) -> int:
+        """Workers of ``stage``: its own (or its parent's), else the plan's."""
+        return stage.workers or self.workers
 
     def study_name(self, stage: str) -> str:
         return f"{self.name}-{stage}"
@@ -114,8 +141,10 @@ class Plan:
         return str(Path(self.out_dir) / "ckpt")
 
 
+#: Slurm settings, in [plan] (every job) and per stage (its jobs): checked by :mod:`.slurm_keys`.
+SLURM_KEYS = ("partition", "gres", "time", "sbatch")
 PLAN_KEYS = ("name", "train", "dev", "dev_proportion", "test", "url", "out_dir", "final", "final_epochs", "workers",
-             "heartbeat_interval", "grace_period")
+             "heartbeat_interval", "grace_period", *SLURM_KEYS)
 STAGE_KEYS = tuple(f.name for f in fields(Stage) if f.name not in ("name", "parent")) + ("from",)
 _DERIVED_ONLY = ("top_k", "threshold", "independent", "narrow", "enqueue_best")
 
@@ -159,6 +188,18 @@ class _Reader:
         if value not in ("true", "false", "yes", "no", "1", "0"):
             raise self.error(key, "use true or false")
         return value in ("true", "yes", "1")
+
+    def slurm(self) -> dict[str, object]:
+        """The Slurm keys given in this section, checked (see :mod:`.slurm_keys`)."""
+        checks = {"partition": check_partition, "gres": check_gres, "time": check_time, "sbatch": split_sbatch}
+        given: dict[str, object] = {}
+        for key, check in checks.items():
+            if key in self.items:
+                try:
+                    given[key] = check(self.items[key])
+                except ValueError as exc:
+                    raise self.error(key, str(exc)) from None
+        return given
 
     def choice(self, key: str, choices) -> str | None:
         value = self.text(key)
@@ -215,6 +256,8 @@ def _stage(path: Path, name: str, items: dict[str, str]) -> tuple[Stage, set[str
         "independent": r.flag("independent"),
         "narrow": r.number("narrow", float, 1e-6, 1.0),
         "enqueue_best": r.number("enqueue_best", int, 0),
+        "workers": r.number("workers", int, 1),
+        **r.slurm(),
     }
     own = "whitelist" in items or "blacklist" in items
     if parent is not None and given["top_k"] is None and given["threshold"] is None and not own:
@@ -318,4 +361,5 @@ def read_plan(path: str | Path) -> Plan:
         workers=r.number("workers", int, 1) or 1,
         heartbeat_interval=r.number("heartbeat_interval", int, 1),
         grace_period=r.number("grace_period", int, 1),
+        **r.slurm(),
     )
