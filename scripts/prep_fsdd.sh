@@ -7,8 +7,9 @@
 # next to the repository), writes OUT_DIR/{train,dev,test} with wavs, text,
 # utt2spk and features.  --tiny builds the small yesno-like corpus instead (2
 # digits, 8 per utterance, one speaker per split; see `python -m stagetune.fsdd
-# --help`).  Uses the `python` and `stagetune` on PATH, so activate the project's
-# virtual environment first.  The result is CC BY-SA 4.0, like the recordings:
+# --help`).  A thin wrapper of `stagetune prep-fsdd` (installed, that runs from
+# any directory); uses the `stagetune` on PATH, so activate the project's virtual
+# environment first.  The result is CC BY-SA 4.0, like the recordings:
 # keep it out of the repository.
 set -euo pipefail
 
@@ -24,7 +25,4 @@ fi
 out_dir=$1
 fsdd_dir=${FSDD_DIR:-"$(dirname "$0")/../../shared/data/fsdd/recordings"}
 
-python -m stagetune.fsdd "${tiny[@]}" "$fsdd_dir" "$out_dir"
-for split in train dev test; do
-    stagetune prep "$out_dir/$split"
-done
+exec stagetune prep-fsdd "${tiny[@]}" --recordings "$fsdd_dir" "$out_dir"

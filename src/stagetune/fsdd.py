@@ -338,15 +338,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         "31/10/29 utterances of one speaker each in train/dev/test",
     )
     args = parser.parse_args(argv)
-    build, splits = (
-        (build_tiny_fsdd_corpus, TINY_SPLITS) if args.tiny else (build_fsdd_corpus, FSDD_SPLITS)
-    )
+    build = build_tiny_fsdd_corpus if args.tiny else build_fsdd_corpus
     started = time.monotonic()
     try:
         out_dir = build(args.recordings_dir, args.out_dir, seed=args.seed)
     except StagetuneError as exc:
         print(f"stagetune.fsdd: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    report(out_dir, tiny=args.tiny, started=started)
+    return 0
+
+
+def report(out_dir: Path, *, tiny: bool, started: float) -> None:
+    """Print a line per split (utterances, recordings used) and the time since ``started``."""
+    splits = TINY_SPLITS if tiny else FSDD_SPLITS
     for split, speakers in splits.items():
         split_dir = out_dir / split
         if not split_dir.is_dir():
@@ -359,7 +364,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{len(set(used))} distinct ({', '.join(speakers)})"
         )
     print(f"built in {time.monotonic() - started:.1f} s")
-    return 0
 
 
 if __name__ == "__main__":

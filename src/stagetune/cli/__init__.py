@@ -20,7 +20,7 @@ from stagetune.errors import StagetuneError, UsageError
 __all__ = ["main", "build_parser", "COMMAND_MODULES"]
 
 #: Sub-command modules, in the order ``--help`` lists them.
-COMMAND_MODULES = ("prep", "train", "evaluate", "optim", "plan")
+COMMAND_MODULES = ("prep", "train", "evaluate", "optim", "plan", "demo", "fsdd", "packaged")
 
 #: The commands that read ``--read-ini``/``--set``; anywhere else they would do nothing.
 _CONFIG_READERS = {
@@ -35,6 +35,10 @@ _WHY_NO_CONFIG = {
     "optim": "a study's configuration is the one optim init stored",
     "optim best": "its output is the best trial's configuration (its --set edits that)",
     "plan": "the plan file declares every stage's configuration",
+    "demo": "the packaged demo plan declares its configuration",
+    "prep-fsdd": "it builds a corpus and reads no model configuration",
+    "list-configs": "it lists the packaged configs (read one with --read-ini @NAME)",
+    "slurm-template": "it prints a job script",
 }
 
 

@@ -39,7 +39,10 @@ EVALUATORS: dict[str, Callable[[int], optuna.importance.BaseImportanceEvaluator]
 
 
 def make_sampler(name: str, seed: int | None) -> optuna.samplers.BaseSampler:
-    """The sampler registered as ``name``."""
+    """The sampler registered as ``name`` (its optional package checked first: one line naming the extra)."""
+    from stagetune.extras import require_sampler
+
+    require_sampler(name)
     return SAMPLERS[name](seed)
 
 
@@ -49,5 +52,8 @@ def make_pruner(name: str, max_epochs: int) -> optuna.pruners.BasePruner:
 
 
 def make_evaluator(name: str, seed: int) -> optuna.importance.BaseImportanceEvaluator:
-    """The importance evaluator registered as ``name``."""
+    """The importance evaluator registered as ``name`` (its optional package checked first)."""
+    from stagetune.extras import require_evaluator
+
+    require_evaluator(name)
     return EVALUATORS[name](seed)
