@@ -51,3 +51,11 @@ class TrainingInterrupted(StagetuneError):
         super().__init__(message)
         self.signum = signum
         self.exit_code = 128 + signum
+
+
+class TrialLost(StagetuneError):
+    """This worker's trial was declared stale and re-queued by another worker.
+
+    The trial is no longer this worker's: it stops it without writing to its
+    checkpoint dir (the retry owns that now) and without reporting it.
+    """

@@ -18,7 +18,6 @@ import csv
 import math
 import signal
 import sys
-import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -46,7 +45,7 @@ from stagetune.config import Config, to_dict, write_ini
 from stagetune.corpus import Corpus
 from stagetune.dataset import BucketBatchSampler, UtteranceDataset, collate
 from stagetune.epoch import EpochStopped, decode_batches, train_one_epoch, validate
-from stagetune.errors import StagetuneError, TrainingInterrupted, UsageError
+from stagetune.errors import StagetuneError, TrainingInterrupted, TrialLost, UsageError
 from stagetune.failures import is_non_finite_loss
 from stagetune.feasibility import check_feasible
 from stagetune.metrics import ErrorCounts
@@ -62,6 +61,7 @@ from stagetune.model_dir import (
 )
 from stagetune.normalize import fit_normalizer, stored_normalizer
 from stagetune.schedule import LearningRateSchedule
+from stagetune.signals import handling
 
 __all__ = [
     "EpochResult",
@@ -184,16 +184,12 @@ class _Signals:
 
     @contextmanager
     def installed(self) -> Iterator[_Signals]:
-        if threading.current_thread() is not threading.main_thread():
-            yield self
-            return
-        previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        previous = None
         try:
-            yield self
+            with handling(self._handle) as previous:
+                yield self
         finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-            if self.received is not None and not self.acted and callable(previous[self.received]):
+            if previous and self.received is not None and not self.acted and callable(previous[self.received]):
                 # Arrived after the last batch: training is complete, but the caller
                 # (an optim worker) still wants to hear about it.
                 signal.raise_signal(self.received)
@@ -253,6 +249,7 @@ def fit(
     log: Callable[[str], None] | None = None,
     stop_signal: Callable[[], int | None] = lambda: None,
     owner: str | None = None,
+    still_owner: Callable[[bool], bool] | None = None,
 ) -> FitResult:
     """Train (or resume training of) a model in ``model_dir``.
 
@@ -277,6 +274,10 @@ def fit(
         owner: An opaque id of whom this training is for (an optim study's
             uid), stored in the checkpoint and model file; a checkpoint stored
             for another owner is refused.
+        still_owner: Whether ``model_dir`` is still the caller's (an optim worker's
+            trial may be taken over by another worker): asked with False between
+            batches (cheap), with True before each write; once it says no, training
+            stops without writing anything more and raises ``TrialLost``.
 
     The checkpoint also records the train and dev data (:func:`data_identity`):
     resuming on other data is refused; a checkpoint written before it was
@@ -437,7 +438,8 @@ def fit(
                     first_batch=first,
                     device=device,
                     scaler=scaler,
-                    should_stop=lambda: signals.received is not None or stop_signal() is not None,
+                    should_stop=lambda: signals.received is not None or stop_signal() is not None
+                    or (still_owner is not None and not still_owner(False)),
                     progress=bar,
                     schedule=scheduler,
                     start_loss_sum=state["loss_sum"],
@@ -446,6 +448,7 @@ def fit(
                 signals.acted = True
                 bar.close()
                 state["batch"], state["loss_sum"] = stop.batches_done, stop.loss_sum
+                _check_owner(still_owner, model_dir)
                 checkpoint()
                 signum = signals.received or stop_signal() or signal.SIGTERM
                 name = signal.Signals(signum).name
@@ -462,6 +465,7 @@ def fit(
                     f"training.learning_rate or set training.clip_grad_norm"
                 )
             counts, dev_loss = validate(model, dev_loader, config.model.task, device)
+            _check_owner(still_owner, model_dir)
             seconds = time.perf_counter() - started
             dev_error = counts.rate
             lr = optimizer.param_groups[0]["lr"]
@@ -529,6 +533,12 @@ def fit(
         },
     )
     return _result(state, model_dir, resumed_from)
+
+
+def _check_owner(still_owner: Callable[[bool], bool] | None, model_dir: Path) -> None:
+    """Raise ``TrialLost`` (before any write) when ``model_dir`` is no longer the caller's."""
+    if still_owner is not None and not still_owner(True):
+        raise TrialLost(f"training in {model_dir} stopped: another worker took it over")
 
 
 def _result(state: dict[str, Any], model_dir: Path, resumed_from: int) -> FitResult:

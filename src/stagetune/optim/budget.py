@@ -16,6 +16,7 @@ import hashlib
 import threading
 import time
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Iterator
 
@@ -23,7 +24,7 @@ import optuna
 from sqlalchemy import Connection, DateTime, func, select, text
 
 from stagetune.errors import StorageError
-from stagetune.optim.storage import sqlite_file_lock
+from stagetune.optim.storage import read_timeout_s, sqlite_file_lock
 
 __all__ = [
     "SLOT_STATES",
@@ -34,6 +35,8 @@ __all__ = [
     "heartbeat_ages",
     "beating_trials",
     "orphaned_trials",
+    "running_heartbeats",
+    "trial_state",
 ]
 
 SLOT_STATES = ("RUNNING", "WAITING", "COMPLETE", "PRUNED")
@@ -78,8 +81,13 @@ def budget_lock(
                     _release(conn, "SELECT pg_advisory_unlock(:k)", {"k": lock_id})
             elif dialect in ("mysql", "mariadb"):
                 deadline = time.monotonic() + timeout_s
+                # Each wait well inside the read timeout, which would take it for a hung server.
+                wait_s = max(1, min(10, int(read_timeout_s() / 2)))
                 while True:
-                    got = conn.execute(text("SELECT GET_LOCK(:k, 10)"), {"k": key}).scalar()
+                    got = conn.execute(text("SELECT GET_LOCK(:k, :w)"), {"k": key, "w": wait_s}).scalar()
+                    # Out of the transaction that statement began (the lock is the session's):
+                    # what runs under the lock commits on its own, not at the release's rollback.
+                    conn.commit()
                     if got == 1:
                         break
                     if time.monotonic() > deadline:
@@ -180,3 +188,37 @@ def beating_trials(storage: optuna.storages.RDBStorage, study_id: int) -> set[in
     """
     query = "SELECT t.number, t.trial_id FROM trials t JOIN trial_heartbeats h ON h.trial_id = t.trial_id WHERE t.study_id = :sid"
     return {int(number) for number, _ in _pairs(storage, None, query, study_id)}
+
+
+def running_heartbeats(
+    storage: optuna.storages.RDBStorage, study_id: int, conn: Connection | None = None
+) -> tuple[datetime, dict[int, tuple[int, datetime]]]:
+    """The database's clock now, and each RUNNING trial's last heartbeat: trial id -> (number, beat).
+
+    Both readings come from the database server, so workers on machines whose
+    clocks differ judge staleness alike. ``conn``: as for :func:`count_by_state`.
+    """
+    query = text(
+        "SELECT t.trial_id AS trial_id, t.number AS number, h.heartbeat AS heartbeat FROM trial_heartbeats h "
+        "JOIN trials t ON t.trial_id = h.trial_id WHERE t.study_id = :sid AND t.state = 'RUNNING'"
+    ).columns(heartbeat=DateTime)
+
+    def read(c: Connection) -> tuple[datetime, dict[int, tuple[int, datetime]]]:
+        now = c.execute(select(func.now(type_=DateTime))).scalar().replace(tzinfo=None)
+        rows = c.execute(query, {"sid": study_id}).all()
+        return now, {int(tid): (int(number), beat) for tid, number, beat in rows}
+
+    if conn is not None:
+        try:
+            return read(conn)
+        finally:
+            conn.commit()
+    with storage.engine.connect() as own:
+        return read(own)
+
+
+def trial_state(storage: optuna.storages.RDBStorage, trial_id: int) -> str | None:
+    """The state name of one trial (None if there is no such trial), in one small query."""
+    with storage.engine.connect() as conn:
+        state = conn.execute(text("SELECT state FROM trials WHERE trial_id = :tid"), {"tid": trial_id}).scalar()
+    return None if state is None else str(state)

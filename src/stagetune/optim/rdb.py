@@ -8,8 +8,11 @@ storage call takes a pooled connection. This subclass adds three things:
   while the objective samples its config and written in one transaction when
   sampling ends, before training starts (so other workers, the dashboard and a
   heartbeat retry see them while the trial runs);
-* study ids are looked up by name once per process (HyperbandPruner looks
-  twice for every parameter);
+* while a trial batches its parameters, study ids are looked up by name once
+  (HyperbandPruner looks twice for every parameter); outside a batch every
+  lookup asks the database, as optuna does, so a study another process deleted
+  and re-created (SQLite reuses its id for the next study) is never mistaken
+  for the one now holding its old id;
 * :meth:`StagetuneStorage.sessions_on`: optuna's sessions in this thread run on
   a given connection, the one that holds the budget lock, so claiming a trial
   takes no second connection (with ``pool_size=1`` that was a new connection,
@@ -23,8 +26,10 @@ tells a dead worker's trial from one handed back on SIGTERM (both are FAILed and
 re-queued).
 
 Everything else is optuna's ``RDBStorage`` unchanged; other threads (the
-heartbeat) are not affected by either. This module is the one place that uses
-optuna's private RDB API (``optuna.storages._rdb``).
+heartbeat) are not affected by either. It pickles as optuna's does (a spawned
+process, joblib or dask gets a storage with its own engine and nothing buffered).
+This module is the one place that uses optuna's private RDB API
+(``optuna.storages._rdb``).
 """
 
 from __future__ import annotations
@@ -44,8 +49,8 @@ from optuna.distributions import (
 from optuna.storages._rdb import models
 from optuna.storages._rdb.storage import _create_scoped_session
 from optuna.study import StudyDirection
-from sqlalchemy import Connection
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import Connection, select
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 __all__ = ["StagetuneStorage", "OPTUNA_TABLES", "STALE_ATTR"]
@@ -57,7 +62,8 @@ OPTUNA_TABLES = frozenset(models.BaseModel.metadata.tables) | {"alembic_version"
 #: value is the trial's id, as a retry copies its original's system attributes.
 STALE_ATTR = "stagetune_stale_trial_id"
 
-_Pending = list[tuple[str, float, BaseDistribution, "BaseDistribution | None"]]
+# (name, internal value, distribution, whether it was checked against the stored one)
+_Pending = list[tuple[str, float, BaseDistribution, bool]]
 
 
 class StagetuneStorage(optuna.storages.RDBStorage):
@@ -67,14 +73,38 @@ class StagetuneStorage(optuna.storages.RDBStorage):
         super().__init__(*args, **kwargs)
         self._pending: dict[int, _Pending] = {}
         self._pending_lock = threading.Lock()
+        # study name -> id, kept only while some trial batches its parameters
         self._study_ids: dict[str, int] = {}
+
+    def __getstate__(self) -> dict[Any, Any]:
+        state = super().__getstate__()
+        del state["_pending_lock"]
+        # Buffers and the id cache belong to this process's open batches.
+        state["_pending"], state["_study_ids"] = {}, {}
+        return state
+
+    def __setstate__(self, state: dict[Any, Any]) -> None:
+        super().__setstate__(state)
+        self._pending_lock = threading.Lock()
 
     def get_study_id_from_name(self, study_name: str) -> int:
         # Optuna's HyperbandPruner builds a bracket study, looking its id up by name,
-        # twice for every suggest_* call: two queries per parameter without this.
-        study_id = self._study_ids.get(study_name)
+        # twice for every suggest_* call: two queries per parameter without the cache.
+        # The cache lives only while a batch is open (a trial sampling its config, a
+        # moment in which the trial's own study cannot be replaced under it): a cache
+        # kept longer would, after another process deleted the study and SQLite gave
+        # its id to another one, send this process's writes to that other study.
+        with self._pending_lock:
+            study_id = self._study_ids.get(study_name)
+        if study_id is not None:
+            return study_id
+        # optuna's lookup commits; a read needs none (nothing is committed while sampling)
+        study_id = self._read(select(models.StudyModel.study_id).where(models.StudyModel.study_name == study_name))
         if study_id is None:
-            study_id = self._study_ids[study_name] = super().get_study_id_from_name(study_name)
+            raise KeyError(models.NOT_FOUND_MSG)
+        with self._pending_lock:
+            if self._pending:
+                self._study_ids[study_name] = study_id
         return study_id
 
     def create_study_with_attrs(
@@ -115,7 +145,8 @@ class StagetuneStorage(optuna.storages.RDBStorage):
         return stale
 
     def delete_study(self, study_id: int) -> None:
-        self._study_ids = {name: i for name, i in self._study_ids.items() if i != study_id}
+        with self._pending_lock:
+            self._study_ids = {name: i for name, i in self._study_ids.items() if i != study_id}
         super().delete_study(study_id)
 
     def _set_trial_param(
@@ -128,10 +159,56 @@ class StagetuneStorage(optuna.storages.RDBStorage):
     ) -> None:
         with self._pending_lock:
             pending = self._pending.get(trial_id)
+            same = next((d for name, _, d, _ in pending or () if name == param_name), None)
+        if pending is None:
+            super()._set_trial_param(trial_id, param_name, param_value_internal, distribution, previous_distribution)
+            return
+        # Checked now, as optuna checks it: an incompatible distribution raises at the
+        # suggest_* call and the parameters sampled before it stay in the batch.
+        if same is not None:  # set twice: optuna keeps the first row (its insert is ignored)
+            check_distribution_compatibility(same, distribution)
+            return
+        checked = True
+        if previous_distribution is None:  # optuna's _CachedStorage knows none yet: ask the database
+            try:
+                previous_distribution = self._stored_distribution_of(trial_id, param_name)
+            except (SQLAlchemyError, optuna.exceptions.StorageInternalError):
+                checked = False  # the database is away: the write checks it (and is retried)
+        if previous_distribution is not None:
+            check_distribution_compatibility(previous_distribution, distribution)
+        with self._pending_lock:
+            pending = self._pending.get(trial_id)
             if pending is not None:
-                pending.append((param_name, param_value_internal, distribution, previous_distribution))
+                pending.append((param_name, param_value_internal, distribution, checked))
                 return
+        # the batch was closed meanwhile (by another thread): write at once
         super()._set_trial_param(trial_id, param_name, param_value_internal, distribution, previous_distribution)
+
+    def _read(self, query: Any) -> Any:
+        """The first column of the first row of ``query`` (None if none), read without a commit."""
+        session = self.scoped_session()
+        try:
+            return session.execute(query).scalar()
+        except SQLAlchemyError as exc:  # as optuna's sessions report it
+            raise optuna.exceptions.StorageInternalError(f"reading from the study database failed: {exc}") from exc
+        finally:
+            session.close()  # rolls back: a read leaves nothing to commit
+
+    def _stored_distribution_of(self, trial_id: int, name: str) -> BaseDistribution | None:
+        """The distribution another trial of ``trial_id``'s study stored for ``name``, if any.
+
+        One read, no commit (the parameters of a batch are written in one transaction).
+        """
+        study_id = select(models.TrialModel.study_id).where(models.TrialModel.trial_id == trial_id)
+        query = (
+            select(models.TrialParamModel.distribution_json)
+            .join(models.TrialModel)
+            .where(models.TrialModel.study_id == study_id.scalar_subquery())
+            .where(models.TrialParamModel.param_name == name)
+            .limit(1)
+        )
+        stored = self._read(query)
+        return None if stored is None else json_to_distribution(stored)
 
     @contextlib.contextmanager
     def batched_params(
@@ -144,8 +221,12 @@ class StagetuneStorage(optuna.storages.RDBStorage):
             write: Runs the write (e.g. retrying it through an outage: a failed
                 write keeps the buffer, so calling it again writes everything).
 
-        The write happens also when the block raises (a partly sampled trial keeps
-        what it sampled), but then a failing write does not hide the first error.
+        Each parameter is checked against the study's stored distribution when it is
+        set, as optuna checks it: an incompatible one raises at its ``suggest_*`` call
+        and is not buffered (if the database cannot be read then, the write checks it,
+        stores the others and raises). The write happens also when the block raises
+        (a partly sampled trial keeps what it sampled), but then a failing write does
+        not hide the first error.
         Writing again after a lost acknowledgement is harmless: optuna ignores the
         duplicate rows' integrity error.
         """
@@ -164,37 +245,47 @@ class StagetuneStorage(optuna.storages.RDBStorage):
         finally:
             with self._pending_lock:  # nothing stays buffered after the block
                 self._pending.pop(trial_id, None)
+                if not self._pending:
+                    self._study_ids.clear()
 
     def _flush(self, trial_id: int) -> None:
         with self._pending_lock:
             pending = self._pending.pop(trial_id, [])
         if not pending:
             return
+        incompatible: list[str] = []
         try:
             # What optuna's _set_trial_param_without_commit does per parameter, once for
             # all: one trial lookup and one multi-row INSERT instead of a SELECT and an
-            # INSERT (its autoflush) per parameter.
+            # INSERT (its autoflush) per parameter. Compatibility was checked when each
+            # was set, unless the database was away then.
             with _create_scoped_session(self.scoped_session, True) as session:
                 trial = models.TrialModel.find_or_raise_by_id(trial_id, session)
                 self.check_trial_is_updatable(trial_id, trial.state)
-                for name, _, distribution, previous in pending:
-                    if previous is None:
-                        previous = self._stored_distribution(session, trial.study_id, name)
-                    if previous is not None:
-                        check_distribution_compatibility(previous, distribution)
-                session.add_all(
-                    models.TrialParamModel(
-                        trial_id=trial_id,
-                        param_name=name,
-                        param_value=value,
-                        distribution_json=distribution_to_json(distribution),
+                rows = []
+                for name, value, distribution, checked in pending:
+                    previous = None if checked else self._stored_distribution(session, trial.study_id, name)
+                    try:
+                        if previous is not None:
+                            check_distribution_compatibility(previous, distribution)
+                    except ValueError as exc:
+                        incompatible.append(f"{name}: {exc}")
+                        continue
+                    rows.append(
+                        models.TrialParamModel(
+                            trial_id=trial_id,
+                            param_name=name,
+                            param_value=value,
+                            distribution_json=distribution_to_json(distribution),
+                        )
                     )
-                    for name, value, distribution, _ in pending
-                )
+                session.add_all(rows)
         except BaseException:
             with self._pending_lock:  # a retry of the flush writes them again
                 self._pending.setdefault(trial_id, [])[:0] = pending
             raise
+        if incompatible:  # the others are written, as optuna keeps what was set before
+            raise ValueError(f"trial {trial_id}: incompatible distributions not stored: {'; '.join(incompatible)}")
 
     @staticmethod
     def _stored_distribution(session: Session, study_id: int, name: str) -> BaseDistribution | None:

@@ -17,8 +17,10 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
+import os
 import random
 import re
+import select
 import sqlite3
 import time
 import warnings
@@ -46,6 +48,10 @@ __all__ = [
     "sqlite_file_lock",
     "is_transient_db_error",
     "retry_transient",
+    "retry_window_s",
+    "read_timeout_s",
+    "RETRY_WINDOW_ENV",
+    "READ_TIMEOUT_ENV",
     "driver_modules",
 ]
 
@@ -58,6 +64,20 @@ SQLITE_BUSY_TIMEOUT_S = 30
 
 CONNECT_TIMEOUT_S = 10
 """How long a PostgreSQL/MySQL connection attempt may take before it fails."""
+
+RETRY_WINDOW_ENV = "STAGETUNE_DB_RETRY_S"
+"""Environment variable: seconds a command waits for an unreachable database (default 120).
+
+A worker never gives up on it (a trial in flight is never lost to an outage); it logs
+one line when the wait starts, one each window while it lasts, and one when it ends."""
+READ_TIMEOUT_ENV = "STAGETUNE_DB_TIMEOUT_S"
+"""Environment variable: seconds a PostgreSQL/MySQL server may take to answer (default 60).
+
+A server that hangs (neither answers nor refuses) is then treated as one that is down."""
+_DEFAULT_RETRY_WINDOW_S = 120.0
+_DEFAULT_READ_TIMEOUT_S = 60.0
+# TCP keepalives (libpq): a dead peer or a cut network is noticed in about 60 s, not hours.
+_KEEPALIVES = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3}
 
 _SQLITE_OPEN_MAX_WAIT_S = 60.0
 # Opening a new server database, processes that collide creating the tables try again:
@@ -276,13 +296,91 @@ def warn_inline_password(url: str) -> str | None:
     )
 
 
+def _env_seconds(name: str, default: float) -> float:
+    """A positive number of seconds from environment variable ``name`` (else ``default``)."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise UsageError(f"{name}={text!r}: expected a positive number of seconds")
+    return value
+
+
+def retry_window_s() -> float:
+    """Seconds to wait for an unreachable database (:data:`RETRY_WINDOW_ENV`, default 120)."""
+    return _env_seconds(RETRY_WINDOW_ENV, _DEFAULT_RETRY_WINDOW_S)
+
+
+def read_timeout_s() -> float:
+    """Seconds a server may take to answer (:data:`READ_TIMEOUT_ENV`, default 60)."""
+    return _env_seconds(READ_TIMEOUT_ENV, _DEFAULT_READ_TIMEOUT_S)
+
+
+def _psycopg2_wait(conn: Any) -> None:
+    """psycopg2's wait callback: libpq's polling with a deadline, for connecting and every query.
+
+    libpq has no read timeout (keepalives do not help: a hung server's kernel still
+    answers them), so a server that stops answering would block a worker for good;
+    this raises an OperationalError instead, which SQLAlchemy takes for a lost
+    connection and :func:`retry_transient` waits out.
+    """
+    import psycopg2
+    from psycopg2.extensions import POLL_OK, POLL_READ, POLL_WRITE, STATUS_SETUP
+
+    connecting = conn.status == STATUS_SETUP
+    timeout = min(CONNECT_TIMEOUT_S, _READ_TIMEOUT[0]) if connecting else _READ_TIMEOUT[0]
+    if _APPLICATION_MARK not in (conn.dsn or ""):
+        timeout = float("inf")  # not a connection of ours (the callback is process-wide)
+    deadline = time.monotonic() + timeout
+    while True:
+        state = conn.poll()
+        if state == POLL_OK:
+            return
+        if state not in (POLL_READ, POLL_WRITE):
+            raise psycopg2.OperationalError(f"bad state from poll: {state}")
+        fd = conn.fileno()
+        left = deadline - time.monotonic()
+        wait = None if left == float("inf") else left
+        ready = select.select([fd], [], [], wait) if state == POLL_READ and left > 0 else (
+            select.select([], [fd], [], wait) if left > 0 else ([], [], [])
+        )
+        if not any(ready):  # psycopg2 then closes the connection (never close it here: it deadlocks)
+            doing = "connecting" if connecting else "waiting for an answer"
+            raise psycopg2.OperationalError(f"timed out {doing}: the server did not answer in {timeout:g} s")
+
+
+_READ_TIMEOUT = [_DEFAULT_READ_TIMEOUT_S]
+# How the wait callback knows stagetune's connections (also shown in pg_stat_activity).
+_APPLICATION_NAME = "stagetune"
+_APPLICATION_MARK = f"application_name={_APPLICATION_NAME}"
+
+
 def _engine_kwargs(parsed: URL) -> dict[str, Any]:
     if parsed.get_backend_name() == "sqlite":
         # sqlite3's `timeout` is SQLite's busy timeout, applied to every connection.
         return {"connect_args": {"timeout": SQLITE_BUSY_TIMEOUT_S}}
     kwargs = dict(_SERVER_ENGINE_KWARGS)
+    read_timeout = read_timeout_s()
+    connect_args: dict[str, Any] = {}
     if "connect_timeout" not in parsed.query:
-        kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S}
+        connect_args["connect_timeout"] = max(1, int(min(CONNECT_TIMEOUT_S, read_timeout)))
+    if parsed.get_driver_name() == "psycopg2":
+        import psycopg2.extensions
+
+        # A hung server: every wait of the driver has a deadline (see _psycopg2_wait).
+        _READ_TIMEOUT[0] = read_timeout
+        psycopg2.extensions.set_wait_callback(_psycopg2_wait)
+        connect_args.update({k: v for k, v in _KEEPALIVES.items() if k not in parsed.query})
+        if "application_name" not in parsed.query:
+            connect_args["application_name"] = _APPLICATION_NAME
+    elif parsed.get_driver_name() == "pymysql":
+        # PyMySQL's socket timeouts; it turns TCP keepalives on by itself.
+        connect_args.update({"read_timeout": read_timeout, "write_timeout": read_timeout})
+    kwargs["connect_args"] = connect_args
     return kwargs
 
 
@@ -424,9 +522,10 @@ def retry_transient(
     *,
     what: str,
     url: str | None = None,
-    max_wait_s: float = 120.0,
+    max_wait_s: float | None = 120.0,
     log: Callable[[str], None] | None = None,
     only: Collection[str] | None = None,
+    give_up: Callable[[], str | None] | None = None,
 ) -> T:
     """Call ``fn()``, retrying with backoff while the database is transiently away.
 
@@ -437,16 +536,19 @@ def retry_transient(
         fn: The database operation; it must be safe to repeat.
         what: What is being done, for the log lines (e.g. ``"reporting trial 12"``).
         url: The storage URL, shown masked in the log lines.
-        max_wait_s: Give up after waiting this long.
-        log: Where the two log lines go (default: this module's logger, WARNING).
+        max_wait_s: Give up after waiting this long; None: wait as long as it takes,
+            with one more line each :func:`retry_window_s` that the database stays away.
+        log: Where the log lines go (default: this module's logger, WARNING).
         only: Retry only these reasons (from :data:`_DB_ERROR_KINDS`); default all
             transient ones.
+        give_up: Asked before each pause; a reason (e.g. "SIGTERM received") ends the wait.
 
     Returns:
         What ``fn`` returns.
 
     Raises:
-        StorageError: The database stayed away for ``max_wait_s`` seconds.
+        StorageError: The database stayed away for ``max_wait_s`` seconds, or
+            ``give_up`` gave a reason.
     """
     emit = log if log is not None else _logger.warning
     where = ""  # masked only once needed: this wraps every database call of a trial
@@ -464,13 +566,27 @@ def retry_transient(
             if started is None:
                 started = now
                 where = f"database {mask_url(url)}" if url else "database"
-                emit(f"{what}: {where} unreachable ({reason}); retrying for up to {max_wait_s:g} s")
+                if max_wait_s is None:
+                    window = retry_window_s()
+                    remind_at = now + window
+                    emit(f"{what}: {where} unreachable ({reason}); retrying until it is back")
+                else:
+                    emit(f"{what}: {where} unreachable ({reason}); retrying for up to {max_wait_s:g} s")
             waited = now - started
-            if waited >= max_wait_s:
+            if max_wait_s is not None and waited >= max_wait_s:
                 raise StorageError(
                     f"{what}: {where} still unreachable after {waited:.0f} s ({reason})"
                 ) from exc
-            time.sleep(min(delay, max_wait_s - waited))
+            stopped = give_up() if give_up is not None else None
+            if stopped:
+                raise StorageError(
+                    f"{what}: {where} unreachable for {waited:.0f} s ({reason}); stopped waiting: {stopped}"
+                ) from exc
+            if max_wait_s is None and now >= remind_at:
+                emit(f"{what}: {where} still unreachable after {waited:.0f} s ({reason}); still retrying")
+                remind_at = now + window
+            pause = delay if max_wait_s is None else min(delay, max_wait_s - waited)
+            time.sleep(pause)
             delay = min(2 * delay, _RETRY_MAX_DELAY_S)
             continue
         if started is not None:

@@ -1,14 +1,25 @@
 """An ``optim run`` worker: claim a trial slot, run the objective, report, repeat.
 
-Preemption safety:
+Preemption safety (the claim protocol itself is :mod:`stagetune.optim.claim`):
 
 * every running trial sends a heartbeat; a worker that dies (kill -9, node
   loss) leaves a stale trial that the next worker to claim a slot fails and
   re-queues with the same parameters (``RetryHeartbeatStaleTrialCallback``);
   the retry resumes from the original trial's last epoch checkpoint;
+* a worker whose trial was taken from it that way (it could not beat for the
+  grace period) stops that trial in one line, without writing to its checkpoint
+  dir or reporting it, and goes on;
 * SIGTERM/SIGINT checkpoint the running trial, hand it back for immediate
   retry, and end the worker; ``optim run`` then exits with the shell's status
-  for the signal (130 for SIGINT, 143 for SIGTERM), so ``run && next`` stops.
+  for the signal (130 for SIGINT, 143 for SIGTERM), so ``run && next`` stops;
+* the database away (down, restarting, hung) is waited out for as long as it
+  takes, with one line when the wait starts and one when it ends (and one per
+  ``STAGETUNE_DB_RETRY_S``, default 120 s, while it lasts): training goes on,
+  and the trial is reported when the database is back, never lost;
+* a trial that fails for an infrastructure reason (a database error, a full
+  disk or another OS error writing its checkpoint) is handed back for a retry
+  on another worker, and this worker stops; a trial that fails for a model
+  reason (a bad config) stays FAIL.
 
 A training worker checks first that its node has the device the trials train
 on (:func:`check_device`): on a wrong node every trial would fail.
@@ -18,6 +29,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import threading
 import time
 import warnings
@@ -26,23 +38,18 @@ from pathlib import Path
 from typing import Any, Callable
 
 import optuna
+import sqlalchemy.exc
 from optuna.study._tell import _tell_with_warning
 from optuna.trial import TrialState
 
-from stagetune.errors import StagetuneError, TrainingInterrupted, UsageError
-from stagetune.optim.budget import (
-    FINISHED_STATES,
-    SLOT_STATES,
-    budget_lock,
-    count_by_state,
-    count_trials,
-    heartbeat_ages,
-    orphaned_trials,
-)
+from stagetune.errors import StagetuneError, StorageError, TrainingInterrupted, TrialLost, UsageError
+from stagetune.optim.budget import FINISHED_STATES, count_trials, trial_state
+from stagetune.optim.claim import Claims, HeartbeatRule
 from stagetune.optim.objective import OBJECTIVES, DbCall, TrialContext
 from stagetune.optim.rdb import StagetuneStorage
 from stagetune.optim.registry import SAMPLERS, make_sampler
-from stagetune.optim.storage import close_storage, mask_url, open_storage, retry_transient
+from stagetune.optim.report import WORKER_ATTR
+from stagetune.optim.storage import close_storage, is_transient_db_error, mask_url, open_storage, retry_transient
 from stagetune.optim.study import load_study
 
 __all__ = ["WorkerOptions", "WorkerSummary", "run_worker", "check_device"]
@@ -63,13 +70,17 @@ class WorkerOptions:
     max_retries: int = 3
     seed: int | None = None
     objective: str = "train"
-    heartbeat_interval: int = 30
+    #: None for both: the study's heartbeat rule (see :mod:`stagetune.optim.claim`);
+    #: given and different from it, the study's still applies (with a warning).
+    heartbeat_interval: int | None = None
     grace_period: int | None = None
     device: str | None = None
     num_data_workers: int | None = None
     keep_models: bool = False
     sleep_seconds: float = 1.0
     verbose: bool = False
+    #: Write each trial's epochs to DIR/STUDY/trial-N for TensorBoard (``optim run --tensorboard``).
+    tensorboard: Path | None = None
 
 
 @dataclass
@@ -86,6 +97,10 @@ class WorkerSummary:
         """The shell's status: 128 + the signal that stopped the worker, else 0."""
         return 0 if self.signum is None else 128 + self.signum
 
+    def count(self, what: str) -> None:
+        """One more trial that ended so (a kind beyond the usual four is listed once it happens)."""
+        self.counts[what] = self.counts.get(what, 0) + 1
+
     def line(self) -> str:
         parts = ", ".join(f"{v} {k.lower().replace('_', ' ')}" for k, v in self.counts.items())
         return f"worker done ({self.stop_reason}): {parts}"
@@ -95,28 +110,64 @@ class _Heartbeat:
     """Records a trial's heartbeat every ``interval`` seconds in a daemon thread.
 
     The first beat is recorded by the claim itself, under the budget lock (see
-    ``claim`` in :func:`run_worker`), so the thread waits one interval first.
+    :meth:`Claims.claim`), so the thread waits one interval first. Each beat also
+    reads the trial's state: a trial no longer RUNNING was taken over by another
+    worker (:attr:`lost`). While the database is away the thread tries every second,
+    so the first beat after an outage comes early.
     """
 
     def __init__(self, storage: optuna.storages.RDBStorage, trial_id: int, interval: float) -> None:
         self._storage, self._trial_id, self._interval = storage, trial_id, interval
         self._stop = threading.Event()
+        self.lost = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="stagetune-heartbeat")
 
     def _run(self) -> None:
-        while not self._stop.wait(self._interval):
+        wait = self._interval
+        while not self._stop.wait(wait):
             try:
                 self._storage.record_heartbeat(self._trial_id)
+                state = trial_state(self._storage, self._trial_id)
             except Exception:  # an outage: the next beat may get through
-                pass
+                wait = min(self._interval, 1.0)
+                continue
+            wait = self._interval
+            if state != TrialState.RUNNING.name:
+                self.lost.set()
+                return
+
+    def still_owner(self, confirm: bool = False) -> bool:
+        """Whether the trial is still this worker's.
+
+        Args:
+            confirm: Ask the database (before writing to the trial's checkpoint dir).
+                While it is unreachable the answer is yes: nobody can take the trial
+                over meanwhile (a stale trial must be seen not beating by the database).
+        """
+        if self.lost.is_set():
+            return False
+        if not confirm:
+            return True
+        try:
+            state = trial_state(self._storage, self._trial_id)
+        except Exception as exc:
+            if is_transient_db_error(exc):
+                return True
+            raise
+        if state != TrialState.RUNNING.name:
+            self.lost.set()
+            return False
+        return True
 
     def __enter__(self) -> _Heartbeat:
         self._thread.start()
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        # Not waited for long: a beat stuck on a hung database must not hold up the
+        # report (which waits for the database itself, and says so).
         self._stop.set()
-        self._thread.join(timeout=5)
+        self._thread.join(timeout=0.5)
 
 
 class _ResilientTrial:
@@ -136,21 +187,6 @@ class _ResilientTrial:
             return self._db(lambda: attr(*args, **kwargs), f"trial {self._trial.number}: {name}")
 
         return call
-
-
-def _requeue(
-    storage: StagetuneStorage,
-    study: optuna.Study,
-    retry: optuna.storages.RetryHeartbeatStaleTrialCallback,
-    trial_id: int,
-) -> None:
-    """Fail a trial and queue a retry with its parameters (call under the budget lock).
-
-    FAIL first: cut off in between, the retry is lost but the slot is freed; the
-    other order could leave the trial running beside its retry, counted twice.
-    """
-    storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
-    retry(study, storage.get_trial(trial_id))
 
 
 def _compact(params: dict[str, Any]) -> str:
@@ -218,232 +254,301 @@ def run_worker(
         raise StagetuneError(f"unknown objective {options.objective!r}; choose from {', '.join(sorted(OBJECTIVES))}")
     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
-    retry = optuna.storages.RetryHeartbeatStaleTrialCallback(
-        max_retry=options.max_retries, inherit_intermediate_values=True
-    )
+    given = None
+    if options.heartbeat_interval is not None or options.grace_period is not None:
+        given = HeartbeatRule.of(options.heartbeat_interval, options.grace_period)
+    rule = given or HeartbeatRule.of(None, None)
     storage = open_storage(
         url,
-        heartbeat_interval=options.heartbeat_interval,
-        grace_period=options.grace_period,
-        heartbeat_stale_trial_callback=retry,
+        heartbeat_interval=rule.interval,  # the study's rule replaces these once it is read
+        grace_period=rule.grace_period,
         create=False,  # a worker joins a study that init created; it never creates a database
     )
     try:
-        return _work(storage, url, study_name, options, retry, log)
+        return _Worker(storage, url, study_name, options, given, log).run()
     finally:
         close_storage(storage)
 
 
-def _work(
-    storage: StagetuneStorage,
-    url: str,
-    study_name: str,
-    options: WorkerOptions,
-    retry: optuna.storages.RetryHeartbeatStaleTrialCallback,
-    log: Callable[[str], None],
-) -> WorkerSummary:
-    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-    study, spec = load_study(storage, study_name, url)
-    sampler = options.sampler or spec.sampler_name()
-    if sampler not in SAMPLERS:
-        raise StagetuneError(
-            f"study {study_name!r} samples with {sampler!r}, which this stagetune does not know "
-            f"(it knows {', '.join(sorted(SAMPLERS))}); give optim run --sampler"
+#: Messages of torch's serialisation failing on a full or broken disk (a RuntimeError).
+_DISK_FAILURES = ("inline_container", "unexpected pos", "file write failed", "no space left on device")
+
+
+def infrastructure_failure(exc: BaseException) -> bool:
+    """Whether a trial failed for its machine's sake, not its model's.
+
+    Database errors and OS errors (a full disk, a broken mount, a checkpoint dir that
+    cannot be written), also when wrapped; torch's serialisation errors on a full
+    disk. Such a trial deserves a retry elsewhere; a model's error (a bad config) does not.
+    """
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        error = todo.pop()
+        if error is None or id(error) in seen:
+            continue
+        seen.add(id(error))
+        if isinstance(error, (OSError, StorageError, sqlalchemy.exc.SQLAlchemyError,
+                              optuna.exceptions.StorageInternalError)):
+            return True
+        if isinstance(error, RuntimeError) and any(m in str(error).lower() for m in _DISK_FAILURES):
+            return True
+        todo += [error.__cause__, error.__context__]
+    return False
+
+
+class _Worker:
+    """One ``optim run`` worker: claim, run, report, until the budget is met or it is stopped."""
+
+    def __init__(
+        self,
+        storage: StagetuneStorage,
+        url: str,
+        study_name: str,
+        options: WorkerOptions,
+        given: HeartbeatRule | None,
+        log: Callable[[str], None],
+    ) -> None:
+        self.storage, self.url, self.study_name, self.options, self.given, self.log = (
+            storage, url, study_name, options, given, log
         )
-    study.sampler = make_sampler(sampler, options.seed)
-    if options.objective == "train":
-        check_device(study_name, spec.device, options.device)
-    study_id = study._study_id
-    gpu = os.environ.get("CUDA_VISIBLE_DEVICES")
-    log(
-        f"worker {os.getpid()} on study {study_name} in {mask_url(url)}: objective {options.objective}"
-        + (f" (metric {spec.metric})" if options.objective == "train" else "")
-        + f", sampler {sampler}" + (f", CUDA_VISIBLE_DEVICES={gpu}" if gpu is not None else "")
-    )
+        self.signum: int | None = None
+        self.summary = WorkerSummary()
+        #: Stored in each trial it runs (:data:`WORKER_ATTR`), for the report's timeline.
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
 
-    def db(fn: Callable[[], Any], what: str) -> Any:
-        return retry_transient(fn, what=what, url=url, log=log)
+    # The database, waited for as long as it takes: a SIGTERM/SIGINT ends the wait.
 
-    ctx = TrialContext(
-        study=study,
-        spec=spec,
-        device=options.device,
-        ckpt_dir=Path(options.ckpt_dir) / study_name,
-        num_data_workers=spec.num_data_workers if options.num_data_workers is None else options.num_data_workers,
-        keep_models=options.keep_models,
-        sleep_seconds=options.sleep_seconds,
-        log=log if options.verbose else (lambda _m: None),
-        db=db,
-        batch_params=lambda trial: storage.batched_params(
-            trial._trial_id, write=lambda flush: db(flush, f"trial {trial.number}: writing its parameters")
-        ),
-    )
-    if options.objective == "train":
-        from stagetune.corpus import load_corpus
-
-        ctx.corpus = load_corpus(
-            spec.train_dir, spec.dev_dir, dev_proportion=spec.dev_proportion, task=ctx.base.model.task
+    def db(self, fn: Callable[[], Any], what: str) -> Any:
+        return retry_transient(
+            fn, what=what, url=self.url, log=self.log, max_wait_s=None, give_up=self._signal_name
         )
 
-    stop: dict[str, int | None] = {"signal": None}
+    def _signal_name(self) -> str | None:
+        return None if self.signum is None else f"{signal.Signals(self.signum).name} received"
 
-    def on_signal(signum: int, frame: Any) -> None:
-        if stop["signal"] is None:  # the first one decides the exit status
-            stop["signal"] = signum
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self.signum is None:  # the first one decides the exit status
+            self.signum = signum
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    ctx.stop_signal = lambda: stop["signal"]
-    summary = WorkerSummary()
-    started = time.monotonic()
-    consecutive_failures = 0
-    num_started = 0
+    def run(self) -> WorkerSummary:
+        options, log = self.options, self.log
+        study, spec = load_study(self.storage, self.study_name, self.url)
+        sampler = options.sampler or spec.sampler_name()
+        if sampler not in SAMPLERS:
+            raise StagetuneError(
+                f"study {self.study_name!r} samples with {sampler!r}, which this stagetune does not know "
+                f"(it knows {', '.join(sorted(SAMPLERS))}); give optim run --sampler"
+            )
+        study.sampler = make_sampler(sampler, options.seed)
+        if options.objective == "train":
+            check_device(self.study_name, spec.device, options.device)
+        self.study, self.spec = study, spec
+        self.claims = Claims(self.storage, study, spec, self.given, options.max_retries, log)
+        warning = self.db(self.claims.join, "joining the study")
+        if warning is not None:
+            log(f"stagetune: warning: {warning}")
+        gpu = os.environ.get("CUDA_VISIBLE_DEVICES")
+        log(
+            f"worker {os.getpid()} on study {self.study_name} in {mask_url(self.url)}: objective {options.objective}"
+            + (f" (metric {spec.metric})" if options.objective == "train" else "")
+            + f", sampler {sampler}" + (f", CUDA_VISIBLE_DEVICES={gpu}" if gpu is not None else "")
+        )
+        self.ctx = self._context()
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            self._loop()
+        except StorageError:
+            if self.signum is None:
+                raise
+            self._stopped_by_signal()  # a signal ended a wait for the database
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        return self.summary
 
-    # A trial turns stale only after missing beats for the grace period, so looking for
-    # stale trials once per heartbeat interval (or grace period, if shorter) finds them
-    # about as early as every claim would; a full budget always looks first, as a stale
-    # trial may hold the slot.
-    stale_check_every = min(options.heartbeat_interval, options.grace_period or options.heartbeat_interval)
-    next_stale_check = [0.0]
+    def _context(self) -> TrialContext:
+        options, spec, storage = self.options, self.spec, self.storage
+        ctx = TrialContext(
+            study=self.study,
+            spec=spec,
+            device=options.device,
+            ckpt_dir=Path(options.ckpt_dir) / self.study_name,
+            num_data_workers=spec.num_data_workers if options.num_data_workers is None else options.num_data_workers,
+            keep_models=options.keep_models,
+            sleep_seconds=options.sleep_seconds,
+            log=self.log if options.verbose else (lambda _m: None),
+            db=self.db,
+            batch_params=lambda trial: storage.batched_params(
+                trial._trial_id, write=lambda flush: self.db(flush, f"trial {trial.number}: writing its parameters")
+            ),
+        )
+        ctx.stop_signal = lambda: self.signum
+        if options.tensorboard is not None:  # per-epoch scalars, the trial's parameters as hparams
+            from stagetune.optim.metrics import METRICS
+            from stagetune.optim.tensorboard import EpochWriter
 
-    def fail_stale() -> None:
-        optuna.storages.fail_stale_trials(study)
-        next_stale_check[0] = time.monotonic() + stale_check_every
+            board, metric = Path(options.tensorboard) / self.study_name, METRICS[spec.metric]
+            ctx.epoch_callbacks = lambda trial, run: [
+                EpochWriter(board / run, trial.params, lambda r: metric.value(r.dev_error, r.dev_loss))
+            ]
+        if options.objective == "train":
+            from stagetune.corpus import load_corpus
 
-    def budget_full(counts: dict[str, int]) -> bool:
-        slots = sum(counts.get(s, 0) for s in SLOT_STATES)
-        return slots >= spec.num_trials and counts.get("WAITING", 0) == 0
+            ctx.corpus = load_corpus(
+                spec.train_dir, spec.dev_dir, dev_proportion=spec.dev_proportion, task=ctx.base.model.task
+            )
+        return ctx
 
-    def claim() -> optuna.Trial | None:
-        # Everything here runs on the connection that holds the lock: no second one is opened.
-        # A claim creates the trial and records its first heartbeat before it lets go of
-        # the lock, so a RUNNING trial without a heartbeat, seen under the lock, is what a
-        # claim cut off in between left behind (an outage, kill -9): it is failed and
-        # re-queued, or its slot would stay taken for good.
-        with budget_lock(storage, study_name) as lock_conn, storage.sessions_on(lock_conn):
-            checked = time.monotonic() >= next_stale_check[0]
-            if checked:
-                fail_stale()
-            for number, trial_id in orphaned_trials(storage, study_id, lock_conn).items():
-                _requeue(storage, study, retry, trial_id)
-                log(f"trial {number} was claimed but never started (its claim was cut off); re-queued")
-            if spec.num_trials is not None:
-                counts = count_by_state(storage, study_id, lock_conn)
-                if budget_full(counts) and not checked:
-                    fail_stale()
-                    counts = count_by_state(storage, study_id, lock_conn)
-                if budget_full(counts):
-                    return None
-            trial = study.ask()
-            storage.record_heartbeat(trial._trial_id)
-            return trial
+    def _stopped_by_signal(self) -> None:
+        self.summary.stop_reason = f"{signal.Signals(self.signum).name} received"
+        self.summary.signum = self.signum
 
-    try:
+    def _loop(self) -> None:
+        options, spec, summary = self.options, self.spec, self.summary
+        study_id = self.claims.study_id
+        started = time.monotonic()
+        consecutive_failures = 0
+        num_started = 0
         while True:
-            if stop["signal"] is not None:
-                summary.stop_reason = f"{signal.Signals(stop['signal']).name} received"
-                summary.signum = stop["signal"]
-                break
+            if self.signum is not None:
+                self._stopped_by_signal()
+                return
             if options.n_trials is not None and num_started >= options.n_trials:
                 summary.stop_reason = f"--n-trials {options.n_trials} reached"
-                break
+                return
             if options.timeout is not None and time.monotonic() - started >= options.timeout:
                 summary.stop_reason = f"--timeout {options.timeout:g} s reached"
-                break
-            trial = db(claim, "claiming a trial")
+                return
+            trial = self.db(self.claims.claim, "claiming a trial")
             if trial is None:
-                finished = db(lambda: count_trials(storage, study_id, FINISHED_STATES), "counting trials")
+                finished = self.db(lambda: count_trials(self.storage, study_id, FINISHED_STATES), "counting trials")
                 if finished >= spec.num_trials:
                     summary.stop_reason = f"budget of {spec.num_trials} trials met"
-                    break
-                running = db(lambda: count_trials(storage, study_id, ("RUNNING",)), "counting trials")
+                    return
                 # A RUNNING trial that missed heartbeats may belong to a dead worker: wait
                 # for it to be failed and re-queued rather than leave its slot unused.
-                ages = db(lambda: heartbeat_ages(storage, study_id), "reading heartbeats")
-                if any(age > 2 * options.heartbeat_interval for age in ages.values()):
-                    time.sleep(min(options.heartbeat_interval, 5))
+                if self.claims.suspects():
+                    time.sleep(min(self.claims.rule.interval, 5))
                     continue
+                running = self.db(lambda: count_trials(self.storage, study_id, ("RUNNING",)), "counting trials")
                 summary.stop_reason = (
                     f"every remaining slot of the {spec.num_trials}-trial budget is claimed "
                     f"({running} {'trial' if running == 1 else 'trials'} running in other workers)"
                 )
-                break
+                return
             num_started += 1
-            outcome = _run_one(storage, study, trial, ctx, options, retry, summary, log, stop, db)
+            outcome = self._run_one(trial)
             if outcome == "handed_back":
-                summary.stop_reason = f"{signal.Signals(stop['signal']).name} received"
-                summary.signum = stop["signal"]
-                break
+                self._stopped_by_signal()
+                return
             consecutive_failures = consecutive_failures + 1 if outcome == "FAIL" else 0
             if consecutive_failures >= MAX_CONSECUTIVE_FAILURES:
                 raise StagetuneError(
                     f"{consecutive_failures} trials in a row failed; stopping this worker "
                     f"(see the messages above and the trials' fail_reason attribute)"
                 )
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-    return summary
 
+    def _run_one(self, trial: optuna.Trial) -> str:
+        ctx = self.ctx
+        objective = OBJECTIVES[self.options.objective]
+        began = time.monotonic()
+        value: float | None = None
+        reason = ""
+        state: TrialState | str | None
+        heartbeat = _Heartbeat(self.storage, trial._trial_id, self.claims.rule.interval)
+        ctx.still_owner = heartbeat.still_owner
+        with heartbeat:  # from the claim on: waits for the database (below) are beaten through
+            try:
+                self.db(lambda: trial.set_user_attr(WORKER_ATTR, self.name), f"trial {trial.number}: naming its worker")
+                value = objective(ctx, _ResilientTrial(trial, self.db))
+                state = TrialState.COMPLETE
+            except optuna.TrialPruned as exc:
+                state, reason = TrialState.PRUNED, str(exc)
+            except (TrialLost, optuna.exceptions.UpdateFinishedTrialError):
+                state = "lost"
+            except (TrainingInterrupted, KeyboardInterrupt) as exc:
+                self.signum = exc.signum if isinstance(exc, TrainingInterrupted) else signal.SIGINT
+                state = None
+            except StorageError:
+                if self.signum is None:
+                    raise
+                state = "abandoned"  # a signal ended a wait for the database
+            except Exception as exc:  # a failed trial must not take the worker down
+                reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                state = "infrastructure" if infrastructure_failure(exc) else TrialState.FAIL
+            # Still beating: a report that waits for the database must not look like a dead worker.
+            return self._settle(trial, state, value, reason, time.monotonic() - began, heartbeat)
 
-def _run_one(
-    storage: optuna.storages.RDBStorage,
-    study: optuna.Study,
-    trial: optuna.Trial,
-    ctx: TrialContext,
-    options: WorkerOptions,
-    retry: optuna.storages.RetryHeartbeatStaleTrialCallback,
-    summary: WorkerSummary,
-    log: Callable[[str], None],
-    stop: dict[str, int | None],
-    db: DbCall,
-) -> str:
-    objective = OBJECTIVES[options.objective]
-    began = time.monotonic()
-    value: float | None = None
-    reason = ""
-    with _Heartbeat(storage, trial._trial_id, options.heartbeat_interval):
-        try:
-            value = objective(ctx, _ResilientTrial(trial, db))
-            state = TrialState.COMPLETE
-        except optuna.TrialPruned as exc:
-            state, reason = TrialState.PRUNED, str(exc)
-        except (TrainingInterrupted, KeyboardInterrupt) as exc:
-            if isinstance(exc, TrainingInterrupted):
-                stop["signal"] = exc.signum
-            else:
-                stop["signal"] = signal.SIGINT
-            state = None
-        except Exception as exc:  # a failed trial must not take the worker down
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            db(
+    def _settle(
+        self,
+        trial: optuna.Trial,
+        state: TrialState | str | None,
+        value: float | None,
+        reason: str,
+        seconds: float,
+        heartbeat: _Heartbeat,
+    ) -> str:
+        """Report the trial's end (or hand it back); what :meth:`_loop` needs to know of it."""
+        summary, log = self.summary, self.log
+        if state not in ("lost", "abandoned") and not heartbeat.still_owner(confirm=True):
+            state = "lost"  # taken over at the very end: its retry reports it
+        if state == "lost":
+            return self._lost(trial, seconds)
+        if state == "abandoned":
+            log(
+                f"trial {trial.number} left RUNNING: the database was unreachable when this worker was "
+                f"stopped; its retry starts once its heartbeat is stale (checkpoint kept)"
+            )
+            return "handed_back"
+        if state is None:
+            self.db(lambda: self.claims.give_back(trial._trial_id), f"handing back trial {trial.number}")
+            summary.count("HANDED_BACK")
+            log(f"trial {trial.number} handed back for retry after {seconds:.1f} s (checkpoint kept)")
+            return "handed_back"
+        if state == "infrastructure":
+            self.db(lambda: trial.set_user_attr("fail_reason", reason[:500]), f"trial {trial.number}: storing why it failed")
+            self.db(lambda: self.claims.give_back(trial._trial_id), f"handing back trial {trial.number}")
+            summary.count("HANDED_BACK")
+            raise StagetuneError(
+                f"trial {trial.number} failed on this worker for an infrastructure reason ({reason}); "
+                f"handed back for retry on another worker, and this worker stops (check its disk, "
+                f"--ckpt-dir and database)"
+            )
+        if state == TrialState.FAIL:
+            self.db(
                 lambda: trial.set_user_attr("fail_reason", reason[:500]),
                 f"trial {trial.number}: storing why it failed",
             )
-            state = TrialState.FAIL
-    seconds = time.monotonic() - began
-    if state is None:
-        def hand_back() -> None:
-            with budget_lock(storage, study.study_name) as lock_conn, storage.sessions_on(lock_conn):
-                _requeue(storage, study, retry, trial._trial_id)
+        # optuna's own tell (as study.optimize uses it): the public one reads the trial back
+        # for a deep copy that is not needed here.
+        try:
+            if state == TrialState.COMPLETE:
+                self.db(lambda: _tell_with_warning(self.study, trial, value), f"reporting trial {trial.number}")
+            else:
+                self.db(lambda: _tell_with_warning(self.study, trial, state=state), f"reporting trial {trial.number}")
+        except (optuna.exceptions.UpdateFinishedTrialError, ValueError) as exc:
+            if isinstance(exc, ValueError) and not str(exc).startswith("Cannot tell a"):
+                raise
+            return self._lost(trial, seconds)
+        summary.count(state.name)
+        if state == TrialState.COMPLETE and (summary.best is None or value < summary.best[1]):
+            summary.best = (trial.number, value)
+        epoch = trial.user_attrs.get("epoch") if hasattr(trial, "user_attrs") else None
+        value_epoch = trial.user_attrs.get("value_epoch") if epoch else None  # the epoch the value came from
+        detail = f"value {value:.4g}" if value is not None else reason
+        log(
+            f"trial {trial.number} {state.name} {detail}"
+            + (f" (epoch {value_epoch} of {epoch})" if value_epoch else f" (epoch {epoch})" if epoch else "")
+            + f" in {seconds:.1f} s | {_compact(trial.params)}"
+        )
+        return state.name
 
-        db(hand_back, f"handing back trial {trial.number}")
-        summary.counts["HANDED_BACK"] += 1
-        log(f"trial {trial.number} handed back for retry after {seconds:.1f} s (checkpoint kept)")
-        return "handed_back"
-    # optuna's own tell (as study.optimize uses it): the public one reads the trial back
-    # for a deep copy that is not needed here.
-    if state == TrialState.COMPLETE:
-        db(lambda: _tell_with_warning(study, trial, value), f"reporting trial {trial.number}")
-    else:
-        db(lambda: _tell_with_warning(study, trial, state=state), f"reporting trial {trial.number}")
-    summary.counts[state.name] += 1
-    if state == TrialState.COMPLETE and (summary.best is None or value < summary.best[1]):
-        summary.best = (trial.number, value)
-    epoch = trial.user_attrs.get("epoch") if hasattr(trial, "user_attrs") else None
-    detail = f"value {value:.4g}" if value is not None else reason
-    log(
-        f"trial {trial.number} {state.name} {detail}"
-        + (f" (epoch {epoch})" if epoch else "")
-        + f" in {seconds:.1f} s | {_compact(trial.params)}"
-    )
-    return state.name
+    def _lost(self, trial: optuna.Trial, seconds: float) -> str:
+        self.summary.count("LOST")
+        self.log(
+            f"trial {trial.number} was taken over by another worker (declared stale: no heartbeat of "
+            f"this worker reached the database for {self.claims.rule.grace_period} s); stopped it "
+            f"after {seconds:.1f} s without writing its checkpoint dir or reporting it"
+        )
+        return "lost"
