@@ -3,7 +3,8 @@
 #
 # Idempotent: safe to run on every CI start. Must run as root (CI machines are).
 # PostgreSQL 15 is already in the image (/usr/lib/postgresql/15/bin); MariaDB and
-# Slurm (slurm-wlm: slurmctld, slurmd, munge) are installed here. No service is
+# Slurm (slurm-wlm: slurmctld, slurmd, munge), and Chromium with its WebDriver, are
+# installed here. No service is
 # started: the test fixtures start throwaway servers and a one-node Slurm
 # cluster themselves and stop them by PID.
 set -euo pipefail
@@ -22,6 +23,10 @@ if ! command -v slurmctld >/dev/null 2>&1 && [[ ! -x /usr/sbin/slurmctld ]]; the
 fi
 if [[ ! -x /usr/lib/postgresql/15/bin/postgres ]]; then
     packages+=(postgresql-15 postgresql-client-15)
+fi
+# Headless Chromium and its WebDriver for the browser tests (report page, optuna-dashboard).
+if ! command -v chromedriver >/dev/null 2>&1; then
+    packages+=(chromium chromium-driver)
 fi
 
 if [[ ${#packages[@]} -eq 0 ]]; then

@@ -52,17 +52,19 @@ def test_status_shows_states_budget_best_and_running_trials(storage_url: str, tm
     assert text.returncode == as_json.returncode == 0, text.stderr + as_json.stderr
     assert check.returncode == 1  # the budget is not met yet
     lines = text.stdout.splitlines()
-    assert lines[:5] == [
+    assert lines[:4] == [
         "study optim",
         "metric: error",
         "trials: 1 RUNNING, 2 COMPLETE",
         "budget: 2/3 finished",
-        f"best: {best.value:.6g} (trial {best.number})",
     ]
-    running = re.fullmatch(r"running: trial 2 epoch 0, heartbeat (\d+) s ago", lines[5])
+    # Trials of the quadratic objective take no time: the running one is overdue.
+    assert lines[4] == "time left: about 0 s (1 to finish, 1 running, 0 s per trial)", text.stdout
+    assert lines[5] == f"best: {best.value:.6g} (trial {best.number})"
+    running = re.fullmatch(r"running: trial 2 epoch 0, heartbeat (\d+) s ago", lines[6])
     assert running is not None, text.stdout
     assert int(running[1]) <= 10  # beats every second; the database's clock is read right
-    assert len(lines) == 6
+    assert len(lines) == 7
 
     data = json.loads(as_json.stdout)
     assert {k: v for k, v in data["states"].items() if v} == {"RUNNING": 1, "COMPLETE": 2}
@@ -73,6 +75,7 @@ def test_status_shows_states_budget_best_and_running_trials(storage_url: str, tm
     assert data["metric"] == "error"
     assert 0 <= trial["heartbeat_age_s"] <= 10
     assert data["tuned"] == ["training.learning_rate"] and data["parent_study"] is None
+    assert (data["eta"]["left"], data["eta"]["running"], data["eta"]["seconds"]) == (1, 1, 0.0)
 
 
 def test_running_trials_show_their_last_value_under_the_metrics_name() -> None:
@@ -142,3 +145,27 @@ def test_a_trial_cut_off_while_claimed_counts_as_stale() -> None:
               trial(2, TrialState.COMPLETE, [0]), trial(3, TrialState.WAITING, [1])]
     assert fail_kinds(trials, beating={0, 2}) == {0: "handed_back", 1: "stale"}
     assert fail_kinds(trials[:2]) == {0: "failed", 1: "failed"}  # never re-queued
+
+
+def test_the_time_left_is_paced_by_the_latest_trials_and_shared_by_the_running_ones() -> None:
+    from stagetune.optim.status import estimate_finish, format_status
+
+    t0 = datetime.datetime(2026, 1, 1)
+
+    def trial(state: TrialState, start: float, end: float | None) -> optuna.trial.FrozenTrial:
+        frozen = optuna.trial.create_trial(state=state, value=1.0 if state == TrialState.COMPLETE else None)
+        frozen.datetime_start = t0 + datetime.timedelta(seconds=start)
+        frozen.datetime_complete = None if end is None else t0 + datetime.timedelta(seconds=end)
+        return frozen
+
+    done = [trial(TrialState.COMPLETE, 0, 100), trial(TrialState.PRUNED, 0, 60), trial(TrialState.COMPLETE, 100, 180)]
+    running = [trial(TrialState.RUNNING, 180, None), trial(TrialState.RUNNING, 200, None)]
+    now = t0 + datetime.timedelta(seconds=230)
+    # 80 s per trial; 7 left: the two running need 30 and 50 s more, 5 more trials 400 s, on 2 workers.
+    eta = estimate_finish(done + running, 10, now)
+    assert eta == {"seconds": 240.0, "left": 7, "running": 2, "trial_s": 80.0}
+    assert estimate_finish(done, 10, now)["seconds"] is None  # nothing runs: no estimate
+    assert estimate_finish(done, 3, now) is None and estimate_finish(done, None, now) is None
+    status = {"study": "s", "parent_study": None, "metric": "error", "states": {"COMPLETE": 2}, "finished": 3,
+              "num_trials": 10, "budget_met": False, "best": None, "running": [], "eta": eta}
+    assert format_status(status).splitlines()[4] == "time left: about 4 min (7 to finish, 2 running, 80 s per trial)"

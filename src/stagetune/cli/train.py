@@ -28,6 +28,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--init-from", metavar="MODEL_PT", help="initialise from another model's weights")
     p.add_argument("--num-data-workers", type=non_negative_int, default=0, metavar="N", help="DataLoader workers")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    p.add_argument("--tensorboard", default=None, metavar="DIR", help="per-epoch scalars for TensorBoard in DIR (extra: tensorboard)")
     add_threads_argument(p)
     add_global_options(p, after_command=True)
     p.set_defaults(func=run)
@@ -42,6 +43,12 @@ def run(args: argparse.Namespace) -> int:
     if len(args.dirs) == 3 and args.dev_proportion is not None:
         raise UsageError("give DEV_DIR or --dev-proportion, not both")
     config = load_config(args.read_ini, args.overrides)
+    board = []
+    if args.tensorboard:
+        from stagetune.optim.tensorboard import EpochWriter, require_tensorboard
+
+        require_tensorboard()
+        board = [EpochWriter(args.tensorboard)]
     set_threads(args.threads)
     from stagetune.corpus import load_corpus
     from stagetune.training import check_model_dir, fit, resolve_device
@@ -60,7 +67,10 @@ def run(args: argparse.Namespace) -> int:
         num_workers=args.num_data_workers,
         init_from=args.init_from,
         quiet=args.quiet,
+        callbacks=board,
     )
+    for writer in board:
+        writer.close()
     print(
         f"best dev error {result.best_dev_error:.2%} at epoch {result.best_epoch} "
         f"({result.epochs_run} epochs{', stopped early' if result.stopped_early else ''}); "

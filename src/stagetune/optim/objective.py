@@ -5,7 +5,8 @@ identical completed trial, prunes a config whose time stride leaves some
 utterances too few output frames for CTC, checks its memory footprint against
 the budget and its projected training time against the time limit
 (:mod:`stagetune.optim.duration`), and otherwise trains with per-epoch
-reporting and pruning.  A trial's model dir that holds a checkpoint of
+reporting and pruning; only the best completed trial's model dir is kept
+(every trial's with ``keep_models``).  A trial's model dir that holds a checkpoint of
 another study (one deleted and created again under the same name) is moved
 aside first, never resumed.  Each epoch's value is the study's metric
 (:mod:`stagetune.optim.metrics`) of its dev error and dev loss; the trial's
@@ -31,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator
 import optuna
 
 from stagetune.config import Config, flatten
-from stagetune.errors import TrainingInterrupted
+from stagetune.errors import TrainingInterrupted, TrialLost
 from stagetune.optim.metrics import DEV_ERROR_ATTR, DEV_LOSS_ATTR, METRICS, VALUE_EPOCH_ATTR, Metric
 from stagetune.optim.sampling import sample_config
 from stagetune.optim.spec import StudySpec
@@ -73,6 +74,11 @@ class TrialContext:
         f"stagetune: warning: {message}", file=sys.stderr, flush=True
     )
     stop_signal: Callable[[], int | None] = lambda: None
+    #: (trial, run name) -> more per-epoch callbacks of its training (``optim run --tensorboard``)
+    epoch_callbacks: Callable[[Any, str], list[Callable[[Any], None]]] = lambda trial, run: []
+    #: Whether the running trial is still this worker's (``confirm``: ask the database,
+    #: before writing its checkpoint dir); False once another worker took it over.
+    still_owner: Callable[[bool], bool] = lambda confirm=False: True
     corpus: Any = None
     #: trial -> context in which its parameters are buffered and written at once at the end
     batch_params: Callable[[Any], ContextManager[None]] = lambda trial: contextlib.nullcontext()
@@ -281,7 +287,7 @@ def _train(ctx: TrialContext, trial: optuna.Trial) -> float:
         trial.set_user_attr("epoch", result.epoch)
         ctx.log(
             f"trial {trial.number}: epoch {result.epoch}/{config.training.num_epochs} "
-            f"dev error {result.dev_error:.2%}, dev loss {result.dev_loss:.4f}"
+            f"dev error {result.dev_error:.2%}, dev loss {result.dev_loss:.4f}, value {value:.4g} ({spec.metric})"
         )
         if trial.should_prune():
             raise _prune(trial, f"pruned by the study's pruner after epoch {result.epoch}")
@@ -291,6 +297,8 @@ def _train(ctx: TrialContext, trial: optuna.Trial) -> float:
     signum = ctx.stop_signal()
     if signum is not None:  # arrived while sampling or measuring: nothing trained yet
         raise TrainingInterrupted(f"{signal.Signals(signum).name} received before training", signum)
+    if not ctx.still_owner(True):  # taken over while sampling or measuring: the dir is the retry's
+        raise TrialLost(f"trial {trial.number} was taken over by another worker")
     _set_aside_foreign(ctx, trial, model_dir)
     started = time.perf_counter()
     try:
@@ -300,10 +308,11 @@ def _train(ctx: TrialContext, trial: optuna.Trial) -> float:
             model_dir,
             device=device,
             num_workers=ctx.num_data_workers,
-            callbacks=[report],
+            callbacks=[report, *ctx.epoch_callbacks(trial, model_dir.name)],
             quiet=True,
             stop_signal=ctx.stop_signal,
             owner=spec.study_uid,
+            still_owner=ctx.still_owner,
         )
     except NonFiniteLoss as exc:
         raise _prune(trial, f"non-finite loss: {exc}") from None
@@ -317,7 +326,8 @@ def _train(ctx: TrialContext, trial: optuna.Trial) -> float:
     trial.set_user_attr("best_epoch", result.best_epoch)
     trial.set_user_attr(TRAIN_SECONDS_ATTR, round(time.perf_counter() - started, 3))
     best.see_history(result.history)
-    _cleanup(ctx, model_dir)
+    if best.value is not None:
+        _keep_if_best(ctx, trial, model_dir, float(best.value))
     if best.value is None:  # fit trains at least one epoch; never here
         raise RuntimeError(f"trial {trial.number}: training reported no epoch")
     return float(best.value)
@@ -390,6 +400,34 @@ def _cleanup(ctx: TrialContext, model_dir: Path) -> None:
         shutil.rmtree(model_dir, ignore_errors=True)
 
 
+def _keep_if_best(ctx: TrialContext, trial: optuna.Trial, model_dir: Path, value: float) -> None:
+    """Keep the model dir of the study's best trial only (all of them with ``keep_models``).
+
+    The best of the completed trials (the lowest value, then the lowest number; a
+    trial that reused another's result has no dir of its own) and this one keeps its
+    ``trial-N`` dir, for ``optim best --model``; the dirs of the other completed
+    trials go (two workers finishing at once may both keep theirs: the next
+    completed trial removes the loser's).  Dirs of running trials are never touched.
+    """
+    if ctx.keep_models:
+        return
+    completed = ctx.db(
+        lambda: ctx.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)),
+        "reading completed trials",
+    )
+    retried = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number
+    own = {t.number: t for t in completed if "reused_from" not in t.user_attrs and t.value is not None}
+    best = min(own.values(), key=lambda t: (t.value, t.number), default=None)
+    mine_best = best is None or (value, trial.number) < (best.value, best.number)
+    keep = model_dir.name if mine_best else f"trial-{retried(best) if retried(best) is not None else best.number}"
+    for t in own.values():
+        name = f"trial-{retried(t) if retried(t) is not None else t.number}"
+        if name != keep:
+            shutil.rmtree(ctx.ckpt_dir / name, ignore_errors=True)
+    if not mine_best:
+        shutil.rmtree(model_dir, ignore_errors=True)
+
+
 def _quadratic(ctx: TrialContext, trial: optuna.Trial) -> float:
     """A smooth function of every sampled numeric value (no training)."""
     config = ctx.sample(trial)
@@ -412,6 +450,8 @@ def _sleep(ctx: TrialContext, trial: optuna.Trial) -> float:
         signum = ctx.stop_signal()
         if signum is not None:
             raise TrainingInterrupted(f"trial {trial.number} interrupted while sleeping", signum)
+        if not ctx.still_owner(False):
+            raise TrialLost(f"trial {trial.number} was taken over by another worker")
         time.sleep(min(left, 0.05))
     return value
 

@@ -13,7 +13,8 @@ from stagetune.config import Config, from_dict
 from stagetune.errors import StagetuneError
 from stagetune.optim.metrics import LEGACY_METRIC, METRICS
 
-__all__ = ["SPEC_VERSION", "SPEC_ATTR", "DEFAULT_SAMPLER", "StudySpec", "spec_differences", "SAFE_TO_REPLACE"]
+__all__ = ["SPEC_VERSION", "SPEC_ATTR", "DEFAULT_SAMPLER", "StudySpec", "spec_differences", "SAFE_TO_REPLACE",
+           "glance_attrs"]
 
 SPEC_VERSION = 1
 #: Study user attribute holding the spec (visible in optuna-dashboard).
@@ -75,7 +76,7 @@ class StudySpec:
 
     def config(self) -> Config:
         """The base configuration."""
-        return from_dict(self.base_config, "study spec")
+        return from_dict(self.base_config, "study spec", stored=True)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-serialisable dict."""
@@ -105,6 +106,34 @@ class StudySpec:
     def dumps(self) -> str:
         """Canonical JSON text (sorted keys)."""
         return json.dumps(self.to_json(), sort_keys=True)
+
+
+#: Longest value of a :func:`glance_attrs` attribute (optuna-dashboard shows 128 characters).
+_GLANCE_CHARS = 120
+
+
+def glance_attrs(spec: StudySpec) -> dict[str, Any]:
+    """Short study user attributes beside the full spec, for optuna-dashboard and ``optuna studies``.
+
+    What a user needs at a glance: the data, the tuned parameters, the budget, the
+    memory limit, the pruner, the metric and the parent study.  Workers read only
+    :data:`SPEC_ATTR`; these are rewritten whenever it is.
+    """
+
+    def short(text: str) -> str:
+        return text if len(text) <= _GLANCE_CHARS else text[: _GLANCE_CHARS - 3] + "..."
+
+    data = spec.train_dir + (f" (dev {spec.dev_dir})" if spec.dev_dir else f" (dev {spec.dev_proportion:g} of it)"
+                             if spec.dev_proportion else "")
+    return {
+        "data": short(data),
+        "tuned": short(f"{len(spec.tuned)}: " + ", ".join(spec.tuned)),
+        "budget": spec.num_trials if spec.num_trials is not None else "unlimited",
+        "metric": spec.metric,
+        "pruner": spec.pruner,
+        "mem_limit_bytes": spec.mem_limit_bytes if spec.mem_limit_bytes is not None else "none",
+        "parent_study": spec.parent_study or "none",
+    }
 
 
 #: Not settings: the stagetune that wrote a spec, and the study's identity.

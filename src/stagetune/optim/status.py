@@ -12,6 +12,7 @@ three kinds apart, as they mean different things to the user:
 
 from __future__ import annotations
 
+import datetime
 import warnings
 from typing import Any
 
@@ -23,7 +24,10 @@ from stagetune.optim.metrics import METRICS
 from stagetune.optim.rdb import STALE_ATTR
 from stagetune.optim.spec import StudySpec
 
-__all__ = ["FAIL_KINDS", "study_status", "format_status", "fail_kinds"]
+__all__ = ["FAIL_KINDS", "study_status", "format_status", "fail_kinds", "estimate_finish"]
+
+#: The finished trials whose mean duration estimates the time left (the latest ones).
+_RECENT = 20
 
 #: The kinds of FAIL trials, as ``study_status(...)["fail_kinds"]`` counts them and
 #: ``format_status`` labels them.
@@ -86,6 +90,7 @@ def study_status(
     ]
     return {
         "study": study.study_name,
+        "eta": estimate_finish(trials, spec.num_trials),
         "parent_study": spec.parent_study,
         "metric": spec.metric,
         "states": by_state,
@@ -97,6 +102,42 @@ def study_status(
         "running": running,
         "tuned": spec.tuned,
     }
+
+
+def estimate_finish(
+    trials: list[FrozenTrial], budget: int | None, now: datetime.datetime | None = None
+) -> dict[str, Any] | None:
+    """The time left to finish the budget, at the pace of the latest finished trials.
+
+    ``{"seconds", "left", "running", "trial_s"}``: the trials still to finish, those
+    running (the workers, as far as the study knows), and the mean seconds per trial
+    of the latest :data:`_RECENT` finished ones; ``seconds`` is None while nothing
+    runs.  None without a budget, once it is met, or before any trial finished.
+    """
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+                and t.datetime_start is not None and t.datetime_complete is not None]
+    if budget is None or not finished or len(finished) >= budget:
+        return None
+    recent = sorted(finished, key=lambda t: t.datetime_complete)[-_RECENT:]
+    per_trial = sum((t.datetime_complete - t.datetime_start).total_seconds() for t in recent) / len(recent)
+    left = budget - len(finished)
+    now = now or datetime.datetime.now()
+    running = [t for t in trials if t.state == TrialState.RUNNING and t.datetime_start is not None]
+    seconds = None
+    if running:
+        # The running trials' rest, then the others, shared by as many workers.
+        work = sum(max(per_trial - (now - t.datetime_start).total_seconds(), 0.0) for t in running)
+        work += max(left - len(running), 0) * per_trial
+        seconds = round(work / len(running), 1)
+    return {"seconds": seconds, "left": left, "running": len(running), "trial_s": round(per_trial, 1)}
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def format_status(status: dict[str, Any]) -> str:
@@ -116,6 +157,11 @@ def format_status(status: dict[str, Any]) -> str:
         f"budget: {status['finished']}/{budget if budget is not None else 'unlimited'} finished"
         + (" (met)" if status["budget_met"] else ""),
     ]
+    eta = status.get("eta")
+    if eta is not None:
+        pace = f"{eta['left']} to finish, {eta['running']} running, {_duration(eta['trial_s'])} per trial"
+        when = f"about {_duration(eta['seconds'])}" if eta["seconds"] is not None else "unknown (no trial running)"
+        lines.append(f"time left: {when} ({pace})")
     best = status["best"]
     lines.append(f"best: {best['value']:.6g} (trial {best['number']})" if best else "best: none yet")
     for r in status["running"]:

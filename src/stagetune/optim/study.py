@@ -20,7 +20,7 @@ from stagetune.optim.metrics import DEFAULT_METRIC, METRICS
 from stagetune.optim.rdb import StagetuneStorage
 from stagetune.optim.registry import PRUNERS
 from stagetune.optim.sampling import select_tunable
-from stagetune.optim.spec import SAFE_TO_REPLACE, SPEC_ATTR, StudySpec, spec_differences
+from stagetune.optim.spec import SAFE_TO_REPLACE, SPEC_ATTR, StudySpec, glance_attrs, spec_differences
 from stagetune.optim.storage import mask_url
 
 __all__ = [
@@ -206,7 +206,9 @@ def init_study(
             study_id = storage.get_study_id_from_name(study_name)
         except KeyError:
             try:
-                storage.create_study_with_attrs(study_name, StudyDirection.MINIMIZE, {SPEC_ATTR: spec.to_json()})
+                # The short attributes first: optuna-dashboard lists five a page.
+                attrs = {**glance_attrs(spec), SPEC_ATTR: spec.to_json()}
+                storage.create_study_with_attrs(study_name, StudyDirection.MINIMIZE, attrs)
             except optuna.exceptions.DuplicatedStudyError:  # created meanwhile, not by `optim init`
                 study_id = storage.get_study_id_from_name(study_name)
             else:
@@ -247,4 +249,6 @@ def _check_existing(
     # The same study: its trials' checkpoints stay its own, and it stays bound to its release.
     spec = dataclasses.replace(spec, study_uid=old.study_uid, created_by=old.created_by)
     storage.set_study_user_attr(study_id, SPEC_ATTR, spec.to_json())
+    for key, value in glance_attrs(spec).items():  # budget, memory limit, pruner may have changed
+        storage.set_study_user_attr(study_id, key, value)
     return InitResult(study_name, "updated", spec, changes)
