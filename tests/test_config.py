@@ -241,3 +241,15 @@ def test_the_largest_seed_is_one_torch_takes():
     seed = field_info("training.seed").spec.max
     torch.manual_seed(seed)
     torch.Generator().manual_seed(seed)
+
+
+def test_a_stored_config_without_a_later_field_keeps_its_old_meaning() -> None:
+    # model files, checkpoints and study specs written before model.frame_norm existed
+    stored = to_dict(Config())
+    del stored["model"]["frame_norm"]
+    assert from_dict(stored, "old model.pt", stored=True).model.frame_norm == "none"
+    # a user's config without the key takes today's default
+    assert from_dict(stored, "user.ini").model.frame_norm == Config().model.frame_norm
+    # a stored value always wins
+    stored["model"]["frame_norm"] = "layer"
+    assert from_dict(stored, "new model.pt", stored=True).model.frame_norm == "layer"

@@ -27,6 +27,9 @@ MODULE_LAYERS = {
     "stagetune.errors": "config",
     "stagetune.space": "config",
     "stagetune.config": "config",
+    "stagetune.signals": "config",  # SIGTERM/SIGINT handlers for a block (prep, training, plan)
+    "stagetune.extras": "config",  # optional packages and their pip extras
+    "stagetune.packaged": "config",  # shipped configs, plans and Slurm templates by name
     "stagetune.kaldi": "data",
     "stagetune.kaldi_io": "data",
     "stagetune.tokens": "data",
@@ -69,6 +72,7 @@ TORCH_FREE = (
     "stagetune.kaldi_io", "stagetune.tokens", "stagetune.metrics", "stagetune.audio",
     "stagetune.fbank", "stagetune.recordings", "stagetune.tempfiles", "stagetune.prep",
     "stagetune.normalize", "stagetune.optim.metrics", "stagetune.cli",
+    "stagetune.packaged", "stagetune.extras",
 )
 #: Layers that must not import optuna.
 OPTUNA_FREE_LAYERS = ("config", "data", "model", "training")

@@ -53,6 +53,7 @@ def _random_config(rng: random.Random) -> ModelConfig:
         recurrent_size=rng.randint(1, 4),
         recurrent_type=rng.choice(sorted(RECURRENT_CELLS)),
         recurrent_bidirectional=rng.random() < 0.5,
+        frame_norm=rng.choice(("none", "layer")),
     )
 
 
@@ -136,6 +137,22 @@ def test_recurrent_stack_reads_flattened_conv_output() -> None:
     logits, out_lens = model(torch.randn(2, 11, 16), torch.tensor([11, 5]))
     assert logits.shape == (2, 3, 5)  # time 11 -> 6 -> 3
     assert out_lens.tolist() == [3, 2]
+
+
+def test_frame_norm_normalises_what_the_recurrent_stack_reads() -> None:
+    config = _model_config(
+        convolutional_layers=2, convolutional_initial_channels=3, convolutional_freq_factor=2,
+        recurrent_layers=1, frame_norm="layer",
+    )
+    model = AcousticModel(config, feat_dim=8, num_outputs=4)
+    assert model.frame_norm is not None
+    assert model.frame_norm.normalized_shape == (model.rnn.input_size,)
+    seen: list[torch.Tensor] = []
+    model.rnn.register_forward_hook(lambda _m, inputs, _o: seen.append(inputs[0].data))
+    model(torch.randn(2, 7, 8) * 50 + 9, torch.tensor([7, 7]))
+    frames = seen[0]  # packed: one row per valid frame
+    torch.testing.assert_close(frames.mean(-1), torch.zeros(len(frames)), atol=1e-4, rtol=0)
+    assert AcousticModel(dataclasses.replace(config, frame_norm="none"), 8, 4).frame_norm is None
 
 
 def test_without_conv_layers_features_go_straight_to_the_rnn() -> None:

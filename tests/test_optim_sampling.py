@@ -45,7 +45,7 @@ def test_blacklist_is_a_full_match_and_wins_over_the_whitelist() -> None:
     tuned = select_tunable(
         Config(), whitelist=[r"model\..*"], blacklist=[r"model\.convolutional_.*"]
     ).tuned
-    assert tuned == ("model.recurrent_layers", *RECURRENT)
+    assert tuned == ("model.frame_norm", "model.recurrent_layers", *RECURRENT)
     everything_but = select_tunable(Config(), blacklist=["data.batch_size"]).tuned
     assert set(everything_but) == set(TUNABLE) - {"data.batch_size"}
     with pytest.raises(UsageError, match="matches no tunable parameter"):

@@ -242,7 +242,7 @@ class ModelFile:
     """A loaded model file: config, feature dim, token symbols and weights."""
 
     def __init__(self, obj: dict[str, Any], source: str) -> None:
-        self.config: Config = from_dict(obj["config"], source)
+        self.config: Config = from_dict(obj["config"], source, stored=True)
         self.feat_dim: int = int(obj["feat_dim"])
         self.tokens: list[str] = list(obj["tokens"])
         self.state_dict: dict[str, torch.Tensor] = obj["state_dict"]

@@ -53,6 +53,8 @@ TASKS = ("ctc", "frame")
 NONLINEARITIES = ("relu", "gelu", "tanh", "sigmoid")
 #: Recurrent cell types (see :mod:`stagetune.model`).
 RECURRENT_TYPES = ("lstm", "gru", "rnn")
+#: ``model.frame_norm`` values.
+FRAME_NORMS = ("none", "layer")
 #: Optimizers (see :mod:`stagetune.training`).
 OPTIMIZERS = ("adam", "adamw", "sgd")
 #: Feature normalisations (see :mod:`stagetune.normalize`).
@@ -144,6 +146,13 @@ class ModelConfig:
         choices=NONLINEARITIES,
         search=Space(choices=("relu", "gelu", "tanh")),
         when=_CONV_ON,
+    )
+    frame_norm: str = param(
+        "none",
+        "Normalisation of each frame the recurrent stack (or, without one, the output layer) "
+        "reads: 'none', or 'layer' (LayerNorm over the flattened conv output or features).",
+        choices=FRAME_NORMS,
+        search=Space(choices=FRAME_NORMS),
     )
     recurrent_layers: int = param(
         2,
@@ -637,8 +646,13 @@ def parse_ini_text(text: str, source: str, base: Config | None = None) -> Config
 
 
 def read_ini(path: str | Path, base: Config | None = None) -> Config:
-    """Read an INI (or, by extension, JSON/YAML) file over ``base`` (defaults when ``None``)."""
-    path = Path(path)
+    """Read an INI (or, by extension, JSON/YAML) file over ``base`` (defaults when ``None``).
+
+    ``@NAME`` reads a packaged config (:func:`stagetune.packaged.resolve`).
+    """
+    from stagetune.packaged import resolve
+
+    path = resolve(path)
     try:
         text = _read_config_text(path)
     except FileNotFoundError:
@@ -772,10 +786,30 @@ def to_dict(config: Config) -> dict[str, dict[str, Any]]:
     return {section: dataclasses.asdict(getattr(config, section)) for section in SECTIONS}
 
 
-def from_dict(data: Mapping[str, Mapping[str, Any]], source: str = "config") -> Config:
-    """Inverse of :func:`to_dict`, validated; unknown sections or keys are errors."""
+#: Fields added after models and studies were first stored, with the value that
+#: reproduces what a stored config without them meant (its model was built so).
+_STORED_BEFORE: dict[str, Any] = {"model.frame_norm": "none"}
+
+
+def from_dict(
+    data: Mapping[str, Mapping[str, Any]], source: str = "config", *, stored: bool = False
+) -> Config:
+    """Inverse of :func:`to_dict`, validated; unknown sections or keys are errors.
+
+    Args:
+        data: ``{section: {key: value}}``.
+        source: Named in errors.
+        stored: ``data`` is a whole config written by an earlier run (a model file,
+            checkpoint or study spec): a field it lacks takes the value it had
+            before the field existed, not today's default.
+    """
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
+    if stored:
+        for name, value in _STORED_BEFORE.items():
+            section, key = name.split(".")
+            if key not in data.get(section, {}):
+                values[name] = value
     for section, items in data.items():
         if section not in SECTIONS:
             raise ConfigError(f"{source}: unknown section {section!r}; allowed: {', '.join(SECTIONS)}")

@@ -183,6 +183,7 @@ class AcousticModel(nn.Module):
         for _, stride_time in self._time_geometry:
             self.time_stride *= stride_time
         frame_dim = in_channels * freq if self.convs else feat_dim
+        self.frame_norm = nn.LayerNorm(frame_dim) if config.frame_norm == "layer" else None
 
         self.rnn: nn.RNNBase | None = None
         if config.recurrent_layers > 0:
@@ -252,6 +253,8 @@ class AcousticModel(nn.Module):
                 x = x.masked_fill(~_frame_mask(lens, x.size(2))[:, None, :, None], 0.0)
             x = x.transpose(1, 2).flatten(2)  # (B, T', C * F')
         out_lens = self.output_lengths(cpu_lens)
+        if self.frame_norm is not None:
+            x = self.frame_norm(x)
         if self.rnn is not None:
             num_frames = x.size(1)
             # Packing keeps padding out of the backward direction.

@@ -105,7 +105,7 @@ def check_resumable(
             f"{model_dir} holds a checkpoint trained for {ckpt.get(OWNER_KEY) or 'an unknown owner'}, "
             f"not for {owner}; use a new model directory"
         )
-    changes = _config_changes(from_dict(ckpt["config"], str(ckpt_path)), config)
+    changes = _config_changes(from_dict(ckpt["config"], str(ckpt_path), stored=True), config)
     if changes:
         raise UsageError(
             f"{model_dir} holds a checkpoint trained with another config ("

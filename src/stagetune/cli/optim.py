@@ -40,7 +40,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--study-name", default=None, help="default: the database name (as cnn-mellin)")
     p.add_argument("url", metavar="DB_URL", help="e.g. sqlite:///exp/optim.db, postgresql://user@host/db")
-    cmds = p.add_subparsers(dest="optim_command", metavar="{init,run,important,best,status}")
+    cmds = p.add_subparsers(dest="optim_command", metavar="{init,run,important,best,status,report,list,delete,dashboard}")
 
     init = cmds.add_parser("init", help="create a study from the base config and a data dir")
     init.add_argument("train_dir", metavar="TRAIN_DIR", nargs="?", help="Kaldi training data dir")
@@ -115,13 +115,22 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     run_p.add_argument("--ckpt-dir", default="stagetune-ckpt", metavar="DIR", help="trial checkpoints (shared by all workers)")
     run_p.add_argument("--max-retries", type=int, default=3, metavar="N", help="retries of a trial whose worker died")
     run_p.add_argument("--seed", type=int, default=None, help="sampler seed")
-    run_p.add_argument("--heartbeat-interval", type=positive_int, default=30, metavar="SECONDS")
-    run_p.add_argument("--grace-period", type=positive_int, default=None, metavar="SECONDS", help="stale after this (default 2x interval)")
+    run_p.add_argument(
+        "--heartbeat-interval", type=positive_int, default=None, metavar="SECONDS",
+        help="the study's rule if it has one (set by its first worker), else this (default 30); "
+        "a different value is ignored with a warning",
+    )
+    run_p.add_argument("--grace-period", type=positive_int, default=None, metavar="SECONDS", help="stale after this (default 2x interval; as --heartbeat-interval)")
     run_p.add_argument("--num-data-workers", type=non_negative_int, default=None, metavar="N", help="override the study's DataLoader workers")
-    run_p.add_argument("--keep-models", action="store_true", help="keep every trial's model dir")
+    run_p.add_argument("--keep-models", action="store_true", help="keep every trial's model dir (default: the best trial's only, for optim best --model)")
     run_p.add_argument("--objective", default="train", help="train (default); quadratic or sleep for benchmarks")
     run_p.add_argument("--sleep-seconds", type=float, default=1.0, help="for --objective sleep")
-    run_p.add_argument("--verbose", action="store_true", help="a line per epoch too")
+    run_p.add_argument("--verbose", action="store_true", help="(the default now: a line per epoch)")
+    run_p.add_argument("--quiet", action="store_true", help="no line per epoch, only a line per trial")
+    run_p.add_argument(
+        "--tensorboard", default=None, metavar="DIR",
+        help="per-epoch scalars of each trial in DIR/STUDY/trial-N, its parameters as hparams (extra: tensorboard)",
+    )
     run_p.add_argument("--workers", type=int, default=1, metavar="N", help="run N local worker processes")
     run_p.add_argument(
         "--gpus", default=None, metavar="IDS",
@@ -139,7 +148,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     imp.add_argument("--verbose", action="store_true", help="print importances to stderr")
 
     best = cmds.add_parser("best", help="write the best trial's full config")
-    best.add_argument("out", metavar="OUT", nargs="?", default="-", help="file (.ini, .json, .yaml) or - for stdout")
+    best.add_argument("out", metavar="OUT", nargs="?", default=None, help="file (.ini, .json, .yaml) or - for stdout (the default without --model)")
+    best.add_argument("--model", metavar="OUT_PT", default=None, help="also export the best trial's kept model.pt (for stagetune evaluate)")
+    best.add_argument("--ckpt-dir", default="stagetune-ckpt", metavar="DIR", help="with --model: the workers' --ckpt-dir")
     best.add_argument("--format", choices=_FORMATS, default=None, help="default: by extension, else ini")
     best.add_argument("--independent", action="store_true", help="each value by lowest median error (cnn-mellin)")
     best.add_argument("--set", dest="best_set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="edit the output")
@@ -147,7 +158,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     status = cmds.add_parser("status", help="trials by state, budget, best, running trials")
     status.add_argument("--json", action="store_true")
     status.add_argument("--check", action="store_true", help="exit 0 only when the budget is met")
-    for parser, own in ((init, ("--set",)), (run_p, ()), (imp, ()), (best, ("--set",)), (status, ())):
+    status.add_argument(
+        "--watch", type=positive_float, default=None, metavar="SECONDS",
+        help="show it again every SECONDS until the budget is met (Ctrl-C stops; --json: a line each time)",
+    )
+    from stagetune.cli import optim_tools
+
+    tools = [(tool, ()) for tool in optim_tools.add_parsers(cmds)]
+    for parser, own in ((init, ("--set",)), (run_p, ()), (imp, ()), (best, ("--set",)), (status, ()), *tools):
         add_global_options(parser, after_command=True, skip=own)
     p.set_defaults(func=run)
 
@@ -164,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
     from stagetune.errors import UsageError
 
     if not args.optim_command:
-        raise UsageError("optim needs a command: init, run, important, best or status")
+        raise UsageError("optim needs a command: init, run, important, best, status, report, list, delete or dashboard")
     # Before the imports: usage errors are instant.
     if args.study_name is not None:
         _check_study_name(args.study_name, "--study-name")
@@ -183,7 +201,7 @@ def run(args: argparse.Namespace) -> int:
     if study_name is None:
         study_name = default_study_name(args.url)
         _check_study_name(study_name, "--study-name (by default the database name)")
-    return _COMMANDS[args.optim_command](args, study_name)
+    return {**_COMMANDS, **_tools()}[args.optim_command](args, study_name)
 
 
 def _check_study_name(name: str, what: str) -> None:
@@ -295,6 +313,8 @@ def _init(args: argparse.Namespace, study_name: str) -> int:
             spec = _init_spec(
                 args, config, train_dir, dev_dir, dev_prop, whitelist, parent=(args.from_study, prev_spec)
             )
+            # PREV's own narrowed ranges carry over (its trials lie inside them); --narrow narrows further.
+            inherited = {n: r for n, r in prev_spec.ranges.items() if n in spec.tuned}
             if args.narrow is not None:
                 # PREV's trials queued by --enqueue-best lie inside the ranges (no sampler sees a
                 # value outside its distribution).
@@ -303,11 +323,17 @@ def _init(args: argparse.Namespace, study_name: str) -> int:
                 )
                 for name, (low, high) in ranges.items():
                     _err(f"narrowed {name} to [{low:g}, {high:g}]")
+                kept = {n: r for n, r in inherited.items() if n not in ranges}
                 spec = dataclasses.replace(
                     spec,
-                    ranges=ranges,
-                    narrowed_from={"study": args.from_study, "quantile": args.narrow, "trials": numbers},
+                    ranges={**kept, **ranges},
+                    narrowed_from={"study": args.from_study, "quantile": args.narrow, "trials": numbers,
+                                   **({"inherited": prev_spec.narrowed_from} if kept else {})},
                 )
+            elif inherited:
+                for name, (low, high) in inherited.items():
+                    _err(f"kept {name} narrowed to [{low:g}, {high:g}], as in study {args.from_study!r}")
+                spec = dataclasses.replace(spec, ranges=inherited, narrowed_from=prev_spec.narrowed_from)
             if args.enqueue_best is not None:
                 points = best_points(completed, spec, args.enqueue_best)
         result = init_study(
@@ -355,6 +381,9 @@ def _init_spec(
     sampler = setting(args.sampler, "sampler", None) or DEFAULT_SAMPLER
     if sampler not in SAMPLERS:
         raise UsageError(f"--sampler {sampler!r}: choose one of {', '.join(sorted(SAMPLERS))}")
+    from stagetune.extras import require_sampler
+
+    require_sampler(sampler)  # its package missing: one line naming the extra, before the study exists
     spec = build_spec(
         config,
         train_dir,
@@ -383,6 +412,10 @@ def _run(args: argparse.Namespace, study_name: str) -> int:
 
     if args.sampler is not None and args.sampler not in SAMPLERS:
         raise UsageError(f"--sampler {args.sampler!r}: choose one of {', '.join(sorted(SAMPLERS))}")
+    if args.sampler is not None:
+        from stagetune.extras import require_sampler
+
+        require_sampler(args.sampler)  # the study's own sampler: checked where it is made
     if args.objective not in OBJECTIVES:
         raise UsageError(f"--objective {args.objective!r}: choose one of {', '.join(sorted(OBJECTIVES))}")
     for flag, value in (("--n-trials", args.n_trials), ("--max-retries", args.max_retries)):
@@ -390,6 +423,10 @@ def _run(args: argparse.Namespace, study_name: str) -> int:
             raise UsageError(f"{flag} must be >= 0, got {value}")
     if args.workers < 1:
         raise UsageError(f"--workers must be >= 1, got {args.workers}")
+    if args.tensorboard:
+        from stagetune.optim.tensorboard import require_tensorboard
+
+        require_tensorboard()
     if args.gpus is not None and args.objective == "train":
         _check_gpus_visible(args.gpus)
     if args.workers > 1 or args.gpus:
@@ -410,7 +447,8 @@ def _run(args: argparse.Namespace, study_name: str) -> int:
         num_data_workers=args.num_data_workers,
         keep_models=args.keep_models,
         sleep_seconds=args.sleep_seconds,
-        verbose=args.verbose,
+        verbose=not args.quiet,  # a line per epoch unless --quiet
+        tensorboard=Path(args.tensorboard) if args.tensorboard else None,
     )
     summary = run_worker(args.url, study_name, options, log=_err)
     _err(summary.line())
@@ -510,7 +548,8 @@ def _run_pool(args: argparse.Namespace, study_name: str) -> int:
         if value is not None:
             worker += [flag, str(value)]
     worker += ["--keep-models"] if args.keep_models else []
-    worker += ["--verbose"] if args.verbose else []
+    worker += ["--quiet"] if args.quiet else []
+    worker += ["--tensorboard", args.tensorboard] if args.tensorboard else []
     gpus = _gpu_ids(args.gpus) if args.gpus is not None else []
     # Imported once in the pool, shared by the forked workers (they never import more).
     preload = ["stagetune.optim.worker", *driver_modules(args.url)]
@@ -523,6 +562,9 @@ def _run_pool(args: argparse.Namespace, study_name: str) -> int:
     # The connections are closed again before forking: every worker opens its own.
     with storage_session(args.url, heartbeat_interval=None, create=False) as storage:
         _, spec = load_study(storage, study_name, args.url)
+    from stagetune.extras import require_sampler
+
+    require_sampler(args.sampler or spec.sampler_name())  # one line here, not one per worker
     if args.objective == "train":
         from stagetune.optim.worker import check_device
 
@@ -545,6 +587,9 @@ def _important(args: argparse.Namespace, study_name: str) -> int:
     from stagetune.optim.storage import storage_session
     from stagetune.optim.study import load_study
 
+    from stagetune.extras import require_evaluator
+
+    require_evaluator(args.evaluator)  # fanova/mdi without scikit-learn: one line naming the extra
     if args.evaluator == "ped-anova" and "sklearn" not in sys.modules:
         # PED-ANOVA needs no scikit-learn, but importing optuna.importance would
         # load it (seconds) for fANOVA's sake; keep `important` fast.
@@ -570,23 +615,37 @@ def _best(args: argparse.Namespace, study_name: str) -> int:
     from stagetune.optim.storage import storage_session
     from stagetune.optim.study import load_study
 
-    if args.out != "-":
+    if args.out is None and args.model is None:
+        args.out = "-"
+    if args.out not in ("-", None):
         check_output_file(args.out, "OUT", "best.ini")
+    if args.model is not None:
+        if args.independent:
+            from stagetune.errors import UsageError
+
+            raise UsageError("--model exports a trained trial's model; --independent's values were never trained together")
+        check_output_file(args.model, "--model", "model.pt")
     fmt = args.format
     if fmt is None:
-        suffix = Path(args.out).suffix.lower().lstrip(".") if args.out != "-" else ""
+        suffix = Path(args.out).suffix.lower().lstrip(".") if args.out not in ("-", None) else ""
         fmt = {"json": "json", "yaml": "yaml", "yml": "yaml"}.get(suffix, "ini")
     with storage_session(args.url, heartbeat_interval=None, create=False) as storage:
         study, spec = load_study(storage, study_name, args.url)
         config, repairs = best_config(
             study, spec, independent=args.independent, overrides=args.overrides + args.best_set
         )
+        if args.model is not None:  # first: a model not kept is an error before anything is said
+            from stagetune.cli.optim_tools import export_best_model
+
+            export_best_model(study, study_name, spec, args)
         if args.independent:
             _err(f"each value by its lowest median value (metric {spec.metric})")
         else:
             _err(describe_best(study.best_trial, spec))
     for name, change in repairs.items():
         _err(f"repaired {name}: {change}")
+    if args.out is None:
+        return 0
     if fmt == "ini":
         text = write_ini(config)
     elif fmt == "json":
@@ -604,13 +663,24 @@ def _status(args: argparse.Namespace, study_name: str) -> int:
     from stagetune.optim.storage import storage_session
     from stagetune.optim.study import load_study
 
-    with storage_session(args.url, heartbeat_interval=None, create=False) as storage:
-        study, spec = load_study(storage, study_name, args.url, same_release=False)  # reading is safe across releases
-        status = study_status(study, spec, storage)
-    if args.json:
-        print(json.dumps(status, default=str))
-    else:
-        sys.stdout.write(format_status(status))
+    rounds = 0
+    while True:
+        with storage_session(args.url, heartbeat_interval=None, create=False) as storage:
+            study, spec = load_study(storage, study_name, args.url, same_release=False)  # reading is safe across releases
+            status = study_status(study, spec, storage)
+        if args.json:
+            print(json.dumps(status, default=str))
+        else:
+            if rounds:  # --watch: on a terminal the screen is redrawn, else the rounds are apart
+                sys.stdout.write("\033[H\033[J" if sys.stdout.isatty() else "\n")
+            sys.stdout.write(format_status(status))
+        sys.stdout.flush()
+        rounds += 1
+        if args.watch is None or status["budget_met"]:
+            break
+        import time
+
+        time.sleep(args.watch)
     if args.check and not status["budget_met"]:
         return 1
     return 0
@@ -623,3 +693,9 @@ _COMMANDS: dict[str, Any] = {
     "best": _best,
     "status": _status,
 }
+
+
+def _tools() -> dict[str, Any]:
+    from stagetune.cli.optim_tools import COMMANDS
+
+    return COMMANDS
