@@ -125,3 +125,43 @@ def test_the_dashboard_page_shows_the_trial_count_and_the_best_value(browser: An
     # The short attributes are listed for the user (the spec too, cut short).
     assert re.search(r"^budget 5$", study_page, re.M) and re.search(r"^metric error$", study_page, re.M)
     assert re.search(r"^tuned 1: training.learning_rate$", study_page, re.M)
+
+
+def test_the_dashboard_reads_a_sqlite_study_while_four_workers_write_it(browser: Any, tmp_path: Path) -> None:
+    """60 s of 4 workers finishing a trial every ~0.1 s each, the dashboard polled throughout."""
+    url = f"sqlite:///{tmp_path / 'optim.db'}"
+    create_study(url, "optim", write_speech_data(tmp_path / "data"), whitelist=["training.learning_rate"],
+                 num_trials=100_000, pruner="none")
+    with opened_study(url, "optim") as study:
+        study_id = study._study_id
+    port = free_port()
+    dashboard = start_cli(["optim", url, "dashboard", "--port", port], tmp_path, tmp_path / "dashboard.log")
+    workers = start_cli(["optim", url, "run", "--workers", 4, "--objective", "sleep", "--sleep-seconds", 0.1,
+                         "--timeout", 60, "--quiet"], tmp_path, tmp_path / "workers.log")
+    api = f"http://127.0.0.1:{port}/api/studies/{study_id}?after=0"
+    seen: list[int] = []
+    try:
+        wait_for("the dashboard to listen", lambda: _get_json(f"http://127.0.0.1:{port}/api/studies"), timeout=60,
+                 interval=0.5)
+        while workers.poll() is None:  # the browser and the API read while the workers write
+            browser.get(f"http://127.0.0.1:{port}/dashboard/studies/{study_id}")
+            answer = _get_json(api)
+            assert answer is not None, f"the dashboard stopped answering: {(tmp_path / 'dashboard.log').read_text()}"
+            seen.append(len(answer["trials"]))
+        code = workers.wait(timeout=120)
+    finally:
+        if workers.poll() is None:
+            os.killpg(workers.pid, signal.SIGKILL)
+        os.killpg(dashboard.pid, signal.SIGINT)
+        dashboard.wait(timeout=30)
+    logs = {name: (tmp_path / name).read_text() for name in ("workers.log", "dashboard.log")}
+    assert code == 0, logs["workers.log"][-3000:]
+    for name, text in logs.items():
+        assert "database is locked" not in text, f"{name}: {text[-3000:]}"
+        assert "Traceback" not in text, f"{name}: {text[-3000:]}"
+    with opened_study(url, "optim") as study:
+        trials = study.get_trials(deepcopy=False)
+    finished = [t for t in trials if t.state.is_finished()]
+    print(f"{len(finished)} trials finished by 4 workers, the dashboard read {len(seen)} times")
+    assert len(finished) >= 200 and len(seen) >= 10  # it was busy, and read all along
+    assert seen == sorted(seen) and seen[-1] <= len(trials)
