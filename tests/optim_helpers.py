@@ -29,6 +29,7 @@ from fixtures_data import TINY_TOKENS, random_feats, write_data_dir
 from stagetune.config import load_config
 from stagetune.optim.metrics import DEFAULT_METRIC
 from stagetune.optim.sampling import sample_values
+from stagetune.optim.spec import stored_spec_json
 from stagetune.optim.spec import StudySpec
 from stagetune.optim.storage import storage_session
 from stagetune.optim.study import build_spec, init_study
@@ -178,7 +179,7 @@ def trial_states(url: str, study_name: str) -> Counter[str]:
 def read_spec(url: str, study_name: str) -> dict[str, Any]:
     """The stored spec, as JSON data."""
     with opened_study(url, study_name) as study:
-        return dict(study.user_attrs["stagetune_spec"])
+        return dict(stored_spec_json(study._storage, study._study_id))
 
 
 def study_names(url: str) -> list[str]:

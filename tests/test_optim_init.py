@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import re
 import sqlite3
 from pathlib import Path
@@ -33,7 +34,7 @@ from stagetune.errors import StagetuneError
 from stagetune.optim.analysis import rank_parameters
 from stagetune.optim.metrics import LEGACY_METRIC
 from stagetune.optim.sampling import select_tunable
-from stagetune.optim.spec import SPEC_ATTR, StudySpec, spec_differences
+from stagetune.optim.spec import SPEC_ATTR, StudySpec, spec_differences, store_spec_json, stored_spec_json
 from stagetune.optim.storage import storage_session
 from stagetune.optim.study import build_spec, init_study
 
@@ -194,9 +195,9 @@ def test_a_chained_stage_inherits_the_metric_and_an_older_study_ranks_by_error(
     spec = create_study(url, "older", data, whitelist=LR_DOMINATED, num_trials=16)
     fill_study(url, "older", spec, 16)
     with opened_study(url, "older") as study:
-        stored = dict(study.user_attrs[SPEC_ATTR])
+        stored = dict(stored_spec_json(study._storage, study._study_id))
         del stored["metric"]
-        study.set_user_attr(SPEC_ATTR, stored)
+        store_spec_json(study._storage, study._study_id, stored)
     assert StudySpec.from_json(stored, "older").metric == LEGACY_METRIC == "error"
 
     def chain(name: str, parent: str, *more: str) -> list[object]:
@@ -251,7 +252,7 @@ def test_a_study_of_another_minor_release_is_refused_a_newer_patch_level_joins(t
     for kind, url in urls.items():  # as if that stagetune had run `optim init`
         spec = create_study(url, "optim", data, whitelist=[r"training\.learning_rate"], num_trials=1)
         with opened_study(url, "optim") as study:
-            study.set_user_attr(SPEC_ATTR, {**spec.to_json(), "created_by": created_by[kind]})
+            store_spec_json(study._storage, study._study_id, {**spec.to_json(), "created_by": created_by[kind]})
 
     def run(url: str) -> list[object]:
         return ["optim", "--study-name", "optim", url, "run", "--objective", "quadratic"]
@@ -286,7 +287,7 @@ def parent(tmp_path_factory: pytest.TempPathFactory) -> str:
     spec = create_study(url, "stage1", write_speech_data(tmp / "data"), whitelist=LR_DOMINATED, num_trials=16,
                         pruner="median", mem_limit_bytes=10**9, metric="loss")
     with opened_study(url, "stage1") as study:  # as `init --sampler random --num-data-workers 2 --device cpu`
-        study.set_user_attr(SPEC_ATTR, {**spec.to_json(), **_PARENT_SETTINGS})
+        store_spec_json(study._storage, study._study_id, {**spec.to_json(), **_PARENT_SETTINGS})
     fill_study(url, "stage1", spec, 16)
     return url
 
@@ -423,3 +424,23 @@ def test_enqueue_best_queues_the_parents_best_trials_once(
     code, _, err = _main(capsys, "optim", "--study-name", "not-derived", parent, "init", "/nowhere",
                          "--enqueue-best", 3)
     assert code == 2 and "--enqueue-best of init go with --from-study; got --enqueue-best without" in err, err
+
+
+def test_the_spec_is_a_system_attribute_and_an_older_studys_user_attribute_is_still_read(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'optim.db'}"
+    spec = create_study(url, "new", write_speech_data(tmp_path / "data"), whitelist=[r"training\.learning_rate"],
+                        num_trials=2)
+    with opened_study(url, "new") as study:
+        # `optuna studies` and optuna-dashboard print user attributes: the short ones only
+        assert SPEC_ATTR not in study.user_attrs and study.user_attrs["budget"] == 2
+        assert study._storage.get_study_system_attrs(study._study_id)[SPEC_ATTR] == spec.to_json()
+        # a study created before: the spec in a user attribute only
+        old = optuna.create_study(study_name="old", storage=study._storage)
+        old.set_user_attr(SPEC_ATTR, spec.to_json())
+    listed = cli(["optim", "--study-name", "old", url, "status", "--json"], tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    assert json.loads(listed.stdout)["num_trials"] == 2
+    done = cli(["optim", "--study-name", "old", url, "run", "--objective", "quadratic"], tmp_path)
+    assert done.returncode == 0, done.stderr
+    with opened_study(url, "old") as study:
+        assert len(study.trials) == 2 and SPEC_ATTR not in study._storage.get_study_system_attrs(study._study_id)

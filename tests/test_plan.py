@@ -19,7 +19,7 @@ from optim_helpers import (
 
 from stagetune.cli import main
 from stagetune.optim.sampling import sample_values
-from stagetune.optim.spec import SPEC_ATTR
+from stagetune.optim.spec import store_spec_json
 from stagetune.plan.spec import read_plan
 
 MODEL = "model.convolutional_layers=0 model.recurrent_layers=1 model.recurrent_size=8 data.batch_size=4"
@@ -201,7 +201,7 @@ def test_a_stage_derived_from_a_narrowed_stage_keeps_its_narrowed_ranges(corpus:
     ranges = {"training.learning_rate": [0.001, 0.005], "training.dropout_prob": [0.1, 0.3]}
     origin = {"study": "sm", "quantile": 0.25, "trials": [2, 5]}
     with opened_study(url, "md") as study:
-        study.set_user_attr(SPEC_ATTR, {**spec.to_json(), "ranges": ranges, "narrowed_from": origin})
+        store_spec_json(study._storage, study._study_id, {**spec.to_json(), "ranges": ranges, "narrowed_from": origin})
         study.sampler = optuna.samplers.RandomSampler(seed=0)
         for _ in range(8):
             trial = study.ask()

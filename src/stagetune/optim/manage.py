@@ -17,7 +17,7 @@ from sqlalchemy import text
 
 from stagetune.errors import StagetuneError, UsageError
 from stagetune.optim.budget import budget_lock, count_by_state, heartbeat_ages
-from stagetune.optim.spec import SPEC_ATTR, StudySpec
+from stagetune.optim.spec import StudySpec, stored_spec_json
 
 __all__ = ["list_studies", "format_list", "delete_study"]
 
@@ -42,7 +42,7 @@ def list_studies(storage: optuna.storages.RDBStorage) -> list[dict[str, Any]]:
         finished = counts.get("COMPLETE", 0) + counts.get("PRUNED", 0)
         spec: StudySpec | None
         try:
-            spec = StudySpec.from_json(storage.get_study_user_attrs(study_id).get(SPEC_ATTR), name)
+            spec = StudySpec.from_json(stored_spec_json(storage, study_id), name)
         except StagetuneError:  # not a stagetune study, or another version's
             spec = None
         budget = spec.num_trials if spec is not None else None

@@ -108,9 +108,13 @@ class StagetuneStorage(optuna.storages.RDBStorage):
         return study_id
 
     def create_study_with_attrs(
-        self, study_name: str, direction: StudyDirection, user_attrs: dict[str, Any]
+        self,
+        study_name: str,
+        direction: StudyDirection,
+        user_attrs: dict[str, Any],
+        system_attrs: dict[str, Any] | None = None,
     ) -> int:
-        """Create a study with its user attributes in one transaction; its id.
+        """Create a study with its user (and system) attributes in one transaction; its id.
 
         Optuna's ``create_study`` then ``set_user_attr`` commit twice: a reader in
         between sees a study without attributes.
@@ -128,6 +132,10 @@ class StagetuneStorage(optuna.storages.RDBStorage):
                 session.add_all(
                     models.StudyUserAttributeModel(study=study, key=key, value_json=json.dumps(value))
                     for key, value in user_attrs.items()
+                )
+                session.add_all(
+                    models.StudySystemAttributeModel(study=study, key=key, value_json=json.dumps(value))
+                    for key, value in (system_attrs or {}).items()
                 )
         except IntegrityError:
             raise optuna.exceptions.DuplicatedStudyError(

@@ -13,12 +13,31 @@ from stagetune.config import Config, from_dict
 from stagetune.errors import StagetuneError
 from stagetune.optim.metrics import LEGACY_METRIC, METRICS
 
-__all__ = ["SPEC_VERSION", "SPEC_ATTR", "DEFAULT_SAMPLER", "StudySpec", "spec_differences", "SAFE_TO_REPLACE",
+__all__ = ["SPEC_VERSION", "SPEC_ATTR", "stored_spec_json", "store_spec_json", "DEFAULT_SAMPLER", "StudySpec", "spec_differences", "SAFE_TO_REPLACE",
            "glance_attrs"]
 
 SPEC_VERSION = 1
 #: Study user attribute holding the spec (visible in optuna-dashboard).
 SPEC_ATTR = "stagetune_spec"
+
+
+def stored_spec_json(storage: Any, study_id: int) -> Any:
+    """A study's stored spec (JSON), or None.
+
+    It is a study *system* attribute, where workers read it and where neither
+    ``optuna studies`` nor optuna-dashboard print it (they show the short
+    attributes of :func:`glance_attrs`); studies created before 2026-11-27 hold it
+    as a user attribute.
+    """
+    stored = storage.get_study_system_attrs(study_id).get(SPEC_ATTR)
+    return stored if stored is not None else storage.get_study_user_attrs(study_id).get(SPEC_ATTR)
+
+
+def store_spec_json(storage: Any, study_id: int, spec_json: Any) -> None:
+    """Write a study's spec where :func:`stored_spec_json` reads it (an older study's copy too)."""
+    storage.set_study_system_attr(study_id, SPEC_ATTR, spec_json)
+    if SPEC_ATTR in storage.get_study_user_attrs(study_id):
+        storage.set_study_user_attr(study_id, SPEC_ATTR, spec_json)
 #: Fields ``optim init --force`` may change on an existing study: they do not
 #: invalidate trials already run.
 SAFE_TO_REPLACE = frozenset({"num_trials", "mem_limit_bytes", "pruner", "num_data_workers", "device", "sampler", "time_limit_s"})

@@ -20,7 +20,15 @@ from stagetune.optim.metrics import DEFAULT_METRIC, METRICS
 from stagetune.optim.rdb import StagetuneStorage
 from stagetune.optim.registry import PRUNERS
 from stagetune.optim.sampling import select_tunable
-from stagetune.optim.spec import SAFE_TO_REPLACE, SPEC_ATTR, StudySpec, glance_attrs, spec_differences
+from stagetune.optim.spec import (
+    SAFE_TO_REPLACE,
+    SPEC_ATTR,
+    StudySpec,
+    glance_attrs,
+    spec_differences,
+    store_spec_json,
+    stored_spec_json,
+)
 from stagetune.optim.storage import mask_url
 
 __all__ = [
@@ -62,8 +70,7 @@ def read_spec(storage: optuna.storages.BaseStorage, study_name: str, url: str) -
             f"no study {study_name!r} in {mask_url(url)} (studies there: {listing}); "
             f"create it with `stagetune optim ... init` or pass --study-name"
         ) from None
-    attrs = storage.get_study_user_attrs(study_id)
-    return StudySpec.from_json(attrs.get(SPEC_ATTR), study_name)
+    return StudySpec.from_json(stored_spec_json(storage, study_id), study_name)
 
 
 def check_release(spec: StudySpec, study_name: str) -> None:
@@ -207,8 +214,9 @@ def init_study(
         except KeyError:
             try:
                 # The short attributes first: optuna-dashboard lists five a page.
-                attrs = {**glance_attrs(spec), SPEC_ATTR: spec.to_json()}
-                storage.create_study_with_attrs(study_name, StudyDirection.MINIMIZE, attrs)
+                storage.create_study_with_attrs(
+                    study_name, StudyDirection.MINIMIZE, glance_attrs(spec), {SPEC_ATTR: spec.to_json()}
+                )
             except optuna.exceptions.DuplicatedStudyError:  # created meanwhile, not by `optim init`
                 study_id = storage.get_study_id_from_name(study_name)
             else:
@@ -232,7 +240,7 @@ def _check_existing(
     storage: StagetuneStorage, study_id: int, study_name: str, spec: StudySpec, *, force: bool
 ) -> InitResult:
     """``optim init`` of a study that exists: nothing to do, refused, or (``force``) updated."""
-    old = StudySpec.from_json(storage.get_study_user_attrs(study_id).get(SPEC_ATTR), study_name)
+    old = StudySpec.from_json(stored_spec_json(storage, study_id), study_name)
     check_release(old, study_name)
     changes = spec_differences(old, spec)
     if not changes:
@@ -248,7 +256,7 @@ def _check_existing(
         raise UsageError(f"study {study_name!r} exists with other settings ({listing}); {hint}")
     # The same study: its trials' checkpoints stay its own, and it stays bound to its release.
     spec = dataclasses.replace(spec, study_uid=old.study_uid, created_by=old.created_by)
-    storage.set_study_user_attr(study_id, SPEC_ATTR, spec.to_json())
+    store_spec_json(storage, study_id, spec.to_json())
     for key, value in glance_attrs(spec).items():  # budget, memory limit, pruner may have changed
         storage.set_study_user_attr(study_id, key, value)
     return InitResult(study_name, "updated", spec, changes)
