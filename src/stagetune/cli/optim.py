@@ -22,7 +22,7 @@ from stagetune.cli._common import (
 )
 from stagetune.optim.metrics import DEFAULT_METRIC, METRICS
 
-__all__ = ["add_parser", "run"]
+__all__ = ["add_parser", "run", "gpu_ids", "check_gpus_visible"]
 
 _FORMATS = ("ini", "json", "yaml")
 
@@ -189,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "from_study", None) is not None:
         _check_study_name(args.from_study, "--from-study")
     if args.optim_command == "run" and args.gpus is not None:
-        _gpu_ids(args.gpus)
+        gpu_ids(args.gpus)
         if args.objective == "train":  # the benchmark objectives never touch a GPU
             _check_gpus_device(args.gpus, args.device)
     from stagetune.optim.storage import default_study_name, warn_inline_password
@@ -428,7 +428,7 @@ def _run(args: argparse.Namespace, study_name: str) -> int:
 
         require_tensorboard()
     if args.gpus is not None and args.objective == "train":
-        _check_gpus_visible(args.gpus)
+        check_gpus_visible(args.gpus)
     if args.workers > 1 or args.gpus:
         return _run_pool(args, study_name)
     if args.objective == "train":  # quadratic and sleep workers never import torch
@@ -455,7 +455,7 @@ def _run(args: argparse.Namespace, study_name: str) -> int:
     return summary.exit_code()  # 130/143 when interrupted: `run && next-stage` stops
 
 
-def _gpu_ids(text: str) -> list[str]:
+def gpu_ids(text: str) -> list[str]:
     """``--gpus`` as a list of ids.
 
     Raises:
@@ -491,7 +491,7 @@ def _check_gpus_device(text: str, device: str | None, study_name: str | None = N
         )
 
 
-def _check_gpus_visible(text: str) -> None:
+def check_gpus_visible(text: str) -> None:
     """``--gpus`` on a node where torch sees no CUDA device would train on the CPU.
 
     ``torch.cuda.device_count`` asks NVML where it can: CUDA stays uninitialised
@@ -550,7 +550,7 @@ def _run_pool(args: argparse.Namespace, study_name: str) -> int:
     worker += ["--keep-models"] if args.keep_models else []
     worker += ["--quiet"] if args.quiet else []
     worker += ["--tensorboard", args.tensorboard] if args.tensorboard else []
-    gpus = _gpu_ids(args.gpus) if args.gpus is not None else []
+    gpus = gpu_ids(args.gpus) if args.gpus is not None else []
     # Imported once in the pool, shared by the forked workers (they never import more).
     preload = ["stagetune.optim.worker", *driver_modules(args.url)]
     if args.objective == "train":

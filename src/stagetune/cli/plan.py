@@ -56,10 +56,10 @@ def run(args: argparse.Namespace) -> int:
     if args.gpus is not None:
         # optim run --gpus's own checks, before any stage starts (each stage's optim run
         # warns when its workers share GPUs or leave some idle)
-        from stagetune.cli.optim import _check_gpus_visible, _gpu_ids
+        from stagetune.cli.optim import check_gpus_visible, gpu_ids
 
-        _gpu_ids(args.gpus)
-        _check_gpus_visible(args.gpus)
+        gpu_ids(args.gpus)
+        check_gpus_visible(args.gpus)
     from stagetune.plan.runner import run_plan
 
     return run_plan(plan, workers=args.workers, gpus=args.gpus, force=args.force,
