@@ -327,7 +327,8 @@ def check_loop(device: torch.device, corpus: Path) -> None:
     from stagetune.dataset import BucketBatchSampler, UtteranceDataset, collate
     from stagetune.epoch import train_one_epoch
     from stagetune.kaldi import load_data_dir
-    from stagetune.model import TASKS, build_model
+    from stagetune.model import build_model
+    from stagetune.tasks import TASKS
     from stagetune.normalize import fit_normalizer
     from stagetune.schedule import LearningRateSchedule
     from stagetune.training import make_optimizer

@@ -45,7 +45,8 @@ from stagetune.config import load_config
 from stagetune.dataset import Batch, BucketBatchSampler, UtteranceDataset, collate
 from stagetune.demo import make_demo_corpus
 from stagetune.kaldi import load_data_dir
-from stagetune.model import TASKS, AcousticModel, build_model
+from stagetune.model import AcousticModel, build_model
+from stagetune.tasks import TASKS
 from stagetune.normalize import fit_normalizer
 from stagetune.schedule import LearningRateSchedule
 from stagetune.training import make_optimizer, train_one_epoch

@@ -12,7 +12,8 @@ from fixtures_data import write_data_dir
 from stagetune.config import load_config
 from stagetune.corpus import load_corpus
 from stagetune.feasibility import InfeasibleStride, check_feasible, find_shortfall
-from stagetune.model import TASKS, build_model, output_lengths
+from stagetune.model import build_model, output_lengths
+from stagetune.tasks import TASKS
 
 TOKENS = ("A", "B", "C")
 

@@ -17,11 +17,10 @@ from stagetune.metrics import ErrorCounts, ctc_greedy_decode, edit_distance
 from stagetune.model import (
     NONLINEARITIES,
     RECURRENT_CELLS,
-    TASKS,
     AcousticModel,
     build_model,
-    subsample_labels,
 )
+from stagetune.tasks import TASKS, subsample_labels
 
 torch.set_num_threads(1)
 
@@ -451,6 +450,8 @@ def test_a_tiny_model_fits_a_tiny_batch(task_name: str) -> None:
     if task_name == "ctc":
         targets = torch.tensor([[1, 2, 3], [3, 1, -1], [2, -1, -1]])
         target_lens = torch.tensor([3, 2, 1])
+    elif task_name == "utt":  # one class per utterance
+        targets, target_lens = torch.tensor([[0], [3], [2]]), torch.ones(3, dtype=torch.long)
     else:
         targets, target_lens = torch.randint(0, 4, (3, 16)), lens
     optimizer = torch.optim.Adam(model.parameters(), lr=0.02)

@@ -20,7 +20,8 @@ from stagetune.corpus import load_corpus
 from stagetune.errors import DataError
 from stagetune.evaluate import evaluate_model
 from stagetune.kaldi import load_data_dir
-from stagetune.model import TASKS, build_model
+from stagetune.model import build_model
+from stagetune.tasks import TASKS
 from stagetune.normalize import (
     MODES,
     Normalizer,

@@ -9,17 +9,24 @@ the pool is covered in test_optim_preemption.py.
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import re
 import shutil
+import signal
+import threading
+import time
 from pathlib import Path
 
 import pytest
 from optim_helpers import assert_one_line_error, budget_spec_args, cli, create_study, trial_states
 
-from stagetune.cli import main
+from stagetune.cli.pool_child import serve
 from stagetune.optim.pool import run_pool
+from stagetune.optim.worker import WorkerOptions
 
 SLEEP = ["--objective", "sleep", "--sleep-seconds", "0.05", "--sampler", "random"]
+SLEEP_OPTIONS = WorkerOptions(objective="sleep", sleep_seconds=0.05, sampler="random")
 _START = re.compile(r"^\[w(?P<index>\d+)\] worker (?P<pid>\d+) on study (?P<study>\S+)")
 
 
@@ -86,13 +93,17 @@ def test_spawned_workers_where_fork_is_not_used(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'optim.db'}"
     create_study(url, "spawn", num_trials=4, **budget_spec_args(tmp_path))
     lines: list[str] = []
-    code = run_pool(
-        ["optim", "--study-name", "spawn", url, "run", *SLEEP], 2, main=main, seed=0, fork=False, out=lines.append
-    )
-    assert code == 0, lines
+    options = dataclasses.replace(SLEEP_OPTIONS, seed=0, ckpt_dir=tmp_path / "ckpt")
+    result = run_pool(url, "spawn", options, 2, serve=serve, fork=False, out=lines.append)
+    assert result.exit_code() == 0, lines
     assert sorted(_starts("\n".join(lines))) == [0, 1], lines
     assert lines[-1] == "2 workers done: 4 complete, 0 pruned, 0 fail, 0 handed back", lines
     assert trial_states(url, "spawn") == {"COMPLETE": 4}
+    # Each spawned worker's summary came back as data.
+    assert all(s is not None for s in result.summaries), lines
+    for index, summary in enumerate(result.summaries):
+        assert f"[w{index}] {summary.line()}" in lines, lines
+    assert sum(s.counts["COMPLETE"] for s in result.summaries if s) == 4, result
 
 
 def test_a_failing_worker_fails_the_pool_and_is_named(tmp_path: Path) -> None:
@@ -114,3 +125,58 @@ def test_run_on_a_missing_database_creates_nothing(workers: str, tmp_path: Path)
     done = cli(["optim", "sqlite:///nodir/optim.db", "run", *SLEEP, "--workers", workers], tmp_path)
     assert_one_line_error(done, "no study database", "nodir/optim.db")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_worker_options_survive_the_json_a_spawned_worker_gets() -> None:
+    import json
+
+    odd = Path(os.fsdecode(b"ckpt-\xff dir"))  # not UTF-8: as a file system may name it
+    options = dataclasses.replace(SLEEP_OPTIONS, ckpt_dir=odd, tensorboard=Path("tb"), seed=3, n_trials=2)
+    back = WorkerOptions.from_dict(json.loads(json.dumps(options.to_dict())))
+    assert back == options
+    assert isinstance(back.ckpt_dir, Path) and isinstance(back.tensorboard, Path)
+
+
+def test_the_pool_gets_each_workers_summary_as_data_and_none_from_a_killed_one(tmp_path: Path) -> None:
+    """The pool's totals are what each worker really did, sent as data: a worker killed
+    with SIGKILL sends nothing and fails the pool with 137, while the other finishes
+    the study (retrying the killed worker's trial once its heartbeat is stale)."""
+    from stagetune.optim.report import WORKER_ATTR
+    from optim_helpers import opened_study
+
+    url = f"sqlite:///{tmp_path / 'optim.db'}"
+    create_study(url, "kill", num_trials=8, **budget_spec_args(tmp_path))
+    options = dataclasses.replace(
+        SLEEP_OPTIONS, sleep_seconds=0.3, seed=5, heartbeat_interval=1, grace_period=2, ckpt_dir=tmp_path / "ckpt"
+    )
+    lines: list[str] = []
+
+    def kill_w1() -> None:
+        deadline = time.monotonic() + 60
+        while 1 not in _starts("\n".join(lines)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # into its trials
+        os.kill(int(_START.match(_starts("\n".join(lines))[1])["pid"]), signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_w1, daemon=True)
+    killer.start()
+    result = run_pool(url, "kill", options, 2, serve=serve, out=lines.append)
+    killer.join()
+    log = "\n".join(lines)
+    assert result.codes == [0, 128 + signal.SIGKILL], log
+    assert result.summaries[1] is None, log
+    w0 = result.summaries[0]
+    assert w0 is not None and w0.stop_reason == "budget of 8 trials met", log
+    # Worker 0's counts and best are its trials in the database (its seed too: seed + 0).
+    pid0 = _START.match(_starts(log)[0])["pid"]
+    with opened_study(url, "kill") as study:
+        mine = [t for t in study.get_trials() if t.user_attrs.get(WORKER_ATTR, "").endswith(f":{pid0}")]
+        complete = [t for t in mine if t.state.name == "COMPLETE"]
+        assert w0.counts["COMPLETE"] == len(complete) > 0, log
+        best = min(complete, key=lambda t: t.value)
+        assert w0.best == (best.number, best.value)
+        assert sum(t.state.name == "COMPLETE" for t in study.get_trials()) == 8
+    assert lines[-1] == (
+        f"2 workers done: {len(complete)} complete, 0 pruned, 0 fail, 0 handed back; workers w1 (exit 137) failed"
+    ), log
+    assert result.exit_code() == 137

@@ -590,7 +590,8 @@ def test_diverging_training_is_a_one_line_error_and_saves_nothing(
 @pytest.mark.parametrize("task_name", ["ctc", "frame"])
 def test_dev_loss_is_per_unit_whatever_the_batching(task_name: str) -> None:
     from stagetune.dataset import collate
-    from stagetune.model import TASKS, build_model
+    from stagetune.model import build_model
+    from stagetune.tasks import TASKS
     from stagetune.training import validate
 
     torch.manual_seed(0)
@@ -606,12 +607,12 @@ def test_dev_loss_is_per_unit_whatever_the_batching(task_name: str) -> None:
         items.append((feats, targets, f"u{i}"))
     padded = [collate(items[:3]), collate(items[3:])]
     alone = [collate([item]) for item in items]
-    counts, dev_loss = validate(model, padded, task_name, torch.device("cpu"))
-    alone_counts, alone_loss = validate(model, alone, task_name, torch.device("cpu"))
+    counts, dev_loss = validate(model, padded, TASKS[task_name], torch.device("cpu"))
+    alone_counts, alone_loss = validate(model, alone, TASKS[task_name], torch.device("cpu"))
     assert counts == alone_counts
     assert dev_loss == pytest.approx(alone_loss, rel=1e-5)
     assert not model.training  # dropout off: validation is deterministic
-    assert validate(model, padded, task_name, torch.device("cpu"))[1] == dev_loss
+    assert validate(model, padded, TASKS[task_name], torch.device("cpu"))[1] == dev_loss
     if task_name == "ctc":
         # CTC summed over utterances over the number of target tokens; not the batch
         # mean of per-utterance means that training's loss uses.

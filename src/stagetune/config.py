@@ -47,12 +47,16 @@ __all__ = [
     "active",
 ]
 
-#: Output heads (see :mod:`stagetune.model`).
-TASKS = ("ctc", "frame")
+#: Tasks (see :mod:`stagetune.tasks`).
+TASKS = ("ctc", "frame", "utt")
+#: ``model.pooling`` values (task ``utt``; see :mod:`stagetune.tasks.utterance`).
+POOLINGS = ("mean", "max", "meanstd", "attentive")
 #: Nonlinearities of the convolutional front-end (see :mod:`stagetune.model`).
 NONLINEARITIES = ("relu", "gelu", "tanh", "sigmoid")
 #: Recurrent cell types (see :mod:`stagetune.model`).
 RECURRENT_TYPES = ("lstm", "gru", "rnn")
+#: ``model.bidirectional_mode`` values.
+BIDIRECTIONAL_MODES = ("layer", "stack")
 #: ``model.frame_norm`` values.
 FRAME_NORMS = ("none", "layer")
 #: Optimizers (see :mod:`stagetune.training`).
@@ -62,6 +66,7 @@ NORMALIZATIONS = ("auto", "none", "global", "speaker", "utterance")
 
 _CONV_ON = When("model.convolutional_layers", ">", 0)
 _RNN_ON = When("model.recurrent_layers", ">", 0)
+_UTT = When("model.task", "==", "utt")
 
 
 @dataclass
@@ -70,8 +75,9 @@ class ModelConfig:
 
     task: str = param(
         "ctc",
-        "Output head: 'ctc' (token sequences from text, CTC loss) or 'frame' "
-        "(one class per frame from utt2label, cross-entropy).",
+        "What the model outputs: 'ctc' (token sequences from text, CTC loss), 'frame' "
+        "(one class per frame from utt2label, cross-entropy) or 'utt' (one class per "
+        "utterance from utt2class, pooled over time).",
         choices=TASKS,
     )
     convolutional_layers: int = param(
@@ -183,6 +189,33 @@ class ModelConfig:
         search=Space(),
         when=_RNN_ON,
     )
+    bidirectional_mode: str = param(
+        "layer",
+        "How a bidirectional recurrent stack is built: 'layer' (every layer reads both "
+        "directions of the layer below) or 'stack' (a deep forward stack and a separate deep "
+        "backward stack of recurrent_layers each, merged at the top).",
+        choices=BIDIRECTIONAL_MODES,
+        search=Space(choices=BIDIRECTIONAL_MODES),
+        when=(_RNN_ON, When("model.recurrent_bidirectional", "==", True)),
+    )
+    pooling: str = param(
+        "meanstd",
+        "Task 'utt': how frames are pooled into one vector per utterance: 'mean', 'max', "
+        "'meanstd' (mean and standard deviation) or 'attentive' (attention-weighted "
+        "mean and standard deviation).",
+        choices=POOLINGS,
+        search=Space(choices=POOLINGS),
+        when=_UTT,
+    )
+    embedding_size: int = param(
+        128,
+        "Task 'utt': units of the utterance embedding between pooling and the classes "
+        "(what `stagetune extract` writes).",
+        min=1,
+        max=8192,
+        search=Space(32, 512, log=True),
+        when=_UTT,
+    )
 
 
 @dataclass
@@ -221,6 +254,24 @@ class TrainingConfig:
         min=0.0,
         max=1.0,
         search=Space(1e-6, 1e-2, log=True),
+    )
+    margin: float = param(
+        0.0,
+        "Task 'utt': additive angular margin (radians) of the target class; 0 = a linear "
+        "output layer and plain cross-entropy, > 0 = cosine scores and the angular margin "
+        "softmax (ArcFace; 0.2 is common for speaker embeddings).",
+        min=0.0,
+        max=1.0,
+        search=Space(0.0, 0.4),
+        when=_UTT,
+    )
+    margin_scale: float = param(
+        30.0,
+        "Task 'utt' with margin > 0: scale of the cosine scores.",
+        min=1.0,
+        max=100.0,
+        search=Space(10.0, 64.0, log=True),
+        when=When("training.margin", ">", 0.0),
     )
     clip_grad_norm: float = param(
         5.0,
@@ -381,6 +432,14 @@ class DataConfig:
         choices=NORMALIZATIONS,
     )
     drop_last: bool = param(False, "Drop the last incomplete batch of each epoch.")
+    subset: float = param(
+        0.0,
+        "A debug subset: train and validate on only this many utterances of each of the "
+        "training and dev sets (a number >= 1), or this fraction of each (below 1); 0 = "
+        "all. Chosen by a hash of the utterance ids, so the same ids every time, and "
+        "nested: a larger subset holds every utterance of a smaller one.",
+        min=0.0,
+    )
 
     def batch_size_for(self, num_utterances: int) -> int:
         """The batch size training uses on ``num_utterances`` training utterances.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -13,7 +13,7 @@ import numpy as np
 from stagetune.errors import DataError, UsageError
 from stagetune.kaldi import DataDir, load_data_dir
 
-__all__ = ["Corpus", "load_corpus", "split_dev", "check_targets"]
+__all__ = ["Corpus", "load_corpus", "split_dev", "check_targets", "subset_corpus"]
 
 
 def _unit_hash(utt_id: str) -> float:
@@ -53,6 +53,27 @@ def split_dev(utt_ids: Sequence[str], proportion: float) -> tuple[list[str], lis
     return train, dev
 
 
+def _subset(utt_ids: Sequence[str], size: float) -> list[str]:
+    """The ``size`` (a count >= 1, or a fraction below 1) ids of smallest hash, in their order."""
+    keep = max(1, round(size * len(utt_ids))) if size < 1 else min(len(utt_ids), int(size))
+    chosen = set(sorted(utt_ids, key=_unit_hash)[:keep])
+    return [u for u in utt_ids if u in chosen]
+
+
+def subset_corpus(corpus: Corpus, size: float) -> Corpus:
+    """``corpus`` cut to a debug subset (``data.subset``); 0 keeps everything.
+
+    ``size`` >= 1 keeps that many training and that many dev utterances, a size
+    below 1 that fraction of each (at least one), chosen by the hash of their ids:
+    the same utterances every run, and a larger subset holds a smaller one.
+    """
+    if not size:
+        return corpus
+    return Corpus(
+        corpus.train, _subset(corpus.train_ids, size), corpus.dev, _subset(corpus.dev_ids, size), corpus.extra_dev
+    )
+
+
 @dataclass
 class Corpus:
     """What training reads: utterances of a train and a dev :class:`DataDir`."""
@@ -61,6 +82,9 @@ class Corpus:
     train_ids: list[str]
     dev: DataDir
     dev_ids: list[str]
+    #: More dev sets, by name: scored every epoch beside ``dev``, which alone drives
+    #: model selection, the learning-rate schedule, early stopping and pruning.
+    extra_dev: dict[str, DataDir] = field(default_factory=dict)
 
     @property
     def feat_dim(self) -> int:
@@ -69,7 +93,9 @@ class Corpus:
 
     @property
     def token_symbols(self) -> list[str]:
-        """Output symbols by id (CTC tokens with blank 0, or frame classes)."""
+        """Output symbols by id (CTC tokens with blank 0, utterance classes, or frame classes)."""
+        if self.train.classes is not None:
+            return list(self.train.classes)
         if self.train.tokens is not None:
             return list(self.train.tokens.symbols)
         num_classes = 1 + max(int(lab.max()) for lab in self.train.labels.values())
@@ -89,6 +115,7 @@ def load_corpus(
     dev_proportion: float | None = None,
     task: str = "ctc",
     warn: Callable[[str], None] | None = None,
+    extra_dev: Sequence[str | Path] = (),
 ) -> Corpus:
     """Load and validate the training data and its dev data.
 
@@ -97,9 +124,11 @@ def load_corpus(
         dev_dir: Separate dev dir (tokens come from ``train_dir``).
         dev_proportion: Otherwise, hold out this proportion of ``train_dir``,
             chosen deterministically by utterance id.
-        task: ``"ctc"`` or ``"frame"``.
+        task: ``"ctc"``, ``"frame"`` or ``"utt"``.
         warn: Receives warnings about the data (dev targets training never
             shows), without the ``stagetune: warning:`` prefix; default stderr.
+        extra_dev: More dev dirs, scored every epoch but never driving selection
+            (:attr:`Corpus.extra_dev`, named by :func:`extra_dev_names`).
 
     Raises:
         DataError: When a data dir is malformed, every dev or every training
@@ -112,7 +141,7 @@ def load_corpus(
         raise UsageError("give a dev dir or --dev-proportion, not both")
     train = load_data_dir(train_dir, task=task)
     if dev_dir is not None:
-        dev = load_data_dir(dev_dir, task=task, tokens=train.tokens)
+        dev = load_data_dir(dev_dir, task=task, tokens=train.tokens, classes=train.classes)
         if dev.feat_dim != train.feat_dim:
             raise UsageError(
                 f"{dev_dir}: features have dimension {dev.feat_dim} but {train_dir} has "
@@ -123,7 +152,33 @@ def load_corpus(
         train_ids, dev_ids = split_dev(train.utt_ids, 0.1 if dev_proportion is None else dev_proportion)
         corpus = _with_dev_targets(Corpus(train, train_ids, train, dev_ids), f"the dev split of {train_dir}")
     check_targets(corpus, warn or _warn_to_stderr)
+    for name, path in extra_dev_names(extra_dev).items():
+        extra = load_data_dir(path, task=task, tokens=train.tokens, classes=train.classes)
+        if extra.feat_dim != train.feat_dim:
+            raise UsageError(
+                f"{path}: features have dimension {extra.feat_dim} but {train_dir} has "
+                f"{train.feat_dim}; compute both with the same `stagetune prep` options"
+            )
+        corpus.extra_dev[name] = extra
     return corpus
+
+
+def extra_dev_names(paths: Sequence[str | Path]) -> dict[str, Path]:
+    """A name per extra dev dir (its last path component; more of the path where two agree).
+
+    Raises:
+        UsageError: The same dir is given twice.
+    """
+    paths = [Path(p) for p in paths]
+    resolved = [p.resolve() for p in paths]
+    if len(set(resolved)) != len(resolved):
+        raise UsageError(f"--extra-dev names the same dir twice: {', '.join(map(str, paths))}")
+    depth = 1
+    while True:
+        names = ["/".join(p.resolve().parts[-depth:]) for p in paths]
+        if len(set(names)) == len(names):
+            return dict(zip(names, paths))
+        depth += 1
 
 
 def _warn_to_stderr(message: str) -> None:

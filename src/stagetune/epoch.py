@@ -13,11 +13,12 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from stagetune.augment import augment_batch, augmentation_enabled
 from stagetune.config import Config
 from stagetune.metrics import ErrorCounts
-from stagetune.model import TASKS, AcousticModel
+from stagetune.model import AcousticModel
+from stagetune.tasks import Task, task_of
 from stagetune.schedule import LearningRateSchedule
+from stagetune.step import train_step
 
 __all__ = ["EpochStopped", "train_one_epoch", "decode_batches", "validate"]
 
@@ -63,39 +64,19 @@ def train_one_epoch(
     mid-epoch, so it adds up in the same order as an uninterrupted epoch).
     Raises ``EpochStopped`` between batches when ``should_stop()`` turns true.
     """
-    task = TASKS[config.model.task]
+    task = task_of(config)
     t = config.training
     model.train()
-    augment = augmentation_enabled(t)
-    use_amp = scaler is not None
     loss_sum = torch.full((), start_loss_sum, device=device)
     frames = 0
     for index, batch in enumerate(loader, start=first_batch):
         seed = _batch_seed(t.seed, epoch, index)
         torch.manual_seed(seed)
         batch = batch.to(device)
-        feats = batch.feats
-        if augment:
-            gen = torch.Generator().manual_seed(seed)
-            feats = augment_batch(feats, batch.feat_lens, t, gen)
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, enabled=use_amp):
-            logits, out_lens = model(feats, batch.feat_lens)
-            loss = task.loss(
-                logits, out_lens, batch.targets, batch.target_lens, time_stride=model.time_stride
-            )
-        if use_amp:
-            scaler.scale(loss).backward()
-            if t.clip_grad_norm > 0:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            if t.clip_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad_norm)
-            optimizer.step()
+        loss = train_step(
+            model, optimizer, task, batch.feats, batch.feat_lens, batch.targets, batch.target_lens, t,
+            scaler=scaler, generator=torch.Generator().manual_seed(seed),
+        )
         if schedule is not None:
             schedule.step()
         loss_sum += loss.detach()
@@ -110,7 +91,7 @@ def train_one_epoch(
 def decode_batches(
     model: AcousticModel,
     batches: Iterable[Any],
-    task_name: str,
+    task: Task,
     device: torch.device,
     decode: Callable[[Tensor, Tensor], list[list[int]]] | None = None,
     observe: Callable[[Any, Tensor, Tensor], None] | None = None,
@@ -125,7 +106,6 @@ def decode_batches(
     Validation during training and ``stagetune evaluate`` both decode and score
     through here, so their figures agree.
     """
-    task = TASKS[task_name]
     decode = decode or task.decode
     model.eval()
     for batch in batches:
@@ -139,7 +119,7 @@ def decode_batches(
 
 @torch.no_grad()
 def validate(
-    model: AcousticModel, loader: Any, task_name: str, device: torch.device
+    model: AcousticModel, loader: Any, task: Task, device: torch.device
 ) -> tuple[ErrorCounts, float]:
     """Decode ``loader`` greedily, count errors and compute the loss per unit.
 
@@ -149,7 +129,6 @@ def validate(
         (:meth:`Task.summed_loss`: target tokens for CTC, labelled output
         frames for the frame task), so padding and batching do not change it.
     """
-    task = TASKS[task_name]
     counts = ErrorCounts()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     units = 0
@@ -162,6 +141,6 @@ def validate(
         loss_sum += loss.double()
         units += n
 
-    for _, hyps, refs in decode_batches(model, loader, task_name, device, observe=add_loss):
+    for _, hyps, refs in decode_batches(model, loader, task, device, observe=add_loss):
         counts += task.errors(refs, hyps)
     return counts, float(loss_sum) / max(units, 1)

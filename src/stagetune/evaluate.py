@@ -4,19 +4,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Iterator
 
 import torch
 
 from stagetune.checkpoint import load_model_file
 from stagetune.errors import DataError, UsageError
-from stagetune.dataset import BucketBatchSampler, UtteranceDataset, collate
-from stagetune.kaldi import TokenTable, load_data_dir
+from stagetune.dataset import Batch, BucketBatchSampler, UtteranceDataset, collate
+from stagetune.kaldi import DataDir, TokenTable, load_data_dir
 from stagetune.metrics import ErrorCounts, ctc_prefix_beam_search
-from stagetune.model import TASKS, build_model
+from stagetune.model import AcousticModel, build_model
+from stagetune.tasks import Task, task_of
 from stagetune.normalize import stored_normalizer
 from stagetune.training import decode_batches
 
-__all__ = ["Evaluation", "evaluate_model"]
+__all__ = ["Evaluation", "Inference", "evaluate_model", "load_inference"]
 
 
 @dataclass
@@ -26,39 +28,46 @@ class Evaluation:
     counts: ErrorCounts
     hypotheses: dict[str, list[str]]
     task: str
+    #: The task's name of the error rate (TER, FER, UER).
+    error_name: str = "TER"
 
     def text(self) -> str:
         """Hypotheses in Kaldi ``text`` format, sorted by utterance id."""
         return "".join(f"{u} {' '.join(h)}".rstrip() + "\n" for u, h in sorted(self.hypotheses.items()))
 
 
-@torch.no_grad()
-def evaluate_model(
-    model_path: str | Path,
-    data_dir: str | Path,
-    *,
-    device: torch.device,
-    beam_width: int = 0,
-    batch_size: int = 32,
-) -> Evaluation:
-    """Score ``model_path`` on ``data_dir``.
+@dataclass
+class Inference:
+    """A trained model ready to run on a data dir, features normalised as in training."""
+
+    model_file: Any
+    task: Task
+    model: AcousticModel
+    data: DataDir
+    dataset: UtteranceDataset
+
+    def batches(self, batch_size: int) -> Iterator[Batch]:
+        """The data dir's utterances in batches of similar length."""
+        for indices in BucketBatchSampler(self.dataset.lengths, batch_size, shuffle=False):
+            yield collate([self.dataset[i] for i in indices])
+
+
+def load_inference(
+    model_path: str | Path, data_dir: str | Path, device: torch.device, *, targets: bool = True
+) -> Inference:
+    """Load ``model_path`` (in eval mode, on ``device``) and ``data_dir``, with its references
+    unless ``targets`` is False (features only).
 
     Features are normalised as in training: with the global statistics stored in
     the model file (never recomputed on ``data_dir``), the speaker statistics of
     ``data_dir``'s own ``cmvn.scp``, per utterance, or not at all.
-
-    Args:
-        model_path: A ``model.pt`` written by ``stagetune train``.
-        data_dir: Kaldi data dir with features and references.
-        device: Torch device.
-        beam_width: CTC prefix beam search width; 0 or 1 decodes greedily.
-        batch_size: Utterances per decoding batch.
     """
     mf = load_model_file(model_path)
     task_name = mf.config.model.task
-    task = TASKS[task_name]
+    task = task_of(mf.config)
     tokens = TokenTable(mf.tokens) if task_name == "ctc" else None
-    data = load_data_dir(data_dir, task=task_name, tokens=tokens)
+    classes = mf.tokens if task_name == "utt" else None
+    data = load_data_dir(data_dir, task=task_name, tokens=tokens, classes=classes, targets=targets)
     if data.feat_dim != mf.feat_dim:
         raise UsageError(
             f"{data_dir}: features have dimension {data.feat_dim}, the model expects "
@@ -75,11 +84,36 @@ def evaluate_model(
             f"{data.path / 'cmvn.scp'} is missing; {model_path} was trained with per-speaker "
             "normalisation: compute it (`stagetune prep`, or Kaldi steps/compute_cmvn_stats.sh)"
         )
+    model.eval()
     dataset = UtteranceDataset(data, data.utt_ids, normalizer=normalizer)
-    batches = (
-        collate([dataset[i] for i in indices])
-        for indices in BucketBatchSampler(dataset.lengths, batch_size, shuffle=False)
-    )
+    return Inference(mf, task, model, data, dataset)
+
+
+
+@torch.no_grad()
+def evaluate_model(
+    model_path: str | Path,
+    data_dir: str | Path,
+    *,
+    device: torch.device,
+    beam_width: int = 0,
+    batch_size: int = 32,
+) -> Evaluation:
+    """Score ``model_path`` on ``data_dir``.
+
+    Features are normalised as in training (:func:`load_inference`).
+
+    Args:
+        model_path: A ``model.pt`` written by ``stagetune train``.
+        data_dir: Kaldi data dir with features and references.
+        device: Torch device.
+        beam_width: CTC prefix beam search width; 0 or 1 decodes greedily.
+        batch_size: Utterances per decoding batch.
+    """
+    loaded = load_inference(model_path, data_dir, device)
+    mf, task, model, task_name = loaded.model_file, loaded.task, loaded.model, loaded.model_file.config.model.task
+    symbolic = task_name in ("ctc", "utt")  # hypotheses as tokens or class names, not ids
+    batches = loaded.batches(batch_size)
 
     def beam_search(logits: torch.Tensor, out_lens: torch.Tensor) -> list[list[int]]:
         log_probs = logits.float().log_softmax(-1).cpu().numpy()
@@ -91,8 +125,8 @@ def evaluate_model(
     decode = beam_search if task_name == "ctc" and beam_width > 1 else None
     counts = ErrorCounts()
     hypotheses: dict[str, list[str]] = {}
-    for batch, hyps, refs in decode_batches(model, batches, task_name, device, decode):
+    for batch, hyps, refs in decode_batches(model, batches, task, device, decode):
         counts += task.errors(refs, hyps)
         for utt, hyp in zip(batch.utt_ids, hyps):
-            hypotheses[utt] = [mf.tokens[i] for i in hyp] if tokens is not None else [str(i) for i in hyp]
-    return Evaluation(counts=counts, hypotheses=hypotheses, task=task_name)
+            hypotheses[utt] = [mf.tokens[i] for i in hyp] if symbolic else [str(i) for i in hyp]
+    return Evaluation(counts=counts, hypotheses=hypotheses, task=task_name, error_name=task.error_name)

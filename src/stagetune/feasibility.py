@@ -21,7 +21,8 @@ import numpy as np
 from stagetune.config import Config
 from stagetune.corpus import Corpus
 from stagetune.errors import ConfigError
-from stagetune.model import TASKS, output_lengths, time_geometry
+from stagetune.model import output_lengths, time_geometry
+from stagetune.tasks import task_of
 
 __all__ = ["Shortfall", "InfeasibleStride", "find_shortfall", "check_feasible"]
 
@@ -67,7 +68,7 @@ class InfeasibleStride(ConfigError):
 
 def find_shortfall(config: Config, corpus: Corpus) -> Shortfall | None:
     """The utterances ``config``'s model leaves short of output frames, or None."""
-    task = TASKS[config.model.task]
+    task = task_of(config)
     affected: dict[str, int] = {}
     totals: dict[str, int] = {}
     worst: tuple[int, tuple[str, str, int, int, int, int]] | None = None

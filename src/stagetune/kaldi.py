@@ -50,7 +50,7 @@ from stagetune.tokens import BLANK, TokenTable  # re-exported: part of __all__
 
 __all__ = ["BLANK", "TASKS", "TokenTable", "DataDir", "load_data_dir"]
 
-TASKS = ("ctc", "frame")
+TASKS = ("ctc", "frame", "utt")
 """Supported target kinds: token sequences (CTC) or one label per frame."""
 
 _VAR_FLOOR = 1e-10
@@ -71,7 +71,9 @@ class DataDir:
         parts: Utterance ids per scp part; ``[utt_ids]`` when not partitioned.
         text: Transcripts (task ``ctc``), else None.
         tokens: Token table (task ``ctc``), else None.
-        labels: Frame labels, int64 of shape (T,) (task ``frame``), else None.
+        labels: Frame labels, int64 of shape (T,) (task ``frame``), or the class id,
+            int64 of shape (1,) (task ``utt``), else None.
+        classes: Class names by id (task ``utt``), else None.
         utt2spk: Speaker per utterance, when ``utt2spk`` exists.
         cmvn: Speaker (or utterance, without ``utt2spk``) -> (mean, std), float32 (F,).
     """
@@ -85,8 +87,11 @@ class DataDir:
     text: dict[str, list[str]] | None = None
     tokens: TokenTable | None = None
     labels: dict[str, np.ndarray] | None = None
+    classes: list[str] | None = None
     utt2spk: dict[str, str] | None = None
     cmvn: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
+    #: False when loaded without targets (features only, e.g. for ``stagetune extract``).
+    has_targets: bool = True
     _token_ids: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     @property
@@ -114,7 +119,10 @@ class DataDir:
         return self.cmvn[self.utt2spk[utt_id] if self.utt2spk else utt_id]
 
     def targets(self, utt_id: str) -> np.ndarray:
-        """Token ids, int64 (U,), for ``ctc``; frame labels, int64 (T,), for ``frame``."""
+        """Token ids, int64 (U,), for ``ctc``; frame labels, int64 (T,), for ``frame``;
+        the class id, int64 (1,), for ``utt``; empty when loaded without targets."""
+        if not self.has_targets:
+            return np.zeros(0, dtype=np.int64)
         if self.labels is not None:
             return self.labels[utt_id]
         return self._token_ids[utt_id]
@@ -204,6 +212,38 @@ def _read_labels(
     return labels, lines
 
 
+def _read_classes(
+    data_dir: Path, utt_ids: list[str], where: dict[str, Line], classes: Sequence[str] | None
+) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Class id per utterance from ``utt2class``; the classes are the file's (sorted) or ``classes``."""
+    path = data_dir / "utt2class"
+    if not path.is_file():
+        raise DataError(
+            f"{path} is missing; task 'utt' needs one `UTT CLASS` line per utterance "
+            "(for speaker identification: cp utt2spk utt2class)"
+        )
+    entries = read_keyed(path, "UTT CLASS")
+    for utt, (lineno, values) in entries.items():
+        if len(values) != 1:
+            raise DataError(
+                f"{path} line {lineno}: expected `UTT CLASS`, got {len(values)} classes for {utt!r}; "
+                "give exactly one class per utterance"
+            )
+    _require_covered(utt_ids, where, entries, path, "class")
+    if classes is None:
+        classes = sorted({values[0] for _, values in entries.values()})
+    ids = {name: i for i, name in enumerate(classes)}
+    labels = {}
+    for utt, (lineno, (name,)) in entries.items():
+        if name not in ids:
+            raise DataError(
+                f"{path} line {lineno}: utterance {utt!r} has class {name!r}, not one of the "
+                f"{len(classes)} classes the model was trained on; remove it or train on data with it"
+            )
+        labels[utt] = np.array([ids[name]], dtype=np.int64)
+    return labels, list(classes)
+
+
 def _read_cmvn(
     data_dir: Path, feat_dim: int, utt_ids: list[str], where: dict[str, Line],
     utt2spk: dict[str, str] | None, spk_lines: dict[str, int],
@@ -277,7 +317,9 @@ def load_data_dir(
     *,
     task: str = "ctc",
     tokens: TokenTable | None = None,
+    classes: Sequence[str] | None = None,
     check: bool = True,
+    targets: bool = True,
 ) -> DataDir:
     """Load a Kaldi data directory, validating it before any training starts.
 
@@ -287,9 +329,13 @@ def load_data_dir(
 
     Args:
         path: The data directory.
-        task: ``"ctc"`` (``text`` + ``tokens.txt``) or ``"frame"`` (``utt2label``).
+        task: ``"ctc"`` (``text`` + ``tokens.txt``), ``"frame"`` (``utt2label``) or
+            ``"utt"`` (``utt2class``).
         tokens: Token table to use instead of ``tokens.txt`` (e.g. the training one
             when loading dev/test data).
+        classes: Class names by id (task ``utt``) instead of those ``utt2class`` lists
+            (the training classes, when loading dev/test data).
+        targets: False reads features (and speakers, CMVN) only, no label files.
         check: Also read every feature matrix once, checking values are finite,
             dims agree and ``utt2num_frames`` is right. With ``check=False`` the
             matrices are read only when there is no ``utt2num_frames``.
@@ -315,8 +361,13 @@ def load_data_dir(
     utt_ids = sorted(specs)
 
     text = labels = token_ids = None
-    if task == "ctc":
+    if not targets:
+        tokens = None
+    elif task == "ctc":
         text, tokens, token_ids = _read_ctc_targets(data_dir, utt_ids, where, tokens)
+    elif task == "utt":
+        tokens = None
+        labels, classes = _read_classes(data_dir, utt_ids, where, classes)
     else:
         tokens = None
         labels, label_lines = _read_labels(data_dir, utt_ids, where)
@@ -336,7 +387,7 @@ def load_data_dir(
     else:
         feat_dim = load_matrix(specs[utt_ids[0]], line_of(where[utt_ids[0]])).shape[1]
 
-    if labels is not None:
+    if labels is not None and task == "frame":
         for utt in utt_ids:
             if len(labels[utt]) != num_frames[utt]:
                 raise DataError(
@@ -352,5 +403,6 @@ def load_data_dir(
     return DataDir(
         path=data_dir, utt_ids=utt_ids, feat_dim=feat_dim, num_frames=num_frames,
         feat_paths=specs, parts=parts, text=text, tokens=tokens, labels=labels,
+        classes=classes if task == "utt" and targets else None, has_targets=targets,
         utt2spk=utt2spk, cmvn=cmvn, _token_ids=token_ids or {},
     )

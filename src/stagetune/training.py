@@ -42,14 +42,15 @@ from stagetune.checkpoint import (
     versions,
 )
 from stagetune.config import Config, to_dict, write_ini
-from stagetune.corpus import Corpus
+from stagetune.corpus import Corpus, subset_corpus
 from stagetune.dataset import BucketBatchSampler, UtteranceDataset, collate
 from stagetune.epoch import EpochStopped, decode_batches, train_one_epoch, validate
 from stagetune.errors import StagetuneError, TrainingInterrupted, TrialLost, UsageError
 from stagetune.failures import is_non_finite_loss
 from stagetune.feasibility import check_feasible
 from stagetune.metrics import ErrorCounts
-from stagetune.model import TASKS, AcousticModel, build_model
+from stagetune.model import AcousticModel, build_model
+from stagetune.tasks import task_of
 from stagetune.model_dir import (
     BEST_NAME,
     CHECKPOINT_NAME,
@@ -102,9 +103,14 @@ class EpochResult:
     padding_fraction: float
     best: bool
     dev_counts: ErrorCounts = field(repr=False, default_factory=ErrorCounts)
+    #: Each extra dev set's ``(error, loss)`` (:attr:`Corpus.extra_dev`).
+    extra_dev: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     def row(self) -> dict[str, Any]:
-        """The ``history.csv`` row."""
+        """The ``history.csv`` row (extra dev sets as ``dev_error:NAME`` and ``dev_loss:NAME``)."""
+        extra = {}
+        for name, (error, loss) in self.extra_dev.items():
+            extra[f"dev_error:{name}"], extra[f"dev_loss:{name}"] = f"{error:.6g}", f"{loss:.6g}"
         return {
             "epoch": self.epoch,
             "train_loss": f"{self.train_loss:.6g}",
@@ -114,6 +120,7 @@ class EpochResult:
             "seconds": f"{self.seconds:.3f}",
             "frames_per_second": f"{self.frames_per_second:.1f}",
             "padding_fraction": f"{self.padding_fraction:.4f}",
+            **extra,
         }
 
 
@@ -307,8 +314,15 @@ def fit(
     model_dir = Path(model_dir)
     check_model_dir(model_dir)
     t = config.training
-    task = TASKS[config.model.task]
-    symbols = corpus.token_symbols
+    task = task_of(config)
+    symbols = corpus.token_symbols  # of the whole training set: a subset's model reads every dir
+    if config.data.subset:
+        full = (len(corpus.train_ids), len(corpus.dev_ids))
+        corpus = subset_corpus(corpus, config.data.subset)
+        log(
+            f"debug subset (data.subset = {config.data.subset:g}): {len(corpus.train_ids)} of {full[0]} "
+            f"training and {len(corpus.dev_ids)} of {full[1]} dev utterances"
+        )
     torch.manual_seed(t.seed)
     model = build_model(config, corpus.feat_dim, task.num_outputs(len(symbols))).to(device)
     optimizer = make_optimizer(model, config)
@@ -388,6 +402,11 @@ def fit(
     )
     dev_sampler = BucketBatchSampler(dev_set.lengths, config.data.batch_size, shuffle=False)
     dev_loader = _loader(dev_set, list(dev_sampler), num_workers, device)
+    extra_loaders = {}
+    for name, data in corpus.extra_dev.items():
+        extra_set = UtteranceDataset(data, data.utt_ids, normalizer=normalizer)
+        extra_batches = list(BucketBatchSampler(extra_set.lengths, config.data.batch_size, shuffle=False))
+        extra_loaders[name] = _loader(extra_set, extra_batches, num_workers, device)
 
     def checkpoint() -> None:
         atomic_save(
@@ -464,7 +483,11 @@ def fit(
                     f"training loss became {loss_sum} in epoch {epoch}; lower "
                     f"training.learning_rate or set training.clip_grad_norm"
                 )
-            counts, dev_loss = validate(model, dev_loader, config.model.task, device)
+            counts, dev_loss = validate(model, dev_loader, task, device)
+            extra_dev = {}
+            for name, loader in extra_loaders.items():
+                extra_counts, extra_loss = validate(model, loader, task, device)
+                extra_dev[name] = (extra_counts.rate, extra_loss)
             _check_owner(still_owner, model_dir)
             seconds = time.perf_counter() - started
             dev_error = counts.rate
@@ -493,6 +516,7 @@ def fit(
                 padding_fraction=sampler.padding_fraction(),
                 best=best,
                 dev_counts=counts,
+                extra_dev=extra_dev,
             )
             state["history"].append(result.row())
             state["epoch"], state["batch"], state["loss_sum"] = epoch, 0, 0.0
@@ -500,7 +524,8 @@ def fit(
             log(
                 f"epoch {epoch}/{t.num_epochs}: train loss {result.train_loss:.4f}, "
                 f"dev error {dev_error:.2%}{' (best)' if best else ''}, dev loss {dev_loss:.4f}, "
-                f"lr {lr:.3g}, {seconds:.1f} s"
+                + "".join(f"{name} error {error:.2%}, " for name, (error, _) in extra_dev.items())
+                + f"lr {lr:.3g}, {seconds:.1f} s"
             )
             checkpoint()
             for callback in callbacks:

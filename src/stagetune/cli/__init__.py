@@ -11,16 +11,16 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from typing import NoReturn, Sequence
+from typing import Callable, NoReturn, Sequence
 
 from stagetune import __version__
 from stagetune.cli._common import add_global_options, merge_late_global_options
 from stagetune.errors import StagetuneError, UsageError
 
-__all__ = ["main", "build_parser", "COMMAND_MODULES"]
+__all__ = ["main", "run_command", "build_parser", "COMMAND_MODULES"]
 
 #: Sub-command modules, in the order ``--help`` lists them.
-COMMAND_MODULES = ("prep", "train", "evaluate", "optim", "plan", "demo", "fsdd", "packaged")
+COMMAND_MODULES = ("prep", "train", "evaluate", "extract", "optim", "plan", "demo", "fsdd", "packaged")
 
 #: The commands that read ``--read-ini``/``--set``; anywhere else they would do nothing.
 _CONFIG_READERS = {
@@ -76,7 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     merge_late_global_options(args)
-    try:
+
+    def command() -> int:
         if args.print_ini:
             from stagetune.config import load_config, write_ini
 
@@ -87,6 +88,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         _refuse_unread_config(args)
         return int(args.func(args) or 0)
+
+    return run_command(command)
+
+
+def run_command(command: Callable[[], int | None]) -> int:
+    """Run ``command`` as the CLI runs one: its exit code, or an error as one line.
+
+    A :class:`StagetuneError` is ``stagetune: error: <message>`` on stderr and its
+    exit code; Ctrl-C is ``stagetune: interrupted`` and 130. A pool's worker
+    process (:mod:`stagetune.optim.pool_child`) runs its worker through this too.
+    """
+    try:
+        return int(command() or 0)
     except StagetuneError as exc:
         print(f"stagetune: error: {exc}", file=sys.stderr)
         return exc.exit_code

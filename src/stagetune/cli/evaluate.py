@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     )
     if out is not None:
         write_output_file(out, result.text())
-    name = "TER" if result.task == "ctc" else "FER"
+    name = result.error_name
     if args.json:
         print(json.dumps({"metric": name, "rate": result.counts.rate, **result.counts.as_dict()}))
     else:

@@ -35,6 +35,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="the tiny yesno-like corpus instead: 2 digits (ONE, SIX), 8 per utterance, "
         "31/10/29 utterances of one speaker each in train/dev/test",
     )
+    p.add_argument(
+        "--isolated", choices=("speakers", "digits", "verification"), default=None,
+        help="the isolated recordings for utterance classification (task utt, classes in utt2class) "
+        "instead: 'speakers' = speaker identification over all 6 speakers (test: takes 0-4 of each "
+        "digit, FSDD's own split; dev: takes 5-9), 'digits' = digit recognition on unseen speakers "
+        "(the connected corpus's speaker splits), 'verification' = a speaker model of the 4 training "
+        "speakers and a test set of the 2 others with a trials list of all their pairs",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the corpus and the dither (default: 0)")
     p.set_defaults(func=run)
 
@@ -51,10 +59,17 @@ def run(args: argparse.Namespace) -> int:
         recordings = Path(os.environ["FSDD_DIR"])
     if not recordings.is_dir():
         raise UsageError(f"--recordings {recordings}: no such directory; the FSDD recordings are at {_SOURCE}")
-    build = build_tiny_fsdd_corpus if args.tiny else build_fsdd_corpus
     started = time.monotonic()
-    out_dir = build(recordings, args.out_dir, seed=args.seed)
-    report(out_dir, tiny=args.tiny, started=started)
+    if args.isolated is not None:
+        if args.tiny:
+            raise UsageError("give --tiny or --isolated, not both")
+        from stagetune.fsdd_isolated import build_isolated_fsdd
+
+        out_dir = build_isolated_fsdd(recordings, args.out_dir, args.isolated)
+    else:
+        build = build_tiny_fsdd_corpus if args.tiny else build_fsdd_corpus
+        out_dir = build(recordings, args.out_dir, seed=args.seed)
+        report(out_dir, tiny=args.tiny, started=started)
     for split in ("train", "dev", "test"):
         if (out_dir / split / "wav.scp").is_file():
             print(prep_data_dir(out_dir / split, seed=args.seed).describe(), flush=True)

@@ -408,7 +408,7 @@ def _run(args: argparse.Namespace, study_name: str) -> int:
     from stagetune.errors import UsageError
     from stagetune.optim.objective import OBJECTIVES
     from stagetune.optim.registry import SAMPLERS
-    from stagetune.optim.worker import WorkerOptions, run_worker
+    from stagetune.optim.worker import run_worker
 
     if args.sampler is not None and args.sampler not in SAMPLERS:
         raise UsageError(f"--sampler {args.sampler!r}: choose one of {', '.join(sorted(SAMPLERS))}")
@@ -429,11 +429,21 @@ def _run(args: argparse.Namespace, study_name: str) -> int:
         require_tensorboard()
     if args.gpus is not None and args.objective == "train":
         check_gpus_visible(args.gpus)
+    options = _worker_options(args)
     if args.workers > 1 or args.gpus:
-        return _run_pool(args, study_name)
+        return _run_pool(args, study_name, options)
     if args.objective == "train":  # quadratic and sleep workers never import torch
         set_threads(args.threads or 1)
-    options = WorkerOptions(
+    summary = run_worker(args.url, study_name, options, log=_err)
+    _err(summary.line())
+    return summary.exit_code()  # 130/143 when interrupted: `run && next-stage` stops
+
+
+def _worker_options(args: argparse.Namespace) -> Any:
+    """The :class:`WorkerOptions` of ``optim run``'s worker (each of a pool's, less its seed and GPU)."""
+    from stagetune.optim.worker import WorkerOptions
+
+    return WorkerOptions(
         sampler=args.sampler,
         n_trials=args.n_trials,
         timeout=args.timeout,
@@ -450,9 +460,6 @@ def _run(args: argparse.Namespace, study_name: str) -> int:
         verbose=not args.quiet,  # a line per epoch unless --quiet
         tensorboard=Path(args.tensorboard) if args.tensorboard else None,
     )
-    summary = run_worker(args.url, study_name, options, log=_err)
-    _err(summary.line())
-    return summary.exit_code()  # 130/143 when interrupted: `run && next-stage` stops
 
 
 def gpu_ids(text: str) -> list[str]:
@@ -526,37 +533,20 @@ def _gpu_sharing(gpus: list[str], workers: int) -> str | None:
     return None
 
 
-def _run_pool(args: argparse.Namespace, study_name: str) -> int:
+def _run_pool(args: argparse.Namespace, study_name: str, options: Any) -> int:
+    """``optim run --workers N`` (or ``--gpus``): ``options`` in N worker processes, each its own seed and GPU."""
+    import dataclasses
+
     from stagetune.optim.pool import run_pool
     from stagetune.optim.storage import driver_modules, storage_session
     from stagetune.optim.study import load_study
 
-    worker = [*(["--device", args.device] if args.device else []), "optim", "--study-name", study_name, args.url, "run"]
-    for flag, value in (
-        ("--sampler", args.sampler),
-        ("--n-trials", args.n_trials),
-        ("--timeout", args.timeout),
-        ("--ckpt-dir", args.ckpt_dir),
-        ("--max-retries", args.max_retries),
-        ("--heartbeat-interval", args.heartbeat_interval),
-        ("--grace-period", args.grace_period),
-        ("--num-data-workers", args.num_data_workers),
-        ("--objective", args.objective),
-        ("--sleep-seconds", args.sleep_seconds),
-        ("--threads", args.threads),
-    ):
-        if value is not None:
-            worker += [flag, str(value)]
-    worker += ["--keep-models"] if args.keep_models else []
-    worker += ["--quiet"] if args.quiet else []
-    worker += ["--tensorboard", args.tensorboard] if args.tensorboard else []
     gpus = gpu_ids(args.gpus) if args.gpus is not None else []
     # Imported once in the pool, shared by the forked workers (they never import more).
     preload = ["stagetune.optim.worker", *driver_modules(args.url)]
     if args.objective == "train":
         # torch._dynamo: every optimizer's first use imports it (about 3 s); it starts no thread
         preload += ["torch", "torch._dynamo", "stagetune.training", "stagetune.optim.memory", "stagetune.corpus"]
-    from stagetune.cli import main
 
     # One clear error for a missing study or unreachable database, not one per worker.
     # The connections are closed again before forking: every worker opens its own.
@@ -573,13 +563,19 @@ def _run_pool(args: argparse.Namespace, study_name: str) -> int:
             if spec.device is None:
                 # A worker must train on its GPU: one that cannot see it (a wrong id)
                 # fails at once rather than train on the CPU, cuda's fallback.
-                worker = ["--device", "cuda", *worker]
+                options = dataclasses.replace(options, device="cuda")
         # One error before forking, rather than one from every worker.
         check_device(study_name, spec.device, args.device)
     sharing = _gpu_sharing(gpus, args.workers) if gpus else None
     if sharing:
         _err(f"stagetune: warning: {sharing}")
-    return run_pool(worker, args.workers, main=main, gpus=gpus, seed=args.seed, preload=preload, out=_err)
+    from stagetune.cli.pool_child import serve
+
+    result = run_pool(
+        args.url, study_name, options, args.workers, serve=serve, threads=args.threads, gpus=gpus, preload=preload,
+        out=_err,
+    )
+    return result.exit_code()
 
 
 def _important(args: argparse.Namespace, study_name: str) -> int:

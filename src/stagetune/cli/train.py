@@ -25,6 +25,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         metavar="P",
         help="without DEV_DIR: hold out this proportion of TRAIN_DIR (by utterance id; default 0.1)",
     )
+    p.add_argument(
+        "--extra-dev", action="append", default=[], metavar="DIR",
+        help="another dev dir, scored every epoch (history.csv columns dev_error:NAME, dev_loss:NAME) "
+        "but never used for model selection, the schedule or early stopping; repeat for more",
+    )
     p.add_argument("--init-from", metavar="MODEL_PT", help="initialise from another model's weights")
     p.add_argument("--num-data-workers", type=non_negative_int, default=0, metavar="N", help="DataLoader workers")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
@@ -57,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
     check_model_dir(model_dir)  # before reading any data: a forgotten MODEL_DIR is common
     device = resolve_device(args.device)
     corpus = load_corpus(
-        train_dir, dev[0] if dev else None, dev_proportion=args.dev_proportion, task=config.model.task
+        train_dir, dev[0] if dev else None, dev_proportion=args.dev_proportion, task=config.model.task,
+        extra_dev=args.extra_dev,
     )
     result = fit(
         config,

@@ -16,6 +16,7 @@ from sqlalchemy import text
 from stagetune.config import Config, active, field_info, flatten, with_values
 from stagetune.errors import StagetuneError, UsageError
 from stagetune.optim.metrics import DEV_ERROR_ATTR, DEV_LOSS_ATTR, VALUE_EPOCH_ATTR
+from stagetune.optim.optuna_internals import TRIAL_PARAMS, TRIAL_VALUES, TRIALS, DbState, StudyView, study_id_of
 from stagetune.optim.registry import EVALUATORS, make_evaluator
 from stagetune.optim.sampling import bounding_range
 from stagetune.optim.spec import StudySpec
@@ -54,27 +55,28 @@ def completed_in_memory(storage: optuna.storages.RDBStorage, study: optuna.Study
     Three plain queries instead of optuna's full trial loading: ranking a
     1000-trial study needs its parameters and values, not every attribute.
     """
-    sid = study._study_id
+    sid = study_id_of(study)
+    complete = DbState.COMPLETE
     with storage.engine.connect() as conn:
         numbers = dict(
             conn.execute(
-                text("SELECT trial_id, number FROM trials WHERE study_id = :sid AND state = 'COMPLETE'"),
+                text(f"SELECT trial_id, number FROM {TRIALS} WHERE study_id = :sid AND state = '{complete}'"),
                 {"sid": sid},
             ).all()
         )
         values = dict(
             conn.execute(
                 text(
-                    "SELECT v.trial_id, v.value FROM trial_values v JOIN trials t ON t.trial_id = v.trial_id "
-                    "WHERE t.study_id = :sid AND t.state = 'COMPLETE' AND v.objective = 0"
+                    f"SELECT v.trial_id, v.value FROM {TRIAL_VALUES} v JOIN {TRIALS} t ON t.trial_id = v.trial_id "
+                    f"WHERE t.study_id = :sid AND t.state = '{complete}' AND v.objective = 0"
                 ),
                 {"sid": sid},
             ).all()
         )
         rows = conn.execute(
             text(
-                "SELECT p.trial_id, p.param_name, p.param_value, p.distribution_json FROM trial_params p "
-                "JOIN trials t ON t.trial_id = p.trial_id WHERE t.study_id = :sid AND t.state = 'COMPLETE'"
+                f"SELECT p.trial_id, p.param_name, p.param_value, p.distribution_json FROM {TRIAL_PARAMS} p "
+                f"JOIN {TRIALS} t ON t.trial_id = p.trial_id WHERE t.study_id = :sid AND t.state = '{complete}'"
             ),
             {"sid": sid},
         ).all()
@@ -96,27 +98,7 @@ def completed_in_memory(storage: optuna.storages.RDBStorage, study: optuna.Study
         for tid in sorted(numbers, key=numbers.get)
         if tid in values
     ]
-    return _CompletedTrials(study.study_name, trials)
-
-
-class _CompletedTrials:
-    """The read-only slice of a Study that rankings use, over trials in memory.
-
-    (Adding 1000 trials to an in-memory optuna study costs seconds of copying.)
-    """
-
-    directions = [optuna.study.StudyDirection.MINIMIZE]
-    direction = optuna.study.StudyDirection.MINIMIZE
-
-    def __init__(self, study_name: str, trials: list[FrozenTrial]) -> None:
-        self.study_name = study_name
-        self.trials = trials
-
-    def _is_multi_objective(self) -> bool:
-        return False
-
-    def get_trials(self, deepcopy: bool = True, states: Any = None) -> list[FrozenTrial]:
-        return [t for t in self.trials if states is None or t.state in states]
+    return StudyView(study.study_name, trials)
 
 
 def rank_parameters(

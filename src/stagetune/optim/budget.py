@@ -21,10 +21,11 @@ from pathlib import Path
 from typing import Iterator
 
 import optuna
-from sqlalchemy import Connection, DateTime, func, select, text
+from sqlalchemy import Connection, DateTime, Engine, event, func, select, text
 
 from stagetune.errors import StorageError
-from stagetune.optim.storage import read_timeout_s, sqlite_file_lock
+from stagetune.optim.optuna_internals import TRIAL_HEARTBEATS, TRIALS, DbState
+from stagetune.optim.storage import HeldConnectionLost, read_timeout_s, sqlite_file_lock
 
 __all__ = [
     "SLOT_STATES",
@@ -39,8 +40,8 @@ __all__ = [
     "trial_state",
 ]
 
-SLOT_STATES = ("RUNNING", "WAITING", "COMPLETE", "PRUNED")
-FINISHED_STATES = ("COMPLETE", "PRUNED")
+SLOT_STATES = (DbState.RUNNING, DbState.WAITING, DbState.COMPLETE, DbState.PRUNED)
+FINISHED_STATES = (DbState.COMPLETE, DbState.PRUNED)
 
 _LOCAL = threading.Lock()
 
@@ -51,12 +52,22 @@ def _key(study_name: str) -> str:
 
 @contextmanager
 def budget_lock(
-    storage: optuna.storages.RDBStorage, study_name: str, timeout_s: float = 600.0
+    storage: optuna.storages.RDBStorage, study_name: str, timeout_s: float = 600.0, *, pinned: bool = False
 ) -> Iterator[Connection | None]:
     """Hold the study-wide budget lock (one holder across all workers).
 
     Yields the server connection that holds the lock (None for SQLite): counting
     on it (:func:`count_by_state`) takes no second connection from the pool.
+
+    Args:
+        pinned: Every statement this thread runs in the block runs on the yielded
+            connection (as with ``StagetuneStorage.sessions_on``). A connection
+            lost in the block (a hung server's read timeout) then raises
+            :class:`~stagetune.optim.storage.HeldConnectionLost` at the next
+            statement, instead of reconnecting: SQLAlchemy reconnects a lost
+            connection on its next use, and optuna retries a failed trial creation
+            itself, so the claim would go on without the lock (which went with
+            the old connection) while another worker takes it.
     """
     engine = storage.engine
     dialect = engine.dialect.name
@@ -76,7 +87,8 @@ def budget_lock(
                 conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": lock_id})
                 conn.commit()
                 try:
-                    yield conn
+                    with _pinned_to(engine, pinned):
+                        yield conn
                 finally:
                     _release(conn, "SELECT pg_advisory_unlock(:k)", {"k": lock_id})
             elif dialect in ("mysql", "mariadb"):
@@ -93,11 +105,41 @@ def budget_lock(
                     if time.monotonic() > deadline:
                         raise StorageError(f"could not take the budget lock of study {study_name!r} in {timeout_s:.0f} s")
                 try:
-                    yield conn
+                    with _pinned_to(engine, pinned):
+                        yield conn
                 finally:
                     _release(conn, "SELECT RELEASE_LOCK(:k)", {"k": key})
             else:
                 raise StorageError(f"database dialect {dialect!r} is not supported; use sqlite, postgresql or mysql")
+
+
+#: Per thread: the engine whose pool this thread must not take a connection from (see budget_lock's ``pinned``).
+_PINNED = threading.local()
+_GUARDED: set[int] = set()  # ids of the engines whose pool checkouts are watched
+
+
+@contextmanager
+def _pinned_to(engine: Engine, pinned: bool) -> Iterator[None]:
+    """While active, a pool checkout of ``engine`` in this thread raises HeldConnectionLost."""
+    if not pinned:
+        yield
+        return
+    if id(engine) not in _GUARDED:
+
+        def checkout(*_args: object) -> None:
+            if getattr(_PINNED, "engine", None) is engine:
+                raise HeldConnectionLost(
+                    "lost the connection that holds the study's budget lock (the server did not answer "
+                    "or cut it); the claim starts again once the database is back"
+                )
+
+        event.listen(engine, "checkout", checkout)
+        _GUARDED.add(id(engine))
+    _PINNED.engine = engine
+    try:
+        yield
+    finally:
+        _PINNED.engine = None
 
 
 def _release(conn: Connection, statement: str, params: dict[str, object]) -> None:
@@ -105,12 +147,21 @@ def _release(conn: Connection, statement: str, params: dict[str, object]) -> Non
 
     A connection that went back to the pool still holding the lock would keep
     every other worker waiting (and this one would take it again, reentrantly).
+    Never raises an Exception: a connection that was lost, or closed here, holds
+    the lock no more (the server ends its session once it reads the close), and
+    what ran under the lock stands. Raising would make a caller redo a claim that
+    succeeded (its trial left running with nobody to run it) or hide the error
+    that ended the block.
     """
+    if conn.invalidated:
+        return  # lost under the lock: a new connection would release nothing
     try:
         if conn.in_transaction():
             conn.rollback()  # a statement under the lock failed; the release must still run
         conn.execute(text(statement), params)
         conn.commit()
+    except Exception:
+        conn.invalidate()
     except BaseException:
         conn.invalidate()
         raise
@@ -119,7 +170,7 @@ def _release(conn: Connection, statement: str, params: dict[str, object]) -> Non
 def count_trials(storage: optuna.storages.RDBStorage, study_id: int, states: tuple[str, ...]) -> int:
     """Trials of the study in any of ``states``, counted in the database."""
     marks = ", ".join(f":s{i}" for i in range(len(states)))
-    query = text(f"SELECT COUNT(*) FROM trials WHERE study_id = :sid AND state IN ({marks})")
+    query = text(f"SELECT COUNT(*) FROM {TRIALS} WHERE study_id = :sid AND state IN ({marks})")
     params = {"sid": study_id, **{f"s{i}": s for i, s in enumerate(states)}}
     with storage.engine.connect() as conn:
         return int(conn.execute(query, params).scalar())
@@ -149,7 +200,7 @@ def count_by_state(
     Args:
         conn: Count on this connection (the one :func:`budget_lock` yields).
     """
-    query = "SELECT state, COUNT(*) FROM trials WHERE study_id = :sid GROUP BY state"
+    query = f"SELECT state, COUNT(*) FROM {TRIALS} WHERE study_id = :sid GROUP BY state"
     return {str(state): int(n) for state, n in _pairs(storage, conn, query, study_id)}
 
 
@@ -162,8 +213,8 @@ def orphaned_trials(
     recorded its trial's first heartbeat. ``conn``: as for :func:`count_by_state`.
     """
     query = (
-        "SELECT t.number, t.trial_id FROM trials t LEFT JOIN trial_heartbeats h ON h.trial_id = t.trial_id "
-        "WHERE t.study_id = :sid AND t.state = 'RUNNING' AND h.trial_id IS NULL"
+        f"SELECT t.number, t.trial_id FROM {TRIALS} t LEFT JOIN {TRIAL_HEARTBEATS} h ON h.trial_id = t.trial_id "
+        f"WHERE t.study_id = :sid AND t.state = '{DbState.RUNNING}' AND h.trial_id IS NULL"
     )
     return {int(number): int(trial_id) for number, trial_id in _pairs(storage, conn, query, study_id)}
 
@@ -171,8 +222,8 @@ def orphaned_trials(
 def heartbeat_ages(storage: optuna.storages.RDBStorage, study_id: int) -> dict[int, float]:
     """Seconds since the last heartbeat of each RUNNING trial, by trial number (database clock)."""
     query = text(
-        "SELECT t.number AS number, h.heartbeat AS heartbeat FROM trial_heartbeats h "
-        "JOIN trials t ON t.trial_id = h.trial_id WHERE t.study_id = :sid AND t.state = 'RUNNING'"
+        f"SELECT t.number AS number, h.heartbeat AS heartbeat FROM {TRIAL_HEARTBEATS} h "
+        f"JOIN {TRIALS} t ON t.trial_id = h.trial_id WHERE t.study_id = :sid AND t.state = '{DbState.RUNNING}'"
     ).columns(heartbeat=DateTime)  # by name: positional columns would type `number` instead
     with storage.engine.connect() as conn:
         # PostgreSQL's now() is timezone-aware, the stored heartbeats are not (as optuna does).
@@ -186,7 +237,10 @@ def beating_trials(storage: optuna.storages.RDBStorage, study_id: int) -> set[in
 
     A trial without one was cut off while it was being claimed (see :func:`orphaned_trials`).
     """
-    query = "SELECT t.number, t.trial_id FROM trials t JOIN trial_heartbeats h ON h.trial_id = t.trial_id WHERE t.study_id = :sid"
+    query = (
+        f"SELECT t.number, t.trial_id FROM {TRIALS} t JOIN {TRIAL_HEARTBEATS} h ON h.trial_id = t.trial_id "
+        "WHERE t.study_id = :sid"
+    )
     return {int(number) for number, _ in _pairs(storage, None, query, study_id)}
 
 
@@ -199,8 +253,8 @@ def running_heartbeats(
     clocks differ judge staleness alike. ``conn``: as for :func:`count_by_state`.
     """
     query = text(
-        "SELECT t.trial_id AS trial_id, t.number AS number, h.heartbeat AS heartbeat FROM trial_heartbeats h "
-        "JOIN trials t ON t.trial_id = h.trial_id WHERE t.study_id = :sid AND t.state = 'RUNNING'"
+        f"SELECT t.trial_id AS trial_id, t.number AS number, h.heartbeat AS heartbeat FROM {TRIAL_HEARTBEATS} h "
+        f"JOIN {TRIALS} t ON t.trial_id = h.trial_id WHERE t.study_id = :sid AND t.state = '{DbState.RUNNING}'"
     ).columns(heartbeat=DateTime)
 
     def read(c: Connection) -> tuple[datetime, dict[int, tuple[int, datetime]]]:
@@ -220,5 +274,5 @@ def running_heartbeats(
 def trial_state(storage: optuna.storages.RDBStorage, trial_id: int) -> str | None:
     """The state name of one trial (None if there is no such trial), in one small query."""
     with storage.engine.connect() as conn:
-        state = conn.execute(text("SELECT state FROM trials WHERE trial_id = :tid"), {"tid": trial_id}).scalar()
+        state = conn.execute(text(f"SELECT state FROM {TRIALS} WHERE trial_id = :tid"), {"tid": trial_id}).scalar()
     return None if state is None else str(state)

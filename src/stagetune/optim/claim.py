@@ -20,6 +20,15 @@ on the connection that holds it:
   ran it, so the next claim takes it on as its own (no FAIL row, no retry used).
 * **the slot count**: RUNNING + WAITING + COMPLETE + PRUNED trials against the budget.
 * **the first heartbeat**, recorded before the lock is let go.
+* **a claim cut off after its first heartbeat** (a hung server: the client gave up
+  waiting for the heartbeat's commit, which the server ran when it resumed): the
+  trial is running with a beat, so it is no orphan; the worker's next claim takes
+  it on (:meth:`Claims.claim`) instead of leaving it to be failed as stale. A trial
+  taken on as an orphan is marked (:data:`ADOPTED_ATTR`), so the worker whose claim
+  made it does not take it on too.
+* **the lock's connection lost mid-claim** (a read timeout): nothing more runs on
+  another connection, which would not hold the lock (``budget_lock(pinned=True)``);
+  the claim fails and is retried from the start.
 
 A trial taken away (failed as stale) or given up (SIGTERM, an infrastructure
 failure) is failed and re-queued with its parameters (:meth:`Claims.requeue`),
@@ -46,15 +55,19 @@ from stagetune.optim.budget import (
     orphaned_trials,
     running_heartbeats,
 )
+from stagetune.optim.optuna_internals import DbState, study_id_of, trial_id_of
 from stagetune.optim.rdb import STALE_ATTR, StagetuneStorage
 from stagetune.optim.spec import StudySpec
 
-__all__ = ["HEARTBEAT_ATTR", "DEFAULT_HEARTBEAT_INTERVAL", "HeartbeatRule", "Claims", "store_rule"]
+__all__ = ["HEARTBEAT_ATTR", "ADOPTED_ATTR", "DEFAULT_HEARTBEAT_INTERVAL", "HeartbeatRule", "Claims", "store_rule"]
 
 #: Study system attribute holding the study's heartbeat rule ``{"interval": s, "grace_period": s}``.
 HEARTBEAT_ATTR = "stagetune_heartbeat"
 #: Seconds between heartbeats when neither the study nor the worker says.
 DEFAULT_HEARTBEAT_INTERVAL = 30
+#: Trial system attribute set on a trial taken on as an orphan; its value is the trial's id
+#: (a retry copies its original's system attributes).
+ADOPTED_ATTR = "stagetune_adopted_trial_id"
 
 
 @dataclass(frozen=True)
@@ -146,7 +159,7 @@ class Claims:
         log: Callable[[str], None],
     ) -> None:
         self.storage, self.study, self.spec, self.log = storage, study, spec, log
-        self.study_id = study._study_id
+        self.study_id = study_id_of(study)
         self.given = rule
         self.rule = rule or HeartbeatRule.of(None, None)
         self._retry = optuna.storages.RetryHeartbeatStaleTrialCallback(
@@ -156,6 +169,8 @@ class Claims:
         self._stored = False
         self._next_stale_check = 0.0
         self._suspects = False
+        #: (number, id) of the trial of a claim cut off while recording its first heartbeat.
+        self._pending: tuple[int, int] | None = None
 
     def join(self) -> str | None:
         """Adopt the study's heartbeat rule, storing one when this worker was given one.
@@ -170,7 +185,7 @@ class Claims:
         with self._locked() as conn:
             stored = _stored_rule(self.storage, self.study_id)
             if stored is None and self.given is not None:
-                running = count_by_state(self.storage, self.study_id, conn).get("RUNNING", 0)
+                running = count_by_state(self.storage, self.study_id, conn).get(DbState.RUNNING, 0)
                 stored = HeartbeatRule.of(None, None) if running else self.given
                 store_rule(self.storage, self.study_id, stored)
         if stored is not None:
@@ -192,7 +207,7 @@ class Claims:
 
     @contextmanager
     def _locked(self) -> Iterator[Connection | None]:
-        with budget_lock(self.storage, self.study.study_name) as conn, self.storage.sessions_on(conn):
+        with budget_lock(self.storage, self.study.study_name, pinned=True) as conn, self.storage.sessions_on(conn):
             yield conn
 
     def claim(self) -> optuna.Trial | None:
@@ -206,6 +221,10 @@ class Claims:
                 stored = _stored_rule(self.storage, self.study_id)
                 if stored is not None:
                     self._adopt(stored)
+            if self._pending is not None:  # before the stale check: its beat may be old by now
+                trial = self._take_on_pending(conn)
+                if trial is not None:
+                    return trial
             checked = time.monotonic() >= self._next_stale_check
             if checked:
                 self._fail_stale(conn)
@@ -214,10 +233,9 @@ class Claims:
                 # Cut off between creating the trial and its first heartbeat (this worker's
                 # claim, retried now, or a dead one's): nothing ran, so it is simply taken on.
                 number, trial_id = min(orphans.items())
-                # Read through the study, so its storage's cache learns the trial (as ask does).
-                self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-                trial = optuna.Trial(self.study, trial_id)
-                self.storage.record_heartbeat(trial_id)  # last: cut off before, it stays an orphan
+                if self._pending is None or self._pending[1] != trial_id:  # not this worker's own
+                    self.storage.set_trial_system_attr(trial_id, ADOPTED_ATTR, trial_id)
+                trial = self._start(number, trial_id)
                 self.log(f"trial {number} was claimed but never started (its claim was cut off); taking it on")
                 return trial
             if self.spec.num_trials is not None:
@@ -228,12 +246,43 @@ class Claims:
                 if self._full(counts):
                     return None
             trial = self.study.ask()
-            self.storage.record_heartbeat(trial._trial_id)
+            self._pending = (trial.number, trial_id_of(trial))
+            self.storage.record_heartbeat(trial_id_of(trial))
+            self._pending = None
             return trial
+
+    def _start(self, number: int, trial_id: int) -> optuna.Trial:
+        """This worker's trial ``trial_id``, its heartbeat recorded (under the lock)."""
+        # Read through the study, so its storage's cache learns the trial (as ask does).
+        self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        trial = optuna.Trial(self.study, trial_id)
+        self._pending = (number, trial_id)
+        self.storage.record_heartbeat(trial_id)  # last: cut off before, it stays an orphan
+        self._pending = None
+        return trial
+
+    def _take_on_pending(self, conn: Any) -> optuna.Trial | None:
+        """The trial of this worker's claim cut off at its first heartbeat, if the beat was recorded.
+
+        None when it has no beat (an orphan: taken on as one), was taken on by another
+        worker (marked :data:`ADOPTED_ATTR`), or is no longer running.
+        """
+        number, trial_id = self._pending
+        _now, beats = running_heartbeats(self.storage, self.study_id, conn)
+        if trial_id not in beats:
+            if trial_id not in orphaned_trials(self.storage, self.study_id, conn):
+                self._pending = None  # finished or failed meanwhile: nothing to take on
+            return None
+        if self.storage.get_trial(trial_id).system_attrs.get(ADOPTED_ATTR) == trial_id:
+            self._pending = None  # another worker took it on as an orphan, and runs it
+            return None
+        trial = self._start(number, trial_id)
+        self.log(f"trial {number} was claimed but its claim was cut off after its first heartbeat; taking it on")
+        return trial
 
     def _full(self, counts: dict[str, int]) -> bool:
         slots = sum(counts.get(s, 0) for s in SLOT_STATES)
-        return slots >= self.spec.num_trials and counts.get("WAITING", 0) == 0
+        return slots >= self.spec.num_trials and counts.get(DbState.WAITING, 0) == 0
 
     def _fail_stale(self, conn: Any) -> None:
         # Once per heartbeat interval (or grace period, if shorter) finds them about as

@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -35,7 +34,9 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from stagetune.config import Config, active, flatten, iter_fields
-from stagetune.model import TASKS, build_model
+from stagetune.model import build_model
+from stagetune.step import train_step
+from stagetune.tasks import task_of
 from stagetune.optim.tracker import AllocationTracker
 from stagetune.training import make_optimizer
 
@@ -178,29 +179,19 @@ class SyntheticStep:
 
         self.feats = torch.randn(batch_size, max_frames, feat_dim, device=device)
         self.feat_lens = torch.full((batch_size,), max_frames, dtype=torch.long, device=lengths_device)
-        if config.model.task == "frame":
-            self.targets = torch.randint(0, num_outputs, (batch_size, max_frames), device=device)
-            self.target_lens = torch.full((batch_size,), max_frames, dtype=torch.long, device=device)
-        else:
-            # On meta, concatenated targets: unpadding them would need their values.
-            meta = device.type == "meta"
-            shape = (batch_size * max_target_len,) if meta else (batch_size, max_target_len)
-            self.targets = torch.randint(1, max(num_outputs, 2), shape, device=device)
-            self.target_lens = torch.full((batch_size,), max_target_len, dtype=torch.long, device=device)
+        self.task = task_of(config)
+        self.targets, self.target_lens = self.task.synthetic_targets(
+            batch_size, max_frames, max_target_len, num_outputs, device
+        )
+        use_amp = device.type == "cuda" and config.training.autocast
+        self.scaler = torch.amp.GradScaler("cuda") if use_amp else None
 
     def __call__(self) -> None:
         """One training step, as :func:`stagetune.epoch.train_one_epoch` runs it per batch."""
-        model, optimizer, t = self.model, self.optimizer, self.config.training
-        task = TASKS[self.config.model.task]
-        optimizer.zero_grad(set_to_none=True)
-        use_amp = self.device.type == "cuda" and t.autocast
-        with torch.autocast("cuda") if use_amp else nullcontext():
-            logits, out_lens = model(self.feats, self.feat_lens)
-            loss = task.loss(logits, out_lens, self.targets, self.target_lens, time_stride=model.time_stride)
-        loss.backward()  # logits and loss stay referenced, as in train_one_epoch
-        if t.clip_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad_norm)
-        optimizer.step()
+        train_step(
+            self.model, self.optimizer, self.task, self.feats, self.feat_lens, self.targets, self.target_lens,
+            self.config.training, scaler=self.scaler, augment=self.device.type != "meta",
+        )
 
     def timed(self, repeats: int = 1) -> float:
         """Wall seconds of the fastest of ``repeats`` steps (on CUDA, idle device to finished step).

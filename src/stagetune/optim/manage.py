@@ -17,6 +17,7 @@ from sqlalchemy import text
 
 from stagetune.errors import StagetuneError, UsageError
 from stagetune.optim.budget import budget_lock, count_by_state, heartbeat_ages
+from stagetune.optim.optuna_internals import STUDIES, TRIAL_VALUES, TRIALS, DbState
 from stagetune.optim.spec import StudySpec, stored_spec_json
 
 __all__ = ["list_studies", "format_list", "delete_study"]
@@ -24,8 +25,8 @@ __all__ = ["list_studies", "format_list", "delete_study"]
 
 def _best(storage: optuna.storages.RDBStorage, study_id: int) -> tuple[int, float] | None:
     query = text(
-        "SELECT t.number, v.value FROM trials t JOIN trial_values v ON v.trial_id = t.trial_id "
-        "WHERE t.study_id = :sid AND t.state = 'COMPLETE' AND v.objective = 0 ORDER BY v.value, t.number"
+        f"SELECT t.number, v.value FROM {TRIALS} t JOIN {TRIAL_VALUES} v ON v.trial_id = t.trial_id "
+        f"WHERE t.study_id = :sid AND t.state = '{DbState.COMPLETE}' AND v.objective = 0 ORDER BY v.value, t.number"
     )
     with storage.engine.connect() as conn:
         row = conn.execute(query, {"sid": study_id}).first()
@@ -36,10 +37,10 @@ def list_studies(storage: optuna.storages.RDBStorage) -> list[dict[str, Any]]:
     """One row per study (by name): progress against the budget, best, state, metric, parent."""
     rows = []
     with storage.engine.connect() as conn:
-        studies = conn.execute(text("SELECT study_id, study_name FROM studies ORDER BY study_name")).all()
+        studies = conn.execute(text(f"SELECT study_id, study_name FROM {STUDIES} ORDER BY study_name")).all()
     for study_id, name in studies:
         counts = count_by_state(storage, study_id)
-        finished = counts.get("COMPLETE", 0) + counts.get("PRUNED", 0)
+        finished = counts.get(DbState.COMPLETE, 0) + counts.get(DbState.PRUNED, 0)
         spec: StudySpec | None
         try:
             spec = StudySpec.from_json(stored_spec_json(storage, study_id), name)
@@ -48,13 +49,13 @@ def list_studies(storage: optuna.storages.RDBStorage) -> list[dict[str, Any]]:
         budget = spec.num_trials if spec is not None else None
         if budget is not None and finished >= budget:
             state = "done"
-        elif counts.get("RUNNING", 0):
+        elif counts.get(DbState.RUNNING, 0):
             state = "running"
         else:
-            state = "waiting" if finished or counts.get("WAITING", 0) else "empty"
+            state = "waiting" if finished or counts.get(DbState.WAITING, 0) else "empty"
         best = _best(storage, study_id)
         rows.append({
-            "study": name, "finished": finished, "num_trials": budget, "running": counts.get("RUNNING", 0),
+            "study": name, "finished": finished, "num_trials": budget, "running": counts.get(DbState.RUNNING, 0),
             "state": state, "best_value": None if best is None else best[1],
             "best_trial": None if best is None else best[0],
             "metric": spec.metric if spec is not None else None,
@@ -109,7 +110,7 @@ def delete_study(
         grace_period = rule.grace_period if rule is not None else 60.0
     with budget_lock(storage, study_name):  # no worker claims a trial meanwhile
         counts = count_by_state(storage, study_id)
-        running = counts.get("RUNNING", 0)
+        running = counts.get(DbState.RUNNING, 0)
         if running and not force:
             ages = heartbeat_ages(storage, study_id)
             held = running - sum(1 for age in ages.values() if age > grace_period)

@@ -34,6 +34,7 @@ import optuna
 from stagetune.config import Config, flatten
 from stagetune.errors import TrainingInterrupted, TrialLost
 from stagetune.optim.metrics import DEV_ERROR_ATTR, DEV_LOSS_ATTR, METRICS, VALUE_EPOCH_ATTR, Metric
+from stagetune.optim.optuna_internals import storage_of, study_id_of, trial_id_of
 from stagetune.optim.sampling import sample_config
 from stagetune.optim.spec import StudySpec
 
@@ -104,12 +105,12 @@ class FootprintCache(MutableMapping):
     """Measured bytes per architecture, kept in the study's system attributes."""
 
     def __init__(self, study: optuna.Study, db: DbCall = lambda fn, what: fn()) -> None:
-        self._storage = study._storage
-        self._study_id = study._study_id
+        self._store = storage_of(study)
+        self._sid = study_id_of(study)
         self._db = db
 
     def _all(self) -> dict[str, Any]:
-        attrs = self._db(lambda: self._storage.get_study_system_attrs(self._study_id), "reading footprints")
+        attrs = self._db(lambda: self._store.get_study_system_attrs(self._sid), "reading footprints")
         return {k[len(FOOTPRINT_PREFIX):]: v for k, v in attrs.items() if k.startswith(FOOTPRINT_PREFIX)}
 
     def __getitem__(self, key: str) -> int:
@@ -117,7 +118,7 @@ class FootprintCache(MutableMapping):
 
     def __setitem__(self, key: str, value: int) -> None:
         self._db(
-            lambda: self._storage.set_study_system_attr(self._study_id, FOOTPRINT_PREFIX + key, int(value)),
+            lambda: self._store.set_study_system_attr(self._sid, FOOTPRINT_PREFIX + key, int(value)),
             "storing a footprint",
         )
 
@@ -133,7 +134,7 @@ class FootprintCache(MutableMapping):
 
 def original_trial_number(study: optuna.Study, trial: optuna.Trial) -> int:
     """The number of the trial this one retries (itself when it is no retry)."""
-    frozen = study._storage.get_trial(trial._trial_id)  # retried_trial_number needs a FrozenTrial
+    frozen = storage_of(study).get_trial(trial_id_of(trial))  # retried_trial_number needs a FrozenTrial
     number = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(frozen)
     return trial.number if number is None else number
 
@@ -224,7 +225,7 @@ def _set_aside_foreign(ctx: TrialContext, trial: optuna.Trial, model_dir: Path) 
 def _train(ctx: TrialContext, trial: optuna.Trial) -> float:
     from stagetune.failures import is_out_of_memory
     from stagetune.feasibility import find_shortfall
-    from stagetune.model import TASKS
+    from stagetune.tasks import task_of
     from stagetune.optim.duration import TIMED_STEPS
     from stagetune.optim.memory import check_footprint, footprint_key
     from stagetune.training import NonFiniteLoss, fit, resolve_device
@@ -244,7 +245,7 @@ def _train(ctx: TrialContext, trial: optuna.Trial) -> float:
         trial.set_user_attr("short_utterances", shortfall.affected)
         raise _prune(trial, shortfall.message())
     device = resolve_device(spec.device if ctx.device is None else ctx.device)
-    num_outputs = TASKS[config.model.task].num_outputs(len(spec.tokens))
+    num_outputs = task_of(config).num_outputs(len(spec.tokens))
     sizes = dict(
         batch_size=config.data.batch_size_for(len(ctx.corpus.train_ids)),
         max_frames=spec.longest_utterance,

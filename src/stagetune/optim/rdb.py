@@ -28,8 +28,8 @@ re-queued).
 Everything else is optuna's ``RDBStorage`` unchanged; other threads (the
 heartbeat) are not affected by either. It pickles as optuna's does (a spawned
 process, joblib or dask gets a storage with its own engine and nothing buffered).
-This module is the one place that uses optuna's private RDB API
-(``optuna.storages._rdb``).
+Optuna's private RDB API (its models, sessions and the two hooks overridden here)
+is reached through :mod:`stagetune.optim.optuna_internals`.
 """
 
 from __future__ import annotations
@@ -46,17 +46,14 @@ from optuna.distributions import (
     distribution_to_json,
     json_to_distribution,
 )
-from optuna.storages._rdb import models
-from optuna.storages._rdb.storage import _create_scoped_session
 from optuna.study import StudyDirection
 from sqlalchemy import Connection, select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
-__all__ = ["StagetuneStorage", "OPTUNA_TABLES", "STALE_ATTR"]
+from stagetune.optim.optuna_internals import OPTUNA_TABLES, HookedRDBStorage, create_scoped_session, models
 
-#: The tables of an optuna database (optuna's own models, plus alembic's revision table).
-OPTUNA_TABLES = frozenset(models.BaseModel.metadata.tables) | {"alembic_version"}
+__all__ = ["StagetuneStorage", "OPTUNA_TABLES", "STALE_ATTR"]
 
 #: Trial system attribute set by the heartbeat sweep on a trial it finds stale; its
 #: value is the trial's id, as a retry copies its original's system attributes.
@@ -66,7 +63,7 @@ STALE_ATTR = "stagetune_stale_trial_id"
 _Pending = list[tuple[str, float, BaseDistribution, bool]]
 
 
-class StagetuneStorage(optuna.storages.RDBStorage):
+class StagetuneStorage(HookedRDBStorage):
     """``RDBStorage`` with batched parameter writes and lock-connection sessions."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -74,13 +71,13 @@ class StagetuneStorage(optuna.storages.RDBStorage):
         self._pending: dict[int, _Pending] = {}
         self._pending_lock = threading.Lock()
         # study name -> id, kept only while some trial batches its parameters
-        self._study_ids: dict[str, int] = {}
+        self._ids_by_name: dict[str, int] = {}
 
     def __getstate__(self) -> dict[Any, Any]:
         state = super().__getstate__()
         del state["_pending_lock"]
         # Buffers and the id cache belong to this process's open batches.
-        state["_pending"], state["_study_ids"] = {}, {}
+        state["_pending"], state["_ids_by_name"] = {}, {}
         return state
 
     def __setstate__(self, state: dict[Any, Any]) -> None:
@@ -95,7 +92,7 @@ class StagetuneStorage(optuna.storages.RDBStorage):
         # kept longer would, after another process deleted the study and SQLite gave
         # its id to another one, send this process's writes to that other study.
         with self._pending_lock:
-            study_id = self._study_ids.get(study_name)
+            study_id = self._ids_by_name.get(study_name)
         if study_id is not None:
             return study_id
         # optuna's lookup commits; a read needs none (nothing is committed while sampling)
@@ -104,7 +101,7 @@ class StagetuneStorage(optuna.storages.RDBStorage):
             raise KeyError(models.NOT_FOUND_MSG)
         with self._pending_lock:
             if self._pending:
-                self._study_ids[study_name] = study_id
+                self._ids_by_name[study_name] = study_id
         return study_id
 
     def create_study_with_attrs(
@@ -123,7 +120,7 @@ class StagetuneStorage(optuna.storages.RDBStorage):
             optuna.exceptions.DuplicatedStudyError: A study of that name exists.
         """
         try:
-            with _create_scoped_session(self.scoped_session) as session:
+            with create_scoped_session(self.scoped_session) as session:
                 study = models.StudyModel(
                     study_name=study_name,
                     directions=[models.StudyDirectionModel(objective=0, direction=direction)],
@@ -143,10 +140,10 @@ class StagetuneStorage(optuna.storages.RDBStorage):
             ) from None
         return self.get_study_id_from_name(study_name)
 
-    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+    def stale_trial_ids(self, study_id: int) -> list[int]:
         # optuna.storages.fail_stale_trials asks this, then FAILs each trial: mark them
         # first (a FAILed trial takes no more attributes).
-        stale = super()._get_stale_trial_ids(study_id)
+        stale = super().stale_trial_ids(study_id)
         for trial_id in stale:
             with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
                 self.set_trial_system_attr(trial_id, STALE_ATTR, trial_id)
@@ -154,10 +151,10 @@ class StagetuneStorage(optuna.storages.RDBStorage):
 
     def delete_study(self, study_id: int) -> None:
         with self._pending_lock:
-            self._study_ids = {name: i for name, i in self._study_ids.items() if i != study_id}
+            self._ids_by_name = {name: i for name, i in self._ids_by_name.items() if i != study_id}
         super().delete_study(study_id)
 
-    def _set_trial_param(
+    def put_trial_param(
         self,
         trial_id: int,
         param_name: str,
@@ -169,7 +166,7 @@ class StagetuneStorage(optuna.storages.RDBStorage):
             pending = self._pending.get(trial_id)
             same = next((d for name, _, d, _ in pending or () if name == param_name), None)
         if pending is None:
-            super()._set_trial_param(trial_id, param_name, param_value_internal, distribution, previous_distribution)
+            super().put_trial_param(trial_id, param_name, param_value_internal, distribution, previous_distribution)
             return
         # Checked now, as optuna checks it: an incompatible distribution raises at the
         # suggest_* call and the parameters sampled before it stay in the batch.
@@ -177,7 +174,7 @@ class StagetuneStorage(optuna.storages.RDBStorage):
             check_distribution_compatibility(same, distribution)
             return
         checked = True
-        if previous_distribution is None:  # optuna's _CachedStorage knows none yet: ask the database
+        if previous_distribution is None:  # optuna's storage cache knows none yet: ask the database
             try:
                 previous_distribution = self._stored_distribution_of(trial_id, param_name)
             except (SQLAlchemyError, optuna.exceptions.StorageInternalError):
@@ -190,7 +187,7 @@ class StagetuneStorage(optuna.storages.RDBStorage):
                 pending.append((param_name, param_value_internal, distribution, checked))
                 return
         # the batch was closed meanwhile (by another thread): write at once
-        super()._set_trial_param(trial_id, param_name, param_value_internal, distribution, previous_distribution)
+        super().put_trial_param(trial_id, param_name, param_value_internal, distribution, previous_distribution)
 
     def _read(self, query: Any) -> Any:
         """The first column of the first row of ``query`` (None if none), read without a commit."""
@@ -254,7 +251,7 @@ class StagetuneStorage(optuna.storages.RDBStorage):
             with self._pending_lock:  # nothing stays buffered after the block
                 self._pending.pop(trial_id, None)
                 if not self._pending:
-                    self._study_ids.clear()
+                    self._ids_by_name.clear()
 
     def _flush(self, trial_id: int) -> None:
         with self._pending_lock:
@@ -263,11 +260,11 @@ class StagetuneStorage(optuna.storages.RDBStorage):
             return
         incompatible: list[str] = []
         try:
-            # What optuna's _set_trial_param_without_commit does per parameter, once for
+            # What optuna's own parameter write does per parameter, once for
             # all: one trial lookup and one multi-row INSERT instead of a SELECT and an
             # INSERT (its autoflush) per parameter. Compatibility was checked when each
             # was set, unless the database was away then.
-            with _create_scoped_session(self.scoped_session, True) as session:
+            with create_scoped_session(self.scoped_session, True) as session:
                 trial = models.TrialModel.find_or_raise_by_id(trial_id, session)
                 self.check_trial_is_updatable(trial_id, trial.state)
                 rows = []

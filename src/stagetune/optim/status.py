@@ -21,6 +21,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from stagetune.optim.budget import beating_trials, heartbeat_ages
 from stagetune.optim.metrics import METRICS
+from stagetune.optim.optuna_internals import study_id_of, trial_id_of
 from stagetune.optim.rdb import STALE_ATTR
 from stagetune.optim.spec import StudySpec
 
@@ -53,7 +54,7 @@ def fail_kinds(trials: list[FrozenTrial], beating: set[int] | None = None) -> di
         if t.state != TrialState.FAIL:
             continue
         never_beat = beating is not None and t.number not in beating
-        if t.system_attrs.get(STALE_ATTR) == t._trial_id or (t.number in requeued and never_beat):
+        if t.system_attrs.get(STALE_ATTR) == trial_id_of(t) or (t.number in requeued and never_beat):
             kinds[t.number] = "stale"
         elif t.number in requeued:
             kinds[t.number] = "handed_back"
@@ -73,8 +74,8 @@ def study_status(
     finished = by_state["COMPLETE"] + by_state["PRUNED"]
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     best = min(complete, key=lambda t: t.value) if complete else None
-    ages = heartbeat_ages(storage, study._study_id) if storage is not None else {}
-    beating = beating_trials(storage, study._study_id) if storage is not None else None
+    ages = heartbeat_ages(storage, study_id_of(study)) if storage is not None else {}
+    beating = beating_trials(storage, study_id_of(study)) if storage is not None else None
     kinds = dict.fromkeys(FAIL_KINDS, 0)
     for kind in fail_kinds(trials, beating).values():
         kinds[kind] += 1

@@ -53,6 +53,7 @@ __all__ = [
     "RETRY_WINDOW_ENV",
     "READ_TIMEOUT_ENV",
     "driver_modules",
+    "HeldConnectionLost",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -125,7 +126,8 @@ _DB_ERROR_KINDS: tuple[tuple[re.Pattern[str], str, bool], ...] = tuple(
         (r"terminating connection due to administrator", "the server is shutting down", True),
         (r"database system is (shutting down|starting up|in recovery)",
          "the server is restarting", True),
-        (r"lost connection to (mysql|mariadb) server", "lost connection to the server", True),
+        (r"lost connection to (mysql|mariadb) server|lost the connection that holds",
+         "lost connection to the server", True),
         (r"(mysql|mariadb) server has gone away", "the server has gone away", True),
         (r"can't connect to (mysql|mariadb) server", "cannot reach the server", True),
         (r"connection already closed|no connection to the server",
@@ -499,8 +501,17 @@ def _exception_chain(exc: BaseException) -> Iterator[BaseException]:
         todo.extend([getattr(error, "orig", None), error.__cause__, error.__context__])
 
 
+class HeldConnectionLost(Exception):
+    """A connection that had to stay the same (it holds a session lock) was lost.
+
+    Raised instead of reconnecting: a statement on a new connection would run
+    without the lock. A transient database error (:func:`retry_transient` retries
+    the whole locked operation, which takes the lock again).
+    """
+
+
 def _is_db_error(error: BaseException) -> bool:
-    if isinstance(error, (sqlalchemy.exc.DBAPIError, sqlite3.Error)):
+    if isinstance(error, (sqlalchemy.exc.DBAPIError, sqlite3.Error, HeldConnectionLost)):
         return True
     return type(error).__module__.partition(".")[0] in _DRIVER_MODULES
 

@@ -39,13 +39,13 @@ from typing import Any, Callable
 
 import optuna
 import sqlalchemy.exc
-from optuna.study._tell import _tell_with_warning
 from optuna.trial import TrialState
 
 from stagetune.errors import StagetuneError, StorageError, TrainingInterrupted, TrialLost, UsageError
 from stagetune.optim.budget import FINISHED_STATES, count_trials, trial_state
 from stagetune.optim.claim import Claims, HeartbeatRule
 from stagetune.optim.objective import OBJECTIVES, DbCall, TrialContext
+from stagetune.optim.optuna_internals import DbState, tell_with_warning, trial_id_of
 from stagetune.optim.rdb import StagetuneStorage
 from stagetune.optim.registry import SAMPLERS, make_sampler
 from stagetune.optim.report import WORKER_ATTR
@@ -82,6 +82,20 @@ class WorkerOptions:
     #: Write each trial's epochs to DIR/STUDY/trial-N for TensorBoard (``optim run --tensorboard``).
     tensorboard: Path | None = None
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON data (a path as its ``os.fspath`` string: a JSON round trip keeps odd bytes)."""
+        return {k: os.fspath(v) if isinstance(v, Path) else v for k, v in vars(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> WorkerOptions:
+        """The options :meth:`to_dict` wrote.
+
+        Raises:
+            TypeError: ``data`` names a field these options do not have.
+        """
+        paths = {name for name, f in cls.__dataclass_fields__.items() if "Path" in str(f.type)}
+        return cls(**{k: Path(v) if k in paths and v is not None else v for k, v in data.items()})
+
 
 @dataclass
 class WorkerSummary:
@@ -104,6 +118,26 @@ class WorkerSummary:
     def line(self) -> str:
         parts = ", ".join(f"{v} {k.lower().replace('_', ' ')}" for k, v in self.counts.items())
         return f"worker done ({self.stop_reason}): {parts}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON data (``best`` as a [number, value] pair)."""
+        return {
+            "counts": dict(self.counts),
+            "stop_reason": self.stop_reason,
+            "best": list(self.best) if self.best is not None else None,
+            "signum": self.signum,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> WorkerSummary:
+        """The summary :meth:`to_dict` wrote."""
+        best = data["best"]
+        return cls(
+            counts={str(k): int(v) for k, v in data["counts"].items()},
+            stop_reason=data["stop_reason"],
+            best=(int(best[0]), float(best[1])) if best is not None else None,
+            signum=data["signum"],
+        )
 
 
 class _Heartbeat:
@@ -380,7 +414,7 @@ class _Worker:
             log=self.log if options.verbose else (lambda _m: None),
             db=self.db,
             batch_params=lambda trial: storage.batched_params(
-                trial._trial_id, write=lambda flush: self.db(flush, f"trial {trial.number}: writing its parameters")
+                trial_id_of(trial), write=lambda flush: self.db(flush, f"trial {trial.number}: writing its parameters")
             ),
         )
         ctx.stop_signal = lambda: self.signum
@@ -431,7 +465,7 @@ class _Worker:
                 if self.claims.suspects():
                     time.sleep(min(self.claims.rule.interval, 5))
                     continue
-                running = self.db(lambda: count_trials(self.storage, study_id, ("RUNNING",)), "counting trials")
+                running = self.db(lambda: count_trials(self.storage, study_id, (DbState.RUNNING,)), "counting trials")
                 summary.stop_reason = (
                     f"every remaining slot of the {spec.num_trials}-trial budget is claimed "
                     f"({running} {'trial' if running == 1 else 'trials'} running in other workers)"
@@ -456,7 +490,7 @@ class _Worker:
         value: float | None = None
         reason = ""
         state: TrialState | str | None
-        heartbeat = _Heartbeat(self.storage, trial._trial_id, self.claims.rule.interval)
+        heartbeat = _Heartbeat(self.storage, trial_id_of(trial), self.claims.rule.interval)
         ctx.still_owner = heartbeat.still_owner
         with heartbeat:  # from the claim on: waits for the database (below) are beaten through
             try:
@@ -502,13 +536,13 @@ class _Worker:
             )
             return "handed_back"
         if state is None:
-            self.db(lambda: self.claims.give_back(trial._trial_id), f"handing back trial {trial.number}")
+            self.db(lambda: self.claims.give_back(trial_id_of(trial)), f"handing back trial {trial.number}")
             summary.count("HANDED_BACK")
             log(f"trial {trial.number} handed back for retry after {seconds:.1f} s (checkpoint kept)")
             return "handed_back"
         if state == "infrastructure":
             self.db(lambda: trial.set_user_attr("fail_reason", reason[:500]), f"trial {trial.number}: storing why it failed")
-            self.db(lambda: self.claims.give_back(trial._trial_id), f"handing back trial {trial.number}")
+            self.db(lambda: self.claims.give_back(trial_id_of(trial)), f"handing back trial {trial.number}")
             summary.count("HANDED_BACK")
             raise StagetuneError(
                 f"trial {trial.number} failed on this worker for an infrastructure reason ({reason}); "
@@ -524,9 +558,9 @@ class _Worker:
         # for a deep copy that is not needed here.
         try:
             if state == TrialState.COMPLETE:
-                self.db(lambda: _tell_with_warning(self.study, trial, value), f"reporting trial {trial.number}")
+                self.db(lambda: tell_with_warning(self.study, trial, value), f"reporting trial {trial.number}")
             else:
-                self.db(lambda: _tell_with_warning(self.study, trial, state=state), f"reporting trial {trial.number}")
+                self.db(lambda: tell_with_warning(self.study, trial, state=state), f"reporting trial {trial.number}")
         except (optuna.exceptions.UpdateFinishedTrialError, ValueError) as exc:
             if isinstance(exc, ValueError) and not str(exc).startswith("Cannot tell a"):
                 raise

@@ -1,0 +1,201 @@
+"""The one module that touches optuna's private API.
+
+stagetune needs a few things optuna keeps private: the ids behind a ``Study`` and a
+``Trial``, the storage a study talks to, the ``tell`` that ``study.optimize`` uses,
+its SQLAlchemy models (tables, sessions), the stored form of a trial's state, and
+two ``RDBStorage`` methods it overrides (a trial's parameter writes, the stale-trial
+sweep).  They are all reached through here, under public names, and every one of
+them is listed in :data:`CONTRACT`; ``tests/test_optuna_contract.py`` checks that
+list against the installed optuna, so an optuna release that moves one fails there,
+naming it. ``tests/test_layering.py`` checks that no other module reaches in.
+
+Raw SQL elsewhere takes its table names (:data:`STUDIES`, :data:`TRIALS`, ...) and
+state values (:class:`DbState`) from here, never as literals; the columns it names
+are those of :data:`SQL_COLUMNS`, which the contract test checks too.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import optuna
+from optuna.distributions import BaseDistribution
+from optuna.storages._rdb import models
+from optuna.storages._rdb.storage import _create_scoped_session
+from optuna.study._tell import _tell_with_warning
+from optuna.trial import FrozenTrial, TrialState
+
+__all__ = [
+    "CONTRACT",
+    "SQL_COLUMNS",
+    "models",
+    "create_scoped_session",
+    "study_id_of",
+    "storage_of",
+    "trial_id_of",
+    "tell_with_warning",
+    "HookedRDBStorage",
+    "StudyView",
+    "DbState",
+    "STUDIES",
+    "TRIALS",
+    "TRIAL_VALUES",
+    "TRIAL_PARAMS",
+    "TRIAL_HEARTBEATS",
+    "OPTUNA_TABLES",
+]
+
+#: Every private optuna name stagetune relies on: ``(where, name, parameters)``; ``where``
+#: is a module or ``module:Class``, ``parameters`` the leading parameters of a callable
+#: (None: not a callable, or an instance attribute checked on a live object).
+CONTRACT: tuple[tuple[str, str, tuple[str, ...] | None], ...] = (
+    ("optuna.storages._rdb", "models", None),
+    ("optuna.storages._rdb.models", "BaseModel", None),
+    ("optuna.storages._rdb.models", "NOT_FOUND_MSG", None),
+    ("optuna.storages._rdb.models", "StudyModel", None),
+    ("optuna.storages._rdb.models", "StudyDirectionModel", None),
+    ("optuna.storages._rdb.models", "StudyUserAttributeModel", None),
+    ("optuna.storages._rdb.models", "StudySystemAttributeModel", None),
+    ("optuna.storages._rdb.models", "TrialModel", None),
+    ("optuna.storages._rdb.models", "TrialParamModel", None),
+    ("optuna.storages._rdb.models", "TrialValueModel", None),
+    ("optuna.storages._rdb.models", "TrialHeartbeatModel", None),
+    ("optuna.storages._rdb.models:TrialModel", "find_or_raise_by_id", ("trial_id", "session")),
+    ("optuna.storages._rdb.storage", "_create_scoped_session", ("scoped_session", "ignore_integrity_error")),
+    ("optuna.study._tell", "_tell_with_warning", ("study", "trial", "value_or_values", "state")),
+    (
+        "optuna.storages:RDBStorage",
+        "_set_trial_param",
+        ("self", "trial_id", "param_name", "param_value_internal", "distribution", "previous_distribution"),
+    ),
+    ("optuna.storages:RDBStorage", "_get_stale_trial_ids", ("self", "study_id")),
+    ("optuna.study:Study", "_is_multi_objective", ("self",)),
+    ("optuna.study:Study", "_study_id", None),
+    ("optuna.study:Study", "_storage", None),
+    ("optuna.trial:Trial", "_trial_id", None),
+    ("optuna.trial:FrozenTrial", "_trial_id", None),
+)
+
+# Table names, from optuna's models.
+STUDIES = models.StudyModel.__tablename__
+TRIALS = models.TrialModel.__tablename__
+TRIAL_VALUES = models.TrialValueModel.__tablename__
+TRIAL_PARAMS = models.TrialParamModel.__tablename__
+TRIAL_HEARTBEATS = models.TrialHeartbeatModel.__tablename__
+
+#: The tables of an optuna database (optuna's own models, plus alembic's revision table).
+OPTUNA_TABLES = frozenset(models.BaseModel.metadata.tables) | {"alembic_version"}
+
+#: The columns stagetune's raw SQL names, by table (the contract test checks each exists).
+SQL_COLUMNS: dict[str, frozenset[str]] = {
+    STUDIES: frozenset({"study_id", "study_name"}),
+    TRIALS: frozenset({"trial_id", "study_id", "number", "state"}),
+    TRIAL_VALUES: frozenset({"trial_id", "objective", "value"}),
+    TRIAL_PARAMS: frozenset({"trial_id", "param_name", "param_value", "distribution_json"}),
+    TRIAL_HEARTBEATS: frozenset({"trial_id", "heartbeat"}),
+}
+
+
+class DbState:
+    """A trial state as ``trials.state`` stores it (its :class:`~optuna.trial.TrialState` name)."""
+
+    RUNNING = TrialState.RUNNING.name
+    WAITING = TrialState.WAITING.name
+    COMPLETE = TrialState.COMPLETE.name
+    PRUNED = TrialState.PRUNED.name
+    FAIL = TrialState.FAIL.name
+
+
+#: ``with create_scoped_session(storage.scoped_session[, ignore_integrity_error]) as session``:
+#: optuna's transaction (commit on exit, its errors as ``StorageInternalError``).
+create_scoped_session = _create_scoped_session
+
+
+def study_id_of(study: optuna.Study) -> int:
+    """The storage's id of ``study``."""
+    return study._study_id
+
+
+def storage_of(study: optuna.Study) -> optuna.storages.BaseStorage:
+    """The storage ``study`` talks to (optuna's cache in front of an ``RDBStorage``)."""
+    return study._storage
+
+
+def trial_id_of(trial: optuna.Trial | FrozenTrial) -> int:
+    """The storage's id of a trial (a live ``Trial`` or a ``FrozenTrial``)."""
+    return trial._trial_id
+
+
+def tell_with_warning(
+    study: optuna.Study,
+    trial: optuna.Trial | int,
+    value_or_values: float | Sequence[float] | None = None,
+    state: TrialState | None = None,
+) -> Any:
+    """Optuna's own ``tell``, as ``study.optimize`` uses it.
+
+    The public ``Study.tell`` reads the trial back for a deep copy that stagetune
+    does not need.
+    """
+    return _tell_with_warning(study, trial, value_or_values, state)
+
+
+class HookedRDBStorage(optuna.storages.RDBStorage):
+    """``RDBStorage`` whose two private hooks a subclass overrides under public names.
+
+    * :meth:`put_trial_param` is optuna's ``_set_trial_param``: every parameter a trial
+      samples goes through it (optuna's storage cache calls it on this storage);
+    * :meth:`stale_trial_ids` is optuna's ``_get_stale_trial_ids``, which
+      ``optuna.storages.fail_stale_trials`` asks before it FAILs each trial.
+
+    Both default to optuna's behaviour; an override calls ``super()`` for it.
+    """
+
+    def _set_trial_param(
+        self,
+        trial_id: int,
+        param_name: str,
+        param_value_internal: float,
+        distribution: BaseDistribution,
+        previous_distribution: BaseDistribution | None,
+    ) -> None:
+        self.put_trial_param(trial_id, param_name, param_value_internal, distribution, previous_distribution)
+
+    def put_trial_param(
+        self,
+        trial_id: int,
+        param_name: str,
+        param_value_internal: float,
+        distribution: BaseDistribution,
+        previous_distribution: BaseDistribution | None,
+    ) -> None:
+        """Write one parameter of a trial in its own transaction, as optuna does."""
+        super()._set_trial_param(trial_id, param_name, param_value_internal, distribution, previous_distribution)
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        return self.stale_trial_ids(study_id)
+
+    def stale_trial_ids(self, study_id: int) -> list[int]:
+        """The ids of the study's RUNNING trials whose heartbeat is older than the grace period."""
+        return super()._get_stale_trial_ids(study_id)
+
+
+class StudyView:
+    """The read-only slice of a single-objective (minimised) Study that ``optuna.importance`` reads.
+
+    Over trials in memory: adding 1000 trials to an in-memory optuna study costs
+    seconds of copying.
+    """
+
+    directions = [optuna.study.StudyDirection.MINIMIZE]
+    direction = optuna.study.StudyDirection.MINIMIZE
+
+    def __init__(self, study_name: str, trials: list[FrozenTrial]) -> None:
+        self.study_name = study_name
+        self.trials = trials
+
+    def _is_multi_objective(self) -> bool:
+        return False
+
+    def get_trials(self, deepcopy: bool = True, states: Any = None) -> list[FrozenTrial]:
+        return [t for t in self.trials if states is None or t.state in states]
