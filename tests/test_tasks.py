@@ -205,3 +205,27 @@ def test_separate_deep_forward_and_backward_stacks() -> None:
     changed = feats.clone()
     changed[0, 49] += 5.0
     assert not torch.allclose(model(changed, torch.tensor([50, 30]))[0][0, 0], padded[0, 0])
+
+
+def test_optim_init_run_and_best_tune_an_utterance_classifier(tmp_path: Path) -> None:
+    """The task's own parameter (model.pooling) is searched; best exports a model evaluate reads."""
+    train, dev = _class_data(tmp_path / "train", 30, 0), _class_data(tmp_path / "dev", 9, 1)
+    url = f"sqlite:///{tmp_path / 'optim.db'}"
+    init = cli([*SMALL, "--set", "training.num_epochs=2", "optim", "--study-name", "utt", url, "init", train,
+                "--dev-dir", dev, "--num-trials", "3", "--whitelist", "model.pooling", "training.margin"], tmp_path)
+    assert init.returncode == 0, init.stderr
+    run = cli(["optim", "--study-name", "utt", url, "run", "--sampler", "random", "--seed", "0", "--quiet",
+               "--ckpt-dir", tmp_path / "ckpt"], tmp_path)
+    assert run.returncode == 0, run.stderr
+    import optuna
+
+    study = optuna.load_study(study_name="utt", storage=url)
+    finished = [t for t in study.trials if t.state.name in ("COMPLETE", "PRUNED")]  # hyperband may prune
+    assert len(finished) == 3 and any(t.state.name == "COMPLETE" for t in finished)
+    assert all(t.params["model.pooling"] in ("mean", "max", "meanstd", "attentive") for t in finished)
+    best = cli(["optim", "--study-name", "utt", url, "best", tmp_path / "best.ini", "--model",
+                tmp_path / "best.pt"], tmp_path)
+    assert best.returncode == 0, best.stderr
+    assert "task = utt" in (tmp_path / "best.ini").read_text()
+    evaluated = cli(["evaluate", tmp_path / "best.pt", dev], tmp_path)
+    assert evaluated.returncode == 0 and evaluated.stdout.startswith("UER "), evaluated.stderr

@@ -516,6 +516,21 @@ def _is_db_error(error: BaseException) -> bool:
     return type(error).__module__.partition(".")[0] in _DRIVER_MODULES
 
 
+class _QuietResetFailure(logging.Filter):
+    """Drop SQLAlchemy's traceback for a connection that could not be reset on its way
+    back to the pool because the server is away or hung: the pool discards it, and the
+    next database call waits for the server (and says so in one line)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not (error is not None and record.getMessage().startswith("Exception during reset")
+                    and is_transient_db_error(error))
+
+
+# The logger of the pool class open_storage's server engines use (SQLAlchemy's instance logger).
+logging.getLogger("sqlalchemy.pool.impl.QueuePool").addFilter(_QuietResetFailure())
+
+
 def is_transient_db_error(exc: BaseException) -> bool:
     """Whether ``exc`` is a database failure that waiting can cure.
 
