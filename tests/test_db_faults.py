@@ -321,3 +321,25 @@ def test_infrastructure_failures_are_told_from_model_failures() -> None:
     for exc in (ValueError("bad config"), RuntimeError("mat1 and mat2 shapes cannot be multiplied"),
                 StagetuneError("holds a checkpoint trained with another config")):
         assert not infrastructure_failure(exc), exc
+
+
+def test_a_report_the_server_ran_after_the_client_gave_up_is_not_a_lost_trial(tmp_path: Path) -> None:
+    """A hung server may run a report's COMMIT after the client's read timeout: the retried
+    report then finds the trial finished, as this worker reported it, and must count it, not
+    call it taken over. A trial finished otherwise (another value, or failed as stale) was."""
+    from stagetune.optim.rdb import STALE_ATTR
+    from stagetune.optim.worker import _Worker
+
+    url = f"sqlite:///{tmp_path / 'optim.db'}"
+    create_study(url, "landed", write_speech_data(tmp_path / "data"), num_trials=3)
+    with storage_session(url) as storage:
+        worker = _Worker(storage, url, "landed", WorkerOptions(), None, log=lambda _line: None)
+        study = optuna.load_study(study_name="landed", storage=storage)
+        done, other, stale = study.ask(), study.ask(), study.ask()
+        study.tell(done, 0.5)
+        study.tell(other, 0.9)
+        storage.set_trial_system_attr(stale._trial_id, STALE_ATTR, stale._trial_id)
+        study.tell(stale, state=TrialState.FAIL)
+        assert worker._report_landed(done, TrialState.COMPLETE, 0.5)
+        assert not worker._report_landed(other, TrialState.COMPLETE, 0.5)
+        assert not worker._report_landed(stale, TrialState.FAIL, None)

@@ -46,7 +46,7 @@ from stagetune.optim.budget import FINISHED_STATES, count_trials, trial_state
 from stagetune.optim.claim import Claims, HeartbeatRule
 from stagetune.optim.objective import OBJECTIVES, DbCall, TrialContext
 from stagetune.optim.optuna_internals import DbState, tell_with_warning, trial_id_of
-from stagetune.optim.rdb import StagetuneStorage
+from stagetune.optim.rdb import STALE_ATTR, StagetuneStorage
 from stagetune.optim.registry import SAMPLERS, make_sampler
 from stagetune.optim.report import WORKER_ATTR
 from stagetune.optim.storage import close_storage, is_transient_db_error, mask_url, open_storage, retry_transient
@@ -564,7 +564,8 @@ class _Worker:
         except (optuna.exceptions.UpdateFinishedTrialError, ValueError) as exc:
             if isinstance(exc, ValueError) and not str(exc).startswith("Cannot tell a"):
                 raise
-            return self._lost(trial, seconds)
+            if not self._report_landed(trial, state, value):
+                return self._lost(trial, seconds)
         summary.count(state.name)
         if state == TrialState.COMPLETE and (summary.best is None or value < summary.best[1]):
             summary.best = (trial.number, value)
@@ -577,6 +578,15 @@ class _Worker:
             + f" in {seconds:.1f} s | {_compact(trial.params)}"
         )
         return state.name
+
+    def _report_landed(self, trial: optuna.Trial, state: TrialState, value: float | None) -> bool:
+        """Whether the trial is finished as this worker reported it: a report whose COMMIT the
+        server ran after the client had given up on it (a hung server), retried into
+        "already finished". A trial failed as stale, or finished otherwise, was taken over."""
+        frozen = self.db(lambda: self.storage.get_trial(trial_id_of(trial)), f"reading trial {trial.number}")
+        if frozen.state != state or STALE_ATTR in frozen.system_attrs:
+            return False
+        return state != TrialState.COMPLETE or frozen.value == value
 
     def _lost(self, trial: optuna.Trial, seconds: float) -> str:
         self.summary.count("LOST")
