@@ -33,6 +33,9 @@ __all__ = [
     "Config",
     "FieldInfo",
     "SECTIONS",
+    "ENCODERS",
+    "register_section",
+    "extend_choices",
     "iter_fields",
     "field_info",
     "flatten",
@@ -45,12 +48,20 @@ __all__ = [
     "to_dict",
     "from_dict",
     "active",
+    "SUBTASKS",
+    "subtasks",
+    "task_weights",
+    "main_task",
 ]
 
 #: Tasks (see :mod:`stagetune.tasks`).
-TASKS = ("ctc", "frame", "utt")
+TASKS = ("ctc", "frame", "utt", "regress", "multi")
+#: Tasks a multitask model (``model.task = multi``) combines (see :mod:`stagetune.tasks.multitask`).
+SUBTASKS = ("frame", "regress")
 #: ``model.pooling`` values (task ``utt``; see :mod:`stagetune.tasks.utterance`).
 POOLINGS = ("mean", "max", "meanstd", "attentive")
+#: Built-in encoders (``model.encoder``); plugins add theirs (see :mod:`stagetune.plugins`).
+ENCODERS = ("crnn",)
 #: Nonlinearities of the convolutional front-end (see :mod:`stagetune.model`).
 NONLINEARITIES = ("relu", "gelu", "tanh", "sigmoid")
 #: Recurrent cell types (see :mod:`stagetune.model`).
@@ -64,9 +75,11 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 #: Feature normalisations (see :mod:`stagetune.normalize`).
 NORMALIZATIONS = ("auto", "none", "global", "speaker", "utterance")
 
-_CONV_ON = When("model.convolutional_layers", ">", 0)
-_RNN_ON = When("model.recurrent_layers", ">", 0)
+_CRNN = When("model.encoder", "==", "crnn")
+_CONV_ON = (When("model.convolutional_layers", ">", 0), _CRNN)
+_RNN_ON = (When("model.recurrent_layers", ">", 0), _CRNN)
 _UTT = When("model.task", "==", "utt")
+_MULTI = When("model.task", "==", "multi")
 
 
 @dataclass
@@ -77,8 +90,17 @@ class ModelConfig:
         "ctc",
         "What the model outputs: 'ctc' (token sequences from text, CTC loss), 'frame' "
         "(one class per frame from utt2label, cross-entropy) or 'utt' (one class per "
-        "utterance from utt2class, pooled over time).",
+        "utterance from utt2class, pooled over time), 'regress' (continuous values per frame "
+        "from targets.scp or utt2value, MSE loss, CCC) or 'multi' (several of frame and regress "
+        "over one encoder, see multitask).",
         choices=TASKS,
+    )
+    encoder: str = param(
+        "crnn",
+        "What turns features into the states the task's head reads: 'crnn' (the conv "
+        "front-end and recurrent stack of this section) or an encoder an installed plugin "
+        "provides, configured in its own section (see stagetune.plugins).",
+        choices=ENCODERS,
     )
     convolutional_layers: int = param(
         2,
@@ -86,6 +108,7 @@ class ModelConfig:
         min=0,
         max=12,
         search=Space(0, 4),
+        when=_CRNN,
     )
     convolutional_initial_channels: int = param(
         32,
@@ -159,6 +182,7 @@ class ModelConfig:
         "reads: 'none', or 'layer' (LayerNorm over the flattened conv output or features).",
         choices=FRAME_NORMS,
         search=Space(choices=FRAME_NORMS),
+        when=_CRNN,
     )
     recurrent_layers: int = param(
         2,
@@ -166,6 +190,7 @@ class ModelConfig:
         min=0,
         max=8,
         search=Space(0, 4),
+        when=_CRNN,
     )
     recurrent_size: int = param(
         128,
@@ -196,7 +221,7 @@ class ModelConfig:
         "backward stack of recurrent_layers each, merged at the top).",
         choices=BIDIRECTIONAL_MODES,
         search=Space(choices=BIDIRECTIONAL_MODES),
-        when=(_RNN_ON, When("model.recurrent_bidirectional", "==", True)),
+        when=(*_RNN_ON, When("model.recurrent_bidirectional", "==", True)),
     )
     pooling: str = param(
         "meanstd",
@@ -215,6 +240,12 @@ class ModelConfig:
         max=8192,
         search=Space(32, 512, log=True),
         when=_UTT,
+    )
+    multitask: str = param(
+        "frame,regress",
+        "Task 'multi': the sub-tasks, comma-separated, each with its own head, targets and "
+        "loss over one encoder: 'frame' (utt2label) and 'regress' (targets.scp or utt2value).",
+        when=_MULTI,
     )
 
 
@@ -272,6 +303,19 @@ class TrainingConfig:
         max=100.0,
         search=Space(10.0, 64.0, log=True),
         when=When("training.margin", ">", 0.0),
+    )
+    task_weights: str = param(
+        "",
+        "Task 'multi': loss weight of each sub-task of model.multitask, comma-separated in "
+        "its order (e.g. '1.0,0.5'; the loss is the weighted sum); empty = 1 each.",
+        when=_MULTI,
+    )
+    main_task: str = param(
+        "",
+        "Task 'multi': the sub-task whose dev error selects the best epoch and drives the "
+        "learning-rate schedule, early stopping and optim (regress: 1 - CCC); empty = the "
+        "first of model.multitask.",
+        when=_MULTI,
     )
     clip_grad_norm: float = param(
         5.0,
@@ -387,6 +431,17 @@ class TrainingConfig:
         search=Space(0, 10),
         when=When("training.early_stopping_threshold", ">", 0.0),
     )
+    adapt_rho: float = param(
+        0.0,
+        "Only with a base model (`stagetune train --adapt-from BASE.pt`; no effect without one): "
+        "the loss is (1 - adapt_rho) x the task loss + adapt_rho x the divergence of the model's "
+        "outputs from the base model's (KL(base || model) of the output distributions, MSE for "
+        "regression; task 'multi': adapt_rho x w_t per sub-task), keeping the adapted model close "
+        "to the base; 0 = plain fine-tuning from the base.",
+        min=0.0,
+        max=0.99,
+        search=Space(0.0, 0.9),
+    )
     seed: int = param(
         0,
         "Seed for weight initialisation, shuffling and augmentation (a signed 64-bit "
@@ -451,17 +506,41 @@ class DataConfig:
         return max(1, min(self.batch_size, num_utterances // self.min_batches_per_epoch))
 
 
+def _plugin_section_defaults() -> dict[str, Any]:
+    return {name: cls() for name, cls in SECTIONS.items() if name not in _BUILTIN_SECTIONS}
+
+
 @dataclass
 class Config:
-    """The whole configuration, one attribute per INI section."""
+    """The whole configuration, one attribute per INI section.
+
+    A section a plugin registered (:func:`register_section`) is an attribute too
+    (``config.tdnn``), held in :attr:`plugins`.
+    """
 
     model: ModelConfig = field(default_factory=ModelConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    #: Plugin section name -> its dataclass instance.
+    plugins: dict[str, Any] = field(default_factory=_plugin_section_defaults)
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached when ordinary lookup fails: a plugin's section (its defaults
+        # in a config built before the plugin registered it).
+        cls = SECTIONS.get(name)
+        if cls is None or name in _BUILTIN_SECTIONS or name.startswith("__"):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return self.__dict__.setdefault("plugins", {}).setdefault(name, cls())
 
 
 #: INI section name -> dataclass.
 SECTIONS: dict[str, type] = {"model": ModelConfig, "training": TrainingConfig, "data": DataConfig}
+_BUILTIN_SECTIONS = frozenset(SECTIONS)
+#: Conditions added to every field of a plugin's section (its encoder or task is chosen).
+_SECTION_WHEN: dict[str, tuple[When, ...]] = {}
+#: Values plugins add to a categorical field's choices (``model.encoder``, ``model.task``).
+_EXTRA_CHOICES: dict[str, tuple[Any, ...]] = {}
+_TYPES = (bool, int, float, str)
 
 
 @dataclass(frozen=True)
@@ -498,12 +577,87 @@ def _build_fields() -> tuple[FieldInfo, ...]:
     for section, cls in SECTIONS.items():
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
-            infos.append(FieldInfo(section, f.name, hints[f.name], f.default, spec_of(f)))
+            spec = spec_of(f)
+            name = f"{section}.{f.name}"
+            if name in _EXTRA_CHOICES and spec.choices is not None:
+                spec = dataclasses.replace(spec, choices=spec.choices + _EXTRA_CHOICES[name])
+            if section in _SECTION_WHEN:
+                spec = dataclasses.replace(spec, when=_SECTION_WHEN[section] + spec.when)
+            infos.append(FieldInfo(section, f.name, hints[f.name], f.default, spec))
     return tuple(infos)
 
 
 _FIELDS = _build_fields()
 _BY_NAME = {info.name: info for info in _FIELDS}
+
+
+def _rebuild_fields() -> None:
+    global _FIELDS, _BY_NAME
+    _FIELDS = _build_fields()
+    _BY_NAME = {info.name: info for info in _FIELDS}
+
+
+def register_section(name: str, cls: type, *, when: When | None = None) -> None:
+    """Add a plugin's INI section: ``[name]``, fields declared with :func:`~stagetune.space.param`.
+
+    From then on ``--set name.key=...``, INI files, :func:`to_dict`/:func:`from_dict`,
+    ``--print-ini`` and the search space see its fields, and ``config.<name>`` is
+    its dataclass instance.
+
+    Args:
+        name: The section name (a Python identifier, no existing section).
+        cls: A dataclass whose every field is a :func:`param` of type bool, int,
+            float or str with a valid default.
+        when: A condition added to every field (e.g. ``model.encoder == 'tdnn'``),
+            so a search only samples them when the plugin is in use.
+
+    Raises:
+        ConfigError: On an invalid name or class.
+    """
+    if not name.isidentifier() or name.startswith("_") or name in SECTIONS or hasattr(Config, name):
+        taken = name in SECTIONS or hasattr(Config, name)
+        raise ConfigError(
+            f"section [{name}] " + ("already exists" if taken else "is not a valid section name")
+        )
+    if not dataclasses.is_dataclass(cls) or not isinstance(cls, type):
+        raise ConfigError(f"section [{name}]: {cls!r} is not a dataclass")
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception as exc:  # a plugin's annotations may name anything
+        raise ConfigError(f"section [{name}]: cannot read its field types: {exc}") from None
+    for f in dataclasses.fields(cls):
+        if "stagetune" not in f.metadata:
+            raise ConfigError(f"section [{name}]: field {f.name!r} is not declared with param()")
+        if hints[f.name] not in _TYPES:
+            raise ConfigError(f"section [{name}]: field {f.name!r} must be bool, int, float or str")
+    SECTIONS[name] = cls
+    if when is not None:
+        _SECTION_WHEN[name] = (when,)
+    try:
+        _rebuild_fields()
+        for info in _FIELDS:
+            if info.section == name:
+                _check_static(info, info.default, f"[{name}] {info.key} (default)")
+    except ConfigError:
+        del SECTIONS[name]
+        _SECTION_WHEN.pop(name, None)
+        _rebuild_fields()
+        raise
+
+
+def _ensure_plugins() -> None:
+    """Register the installed plugins' sections and names before a config is read."""
+    from stagetune.plugins import load_plugins
+
+    load_plugins()
+
+
+def extend_choices(name: str, values: Sequence[Any]) -> None:
+    """Add ``values`` (a plugin's encoder or task names) to the choices of field ``name``."""
+    info = field_info(name)
+    new = tuple(v for v in values if v not in (info.spec.choices or ()))
+    _EXTRA_CHOICES[name] = _EXTRA_CHOICES.get(name, ()) + new
+    _rebuild_fields()
 
 
 def iter_fields() -> Iterator[FieldInfo]:
@@ -639,6 +793,72 @@ def _check_relations(values: Mapping[str, Any], sources: Mapping[str, str]) -> N
                 )
 
 
+def _parse_subtasks(text: str, where: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in text.split(","))
+    unknown = [name for name in names if name not in SUBTASKS]
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown sub-task {unknown[0]!r} in {text!r}; allowed: {', '.join(SUBTASKS)}, "
+            "comma-separated (e.g. 'frame,regress')"
+        )
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{where}: {text!r} names a sub-task twice; name each once")
+    if len(names) < 2:
+        raise ConfigError(f"{where}: got {text!r}; a multitask model needs at least two sub-tasks, e.g. 'frame,regress'")
+    return names
+
+
+def _parse_weights(text: str, names: Sequence[str], where: str) -> tuple[float, ...]:
+    if not text.strip():
+        return (1.0,) * len(names)
+    try:
+        weights = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise ConfigError(f"{where}: expected comma-separated numbers, got {text!r}") from None
+    if len(weights) != len(names):
+        raise ConfigError(
+            f"{where}: {len(weights)} weights for the {len(names)} sub-tasks {','.join(names)}; "
+            "give one per sub-task"
+        )
+    if not all(math.isfinite(w) and w >= 0 for w in weights) or not any(w > 0 for w in weights):
+        raise ConfigError(f"{where}: got {text!r}; weights must be finite, >= 0, and not all 0")
+    return weights
+
+
+def _multitask_where(name: str, sources: Mapping[str, str]) -> str:
+    section, key = name.split(".")
+    return sources.get(name, f"[{section}] {key}")
+
+
+def _check_multitask(values: Mapping[str, Any], sources: Mapping[str, str]) -> None:
+    """``model.multitask``, ``training.task_weights`` and ``training.main_task`` of a multitask model."""
+    if values["model.task"] != "multi":
+        return
+    names = _parse_subtasks(values["model.multitask"], _multitask_where("model.multitask", sources))
+    _parse_weights(values["training.task_weights"], names, _multitask_where("training.task_weights", sources))
+    main = values["training.main_task"].strip()
+    if main and main not in names:
+        raise ConfigError(
+            f"{_multitask_where('training.main_task', sources)}: got {main!r}; it must be one of "
+            f"model.multitask's sub-tasks ({', '.join(names)})"
+        )
+
+
+def subtasks(config: Config) -> tuple[str, ...]:
+    """The sub-tasks of a multitask config (``model.multitask``), in order."""
+    return _parse_subtasks(config.model.multitask, "[model] multitask")
+
+
+def task_weights(config: Config) -> tuple[float, ...]:
+    """One loss weight per sub-task (``training.task_weights``, default 1 each)."""
+    return _parse_weights(config.training.task_weights, subtasks(config), "[training] task_weights")
+
+
+def main_task(config: Config) -> str:
+    """The sub-task driving selection (``training.main_task``, default the first)."""
+    return config.training.main_task.strip() or subtasks(config)[0]
+
+
 def with_values(
     config: Config,
     values: Mapping[str, Any],
@@ -650,6 +870,7 @@ def with_values(
     Values may be strings (as in INI files) or typed values.  ``sources`` maps
     dotted names to where each value came from, for error messages.
     """
+    _ensure_plugins()
     sources = dict(sources or {})
     flat = flatten(config)
     for name, raw in values.items():
@@ -659,11 +880,13 @@ def with_values(
         _check_static(info, value, where)
         flat[name] = value
     _check_relations(flat, sources)
+    _check_multitask(flat, sources)
     sections = {
         section: cls(**{i.key: flat[i.name] for i in _FIELDS if i.section == section})
         for section, cls in SECTIONS.items()
     }
-    return Config(**sections)
+    plugins = {name: sections.pop(name) for name in list(sections) if name not in _BUILTIN_SECTIONS}
+    return Config(**sections, plugins=plugins)
 
 
 def parse_ini_text(text: str, source: str, base: Config | None = None) -> Config:
@@ -673,6 +896,7 @@ def parse_ini_text(text: str, source: str, base: Config | None = None) -> Config
     ``[DEFAULT]`` is an ordinary, hence unknown, section: configparser would copy
     its keys into every section and blame the first of them.
     """
+    _ensure_plugins()
     parser = configparser.ConfigParser(
         interpolation=None,
         inline_comment_prefixes=("#", ";"),
@@ -765,6 +989,7 @@ def _read_structured(text: str, path: Path, base: Config | None) -> Config:
 
 def apply_overrides(config: Config, overrides: Sequence[str]) -> Config:
     """Apply ``section.key=value`` strings (from ``--set``) in order."""
+    _ensure_plugins()
     values: dict[str, str] = {}
     sources: dict[str, str] = {}
     for item in overrides:
@@ -847,7 +1072,7 @@ def to_dict(config: Config) -> dict[str, dict[str, Any]]:
 
 #: Fields added after models and studies were first stored, with the value that
 #: reproduces what a stored config without them meant (its model was built so).
-_STORED_BEFORE: dict[str, Any] = {"model.frame_norm": "none"}
+_STORED_BEFORE: dict[str, Any] = {"model.frame_norm": "none", "model.encoder": "crnn"}
 
 
 def from_dict(
@@ -862,6 +1087,7 @@ def from_dict(
             checkpoint or study spec): a field it lacks takes the value it had
             before the field existed, not today's default.
     """
+    _ensure_plugins()
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     if stored:

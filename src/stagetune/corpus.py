@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from stagetune.errors import DataError, UsageError
-from stagetune.kaldi import DataDir, load_data_dir
+from stagetune.kaldi import DataDir, load_data_dir, regression_symbols
 
 __all__ = ["Corpus", "load_corpus", "split_dev", "check_targets", "subset_corpus"]
 
@@ -93,13 +93,17 @@ class Corpus:
 
     @property
     def token_symbols(self) -> list[str]:
-        """Output symbols by id (CTC tokens with blank 0, utterance classes, or frame classes)."""
+        """Output symbols by id (CTC tokens with blank 0, utterance classes, or frame classes),
+        then any regression dimensions (``dim:0`` ...; :func:`~stagetune.kaldi.regression_symbols`)."""
         if self.train.classes is not None:
             return list(self.train.classes)
         if self.train.tokens is not None:
             return list(self.train.tokens.symbols)
+        dims = regression_symbols(self.train.target_dim)
+        if self.train.labels is None:
+            return dims
         num_classes = 1 + max(int(lab.max()) for lab in self.train.labels.values())
-        return [str(i) for i in range(num_classes)]
+        return [str(i) for i in range(num_classes)] + dims
 
     def longest_utterance(self) -> int:
         """Frames in the longest train or dev utterance."""
@@ -206,7 +210,7 @@ def _targets_in(data: DataDir, utt_ids: Sequence[str]) -> set[int]:
     """
     used: set[int] = set()
     for utt in utt_ids:
-        used.update(np.unique(data.targets(utt)).tolist())
+        used.update(np.unique(data.labels[utt] if data.labels is not None else data.targets(utt)).tolist())
     return used
 
 
@@ -218,9 +222,19 @@ def check_targets(corpus: Corpus, warn: Callable[[str], None]) -> None:
     ``stagetune: warning:``).
 
     Raises:
-        DataError: When every training transcript is empty, or (frame task) a dev
-            label is beyond the classes the training labels define.
+        DataError: When every training transcript is empty, (frame task) a dev
+            label is beyond the classes the training labels define, or (regression)
+            the dev targets have another dimension than the training ones.
     """
+    if corpus.train.values is not None:
+        train_dim, dev_dim = corpus.train.target_dim, corpus.dev.target_dim
+        if dev_dim != train_dim:
+            raise DataError(
+                f"{corpus.dev.path}: dev regression targets have {dev_dim} dimensions but the training "
+                f"targets of {corpus.train.path} have {train_dim}; give both the same targets"
+            )
+        if corpus.train.labels is None:
+            return
     frame = corpus.train.labels is not None
     seen = _targets_in(corpus.train, corpus.train_ids)
     if not seen:
@@ -232,7 +246,7 @@ def check_targets(corpus: Corpus, warn: Callable[[str], None]) -> None:
     unseen = sorted(_targets_in(corpus.dev, corpus.dev_ids) - seen)
     if not unseen:
         return
-    symbols = corpus.token_symbols
+    symbols = [s for s in corpus.token_symbols if s not in regression_symbols(corpus.train.target_dim)]
     if frame:
         beyond = [label for label in unseen if label >= len(symbols)]
         if beyond:

@@ -42,7 +42,8 @@ class UtteranceDataset(Dataset[Item]):
     """Utterances of a data directory, read lazily.
 
     Item ``i`` is ``(feats, targets, utt_id)``: float32 features (T, F) and int64
-    targets, token ids (U,) for CTC or frame labels (T,).
+    targets, token ids (U,) for CTC or frame labels (T,); float32 targets (T, D)
+    for regression and (T, 1 + D) for multitask (:meth:`DataDir.targets`).
 
     Args:
         data: The loaded data directory.
@@ -79,7 +80,9 @@ class UtteranceDataset(Dataset[Item]):
     def __getitem__(self, index: int) -> Item:
         utt = self.utt_ids[index]
         feats = torch.from_numpy(self.normalizer(self.data, utt, self.data.load_feats(utt)))
-        targets = torch.tensor(self.data.targets(utt), dtype=torch.long)
+        raw = self.data.targets(utt)
+        dtype = torch.float32 if np.issubdtype(raw.dtype, np.floating) else torch.long
+        targets = torch.tensor(raw, dtype=dtype)
         return feats, targets, utt
 
     def part_indices(self) -> list[list[int]]:
@@ -96,7 +99,9 @@ class Batch(NamedTuple):
         feats: float32 (B, T, F), zero padded after each utterance's frames.
         feat_lens: int64 (B,), frames per utterance.
         targets: int64 (B, U), padded with :data:`TARGET_PAD` (-1); U = max target
-            length (for frame targets U = T).
+            length (for frame targets U = T).  Float targets (regression,
+            multitask) are float32 (B, T, D), padded with 0: ``target_lens``
+            says which rows are real.
         target_lens: int64 (B,), targets per utterance.
         utt_ids: The B utterance ids.
     """
@@ -119,13 +124,22 @@ class Batch(NamedTuple):
 
 
 def collate(items: Sequence[Item]) -> Batch:
-    """Pad ``(feats (T, F), targets (U,), utt_id)`` items into a :class:`Batch`."""
+    """Pad ``(feats (T, F), targets (U, ...), utt_id)`` items into a :class:`Batch`.
+
+    Integer targets are padded with :data:`TARGET_PAD`, float targets (with
+    their trailing dimensions kept) with 0.
+    """
     if not items:
         raise ValueError("collate needs at least one item")
     feat_lens = torch.tensor([f.shape[0] for f, _, _ in items], dtype=torch.long)
     target_lens = torch.tensor([t.shape[0] for _, t, _ in items], dtype=torch.long)
     feats = items[0][0].new_zeros((len(items), int(feat_lens.max()), items[0][0].shape[1]))
-    targets = torch.full((len(items), int(target_lens.max())), TARGET_PAD, dtype=torch.long)
+    first = items[0][1]
+    shape = (len(items), int(target_lens.max()), *first.shape[1:])
+    if first.is_floating_point():
+        targets = torch.zeros(shape, dtype=first.dtype)
+    else:
+        targets = torch.full(shape, TARGET_PAD, dtype=torch.long)
     for b, (f, t, _) in enumerate(items):
         feats[b, : f.shape[0]] = f
         targets[b, : t.shape[0]] = t

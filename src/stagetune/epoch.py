@@ -13,8 +13,9 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from stagetune.adaptation import Adaptation
 from stagetune.config import Config
-from stagetune.metrics import ErrorCounts
+from stagetune.metrics import TaskScore
 from stagetune.model import AcousticModel
 from stagetune.tasks import Task, task_of
 from stagetune.schedule import LearningRateSchedule
@@ -55,6 +56,7 @@ def train_one_epoch(
     progress: tqdm | None = None,
     schedule: LearningRateSchedule | None = None,
     start_loss_sum: float = 0.0,
+    adaptation: Adaptation | None = None,
 ) -> tuple[float, int]:
     """Train over ``loader`` (batches ``first_batch`` onwards of this epoch).
 
@@ -63,6 +65,7 @@ def train_one_epoch(
     starting from ``start_loss_sum`` (the earlier batches' sum when resuming
     mid-epoch, so it adds up in the same order as an uninterrupted epoch).
     Raises ``EpochStopped`` between batches when ``should_stop()`` turns true.
+    ``adaptation`` (``--adapt-from``) regularises every step towards a base model.
     """
     task = task_of(config)
     t = config.training
@@ -75,7 +78,7 @@ def train_one_epoch(
         batch = batch.to(device)
         loss = train_step(
             model, optimizer, task, batch.feats, batch.feat_lens, batch.targets, batch.target_lens, t,
-            scaler=scaler, generator=torch.Generator().manual_seed(seed),
+            scaler=scaler, generator=torch.Generator().manual_seed(seed), adaptation=adaptation,
         )
         if schedule is not None:
             schedule.step()
@@ -120,27 +123,27 @@ def decode_batches(
 @torch.no_grad()
 def validate(
     model: AcousticModel, loader: Any, task: Task, device: torch.device
-) -> tuple[ErrorCounts, float]:
-    """Decode ``loader`` greedily, count errors and compute the loss per unit.
+) -> tuple[TaskScore, float]:
+    """Score ``loader`` with the task's scorer (greedy decoding) and compute the loss per unit.
 
     Returns:
-        ``(counts, dev_loss)``: the error counts, and the task's loss summed
-        over every utterance divided by the summed units
+        ``(score, dev_loss)``: the task's figures (:meth:`Task.scorer`: error
+        counts and their rate, or regression's MSE and CCC), and the task's
+        loss summed over every utterance divided by the summed units
         (:meth:`Task.summed_loss`: target tokens for CTC, labelled output
         frames for the frame task), so padding and batching do not change it.
     """
-    counts = ErrorCounts()
+    scorer = task.scorer(model.time_stride)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     units = 0
-
-    def add_loss(batch: Any, logits: Tensor, out_lens: Tensor) -> None:
-        nonlocal loss_sum, units
+    model.eval()
+    for batch in loader:
+        batch = batch.to(device)
+        logits, out_lens = model(batch.feats, batch.feat_lens)
         loss, n = task.summed_loss(
             logits, out_lens, batch.targets, batch.target_lens, time_stride=model.time_stride
         )
         loss_sum += loss.double()
         units += n
-
-    for _, hyps, refs in decode_batches(model, loader, task, device, observe=add_loss):
-        counts += task.errors(refs, hyps)
-    return counts, float(loss_sum) / max(units, 1)
+        scorer.add(logits, out_lens, batch.targets, batch.target_lens)
+    return scorer.result(), float(loss_sum) / max(units, 1)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -11,12 +11,11 @@ import torch
 from stagetune.checkpoint import load_model_file
 from stagetune.errors import DataError, UsageError
 from stagetune.dataset import Batch, BucketBatchSampler, UtteranceDataset, collate
-from stagetune.kaldi import DataDir, TokenTable, load_data_dir
-from stagetune.metrics import ErrorCounts, ctc_prefix_beam_search
+from stagetune.kaldi import DataDir, TokenTable, load_data_dir, regression_dim
+from stagetune.metrics import ErrorCounts, TaskScore, ctc_prefix_beam_search
 from stagetune.model import AcousticModel, build_model
 from stagetune.tasks import Task, task_of
 from stagetune.normalize import stored_normalizer
-from stagetune.training import decode_batches
 
 __all__ = ["Evaluation", "Inference", "evaluate_model", "load_inference"]
 
@@ -30,6 +29,9 @@ class Evaluation:
     task: str
     #: The task's name of the error rate (TER, FER, UER).
     error_name: str = "TER"
+    #: All the task's figures (:meth:`Task.scorer`); ``score.figures`` is empty for
+    #: tasks whose figure is the error rate of ``counts``.
+    score: TaskScore = field(default_factory=lambda: TaskScore(0.0))
 
     def text(self) -> str:
         """Hypotheses in Kaldi ``text`` format, sorted by utterance id."""
@@ -68,6 +70,8 @@ def load_inference(
     tokens = TokenTable(mf.tokens) if task_name == "ctc" else None
     classes = mf.tokens if task_name == "utt" else None
     data = load_data_dir(data_dir, task=task_name, tokens=tokens, classes=classes, targets=targets)
+    if targets and data.values is not None:
+        _check_targets_fit(data, list(mf.tokens), str(model_path))
     if data.feat_dim != mf.feat_dim:
         raise UsageError(
             f"{data_dir}: features have dimension {data.feat_dim}, the model expects "
@@ -90,6 +94,24 @@ def load_inference(
 
 
 
+def _check_targets_fit(data: DataDir, symbols: list[str], model_path: str) -> None:
+    """Regression (and multitask) targets of the dimension, and labels of the classes, the model has."""
+    dims = regression_dim(symbols)
+    if data.target_dim != dims:
+        raise DataError(
+            f"{data.path}: regression targets have {data.target_dim} dimensions, {model_path} "
+            f"predicts {dims}; give targets like the training ones"
+        )
+    classes = len(symbols) - dims
+    if data.labels is not None:
+        beyond = next((u for u in data.utt_ids if int(data.labels[u].max(initial=0)) >= classes), None)
+        if beyond is not None:
+            raise DataError(
+                f"{data.path / 'utt2label'}: utterance {beyond!r} has label "
+                f"{int(data.labels[beyond].max())}, beyond the {classes} classes of {model_path}"
+            )
+
+
 @torch.no_grad()
 def evaluate_model(
     model_path: str | Path,
@@ -98,6 +120,7 @@ def evaluate_model(
     device: torch.device,
     beam_width: int = 0,
     batch_size: int = 32,
+    hypotheses: bool = False,
 ) -> Evaluation:
     """Score ``model_path`` on ``data_dir``.
 
@@ -109,8 +132,15 @@ def evaluate_model(
         device: Torch device.
         beam_width: CTC prefix beam search width; 0 or 1 decodes greedily.
         batch_size: Utterances per decoding batch.
+        hypotheses: The caller writes the hypotheses (``--out``): a task without
+            symbol hypotheses (regression, multitask) is refused before decoding.
     """
     loaded = load_inference(model_path, data_dir, device)
+    if hypotheses and not loaded.task.hypotheses:
+        raise UsageError(
+            f"--out: task {loaded.model_file.config.model.task!r} has no symbol hypotheses to write; "
+            "leave out --out"
+        )
     mf, task, model, task_name = loaded.model_file, loaded.task, loaded.model, loaded.model_file.config.model.task
     symbolic = task_name in ("ctc", "utt")  # hypotheses as tokens or class names, not ids
     batches = loaded.batches(batch_size)
@@ -123,10 +153,17 @@ def evaluate_model(
         ]
 
     decode = beam_search if task_name == "ctc" and beam_width > 1 else None
-    counts = ErrorCounts()
-    hypotheses: dict[str, list[str]] = {}
-    for batch, hyps, refs in decode_batches(model, batches, task, device, decode):
-        counts += task.errors(refs, hyps)
-        for utt, hyp in zip(batch.utt_ids, hyps):
-            hypotheses[utt] = [mf.tokens[i] for i in hyp] if symbolic else [str(i) for i in hyp]
-    return Evaluation(counts=counts, hypotheses=hypotheses, task=task_name, error_name=task.error_name)
+    # The scorer validation uses, so evaluate's figures agree with the dev figures of training.
+    scorer = task.scorer(model.time_stride, decode)
+    written: dict[str, list[str]] = {}
+    model.eval()
+    for batch in batches:
+        batch = batch.to(device)
+        logits, out_lens = model(batch.feats, batch.feat_lens)
+        hyps = scorer.add(logits, out_lens, batch.targets, batch.target_lens)
+        for utt, hyp in zip(batch.utt_ids, hyps or ()):
+            written[utt] = [mf.tokens[i] for i in hyp] if symbolic else [str(i) for i in hyp]
+    score = scorer.result()
+    return Evaluation(
+        counts=score.counts, hypotheses=written, task=task_name, error_name=task.error_name, score=score
+    )

@@ -6,7 +6,11 @@ compressed matrices, all read through kaldiio) plus the targets of a task:
 * ``ctc``: ``text`` (``UTT TOKEN ...``) and ``tokens.txt`` (``SYMBOL ID``, with
   ``<blank> 0``), or a :class:`TokenTable` passed in (e.g. the training one when
   loading a dev or test directory);
-* ``frame``: ``utt2label`` (``UTT L1 ... LT``, one integer label per frame).
+* ``frame``: ``utt2label`` (``UTT L1 ... LT``, one integer label per frame);
+* ``utt``: ``utt2class`` (``UTT CLASS``);
+* ``regress``: ``targets.scp`` (utterance -> a (T, D) float matrix, one row per
+  frame) or, without it, ``utt2value`` (``UTT V1 ... VT``, one value per frame, D = 1);
+* ``multi``: ``utt2label`` and the regression targets, both.
 
 Optional files: ``utt2spk`` + ``cmvn.scp`` (per-speaker mean/variance
 statistics, applied by :mod:`stagetune.normalize`) and ``utt2num_frames``
@@ -39,6 +43,7 @@ import numpy as np
 from stagetune.errors import ConfigError, DataError
 from stagetune.kaldi_io import (
     Line,
+    iter_matrices,
     line_of,
     load_matrix,
     read_feats_scp,
@@ -48,10 +53,23 @@ from stagetune.kaldi_io import (
 )
 from stagetune.tokens import BLANK, TokenTable  # re-exported: part of __all__
 
-__all__ = ["BLANK", "TASKS", "TokenTable", "DataDir", "load_data_dir"]
+__all__ = ["BLANK", "TASKS", "TokenTable", "DataDir", "load_data_dir", "regression_symbols", "regression_dim"]
 
-TASKS = ("ctc", "frame", "utt")
-"""Supported target kinds: token sequences (CTC) or one label per frame."""
+TASKS = ("ctc", "frame", "utt", "regress", "multi")
+"""Supported target kinds: token sequences (CTC), one label per frame or per utterance,
+values per frame, or labels and values per frame (multitask)."""
+
+_DIM_PREFIX = "dim:"
+
+
+def regression_symbols(dim: int) -> list[str]:
+    """Output symbols of ``dim`` regression targets: ``dim:0`` ... (a model file stores them)."""
+    return [f"{_DIM_PREFIX}{i}" for i in range(dim)]
+
+
+def regression_dim(symbols: Sequence[str]) -> int:
+    """How many of ``symbols`` name regression dimensions (:func:`regression_symbols`)."""
+    return sum(str(s).startswith(_DIM_PREFIX) for s in symbols)
 
 _VAR_FLOOR = 1e-10
 
@@ -74,6 +92,8 @@ class DataDir:
         labels: Frame labels, int64 of shape (T,) (task ``frame``), or the class id,
             int64 of shape (1,) (task ``utt``), else None.
         classes: Class names by id (task ``utt``), else None.
+        values: Regression targets, float32 of shape (T, D) (tasks ``regress``
+            and ``multi``), else None.
         utt2spk: Speaker per utterance, when ``utt2spk`` exists.
         cmvn: Speaker (or utterance, without ``utt2spk``) -> (mean, std), float32 (F,).
     """
@@ -88,6 +108,7 @@ class DataDir:
     tokens: TokenTable | None = None
     labels: dict[str, np.ndarray] | None = None
     classes: list[str] | None = None
+    values: dict[str, np.ndarray] | None = None
     utt2spk: dict[str, str] | None = None
     cmvn: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
     #: False when loaded without targets (features only, e.g. for ``stagetune extract``).
@@ -118,11 +139,25 @@ class DataDir:
             raise DataError(f"{self.path / 'cmvn.scp'} is missing; it holds per-speaker statistics")
         return self.cmvn[self.utt2spk[utt_id] if self.utt2spk else utt_id]
 
+    @property
+    def target_dim(self) -> int:
+        """Regression dimensions D (tasks ``regress`` and ``multi``), else 0."""
+        if not self.values:
+            return 0
+        return next(iter(self.values.values())).shape[1]
+
     def targets(self, utt_id: str) -> np.ndarray:
         """Token ids, int64 (U,), for ``ctc``; frame labels, int64 (T,), for ``frame``;
-        the class id, int64 (1,), for ``utt``; empty when loaded without targets."""
+        the class id, int64 (1,), for ``utt``; values, float32 (T, D), for ``regress``;
+        float32 (T, 1 + D) for ``multi``, the frame label in column 0 and the values
+        after it; empty when loaded without targets."""
         if not self.has_targets:
             return np.zeros(0, dtype=np.int64)
+        if self.values is not None:
+            if self.labels is None:
+                return self.values[utt_id]
+            label = self.labels[utt_id].astype(np.float32)[:, None]
+            return np.concatenate([label, self.values[utt_id]], axis=1)
         if self.labels is not None:
             return self.labels[utt_id]
         return self._token_ids[utt_id]
@@ -244,6 +279,64 @@ def _read_classes(
     return labels, list(classes)
 
 
+def _read_values(
+    data_dir: Path, utt_ids: list[str], where: dict[str, Line], num_frames: dict[str, int], task: str
+) -> dict[str, np.ndarray]:
+    """Regression targets, float32 (T, D) per utterance, from ``targets.scp`` or ``utt2value``."""
+    scp, text = data_dir / "targets.scp", data_dir / "utt2value"
+    values: dict[str, np.ndarray] = {}
+    at: dict[str, str] = {}
+    if scp.is_file():
+        target_where: dict[str, Line] = {}
+        specs = read_scp(scp, data_dir, target_where, "UTT")
+        _require_covered(utt_ids, where, {u: (w[1], None) for u, w in target_where.items()}, scp, "target matrix")
+        items = [(u, specs[u], f"{line_of(target_where[u])} ({u!r})") for u in utt_ids]
+        for utt, mat in iter_matrices(items):
+            values[utt] = np.array(mat, dtype=np.float32)
+            at[utt] = f"{line_of(target_where[utt])}: utterance {utt!r} has"
+    elif text.is_file():
+        entries = read_keyed(text, "UTT V1 ... VT")
+        _require_covered(utt_ids, where, entries, text, "value line")
+        for utt, (lineno, fields) in entries.items():
+            try:
+                values[utt] = np.array([float(v) for v in fields], dtype=np.float32)[:, None]
+            except ValueError:
+                bad = next(v for v in fields if not _is_float(v))
+                raise DataError(
+                    f"{text} line {lineno}: utterance {utt!r} has a non-numeric value {bad!r}; "
+                    "give one number per frame"
+                ) from None
+            at[utt] = f"{text} line {lineno}: utterance {utt!r} has"
+    else:
+        raise DataError(
+            f"{scp} is missing; task {task!r} needs targets.scp (a T x D float matrix per "
+            f"utterance) or utt2value (`UTT V1 ... VT`) in {data_dir}"
+        )
+    dim = None
+    for utt in utt_ids:
+        mat = values[utt]
+        if len(mat) != num_frames[utt]:
+            raise DataError(
+                f"{at[utt]} {len(mat)} target frames but {num_frames[utt]} frames in feats.scp; "
+                "give exactly one target row per frame"
+            )
+        if dim is None:
+            dim, first = mat.shape[1], utt
+        elif mat.shape[1] != dim:
+            raise DataError(f"{at[utt]} {mat.shape[1]} target dimensions but {first!r} has {dim}")
+        if not np.isfinite(mat).all():
+            raise DataError(f"{at[utt]} a non-finite target value (nan or inf)")
+    return values
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _read_cmvn(
     data_dir: Path, feat_dim: int, utt_ids: list[str], where: dict[str, Line],
     utt2spk: dict[str, str] | None, spk_lines: dict[str, int],
@@ -329,8 +422,9 @@ def load_data_dir(
 
     Args:
         path: The data directory.
-        task: ``"ctc"`` (``text`` + ``tokens.txt``), ``"frame"`` (``utt2label``) or
-            ``"utt"`` (``utt2class``).
+        task: ``"ctc"`` (``text`` + ``tokens.txt``), ``"frame"`` (``utt2label``),
+            ``"utt"`` (``utt2class``), ``"regress"`` (``targets.scp`` or ``utt2value``)
+            or ``"multi"`` (``utt2label`` and the regression targets).
         tokens: Token table to use instead of ``tokens.txt`` (e.g. the training one
             when loading dev/test data).
         classes: Class names by id (task ``utt``) instead of those ``utt2class`` lists
@@ -360,7 +454,7 @@ def load_data_dir(
     specs, where, parts = read_feats_scp(data_dir)
     utt_ids = sorted(specs)
 
-    text = labels = token_ids = None
+    text = labels = token_ids = values = None
     if not targets:
         tokens = None
     elif task == "ctc":
@@ -368,9 +462,11 @@ def load_data_dir(
     elif task == "utt":
         tokens = None
         labels, classes = _read_classes(data_dir, utt_ids, where, classes)
-    else:
+    elif task in ("frame", "multi"):
         tokens = None
         labels, label_lines = _read_labels(data_dir, utt_ids, where)
+    else:
+        tokens = None
 
     utt2spk, spk_lines = _read_utt2spk(data_dir, utt_ids, where)
     num_frames, nf_lines = _read_num_frames(data_dir, utt_ids, where)
@@ -387,7 +483,10 @@ def load_data_dir(
     else:
         feat_dim = load_matrix(specs[utt_ids[0]], line_of(where[utt_ids[0]])).shape[1]
 
-    if labels is not None and task == "frame":
+    if targets and task in ("regress", "multi"):
+        values = _read_values(data_dir, utt_ids, where, num_frames, task)
+
+    if labels is not None and task in ("frame", "multi"):
         for utt in utt_ids:
             if len(labels[utt]) != num_frames[utt]:
                 raise DataError(
@@ -403,6 +502,6 @@ def load_data_dir(
     return DataDir(
         path=data_dir, utt_ids=utt_ids, feat_dim=feat_dim, num_frames=num_frames,
         feat_paths=specs, parts=parts, text=text, tokens=tokens, labels=labels,
-        classes=classes if task == "utt" and targets else None, has_targets=targets,
+        classes=classes if task == "utt" and targets else None, values=values, has_targets=targets,
         utt2spk=utt2spk, cmvn=cmvn, _token_ids=token_ids or {},
     )

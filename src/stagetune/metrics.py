@@ -12,7 +12,7 @@ collapse rule lives in one place.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
@@ -24,6 +24,9 @@ __all__ = [
     "ctc_greedy_decode",
     "ctc_sequence_log_prob",
     "ctc_prefix_beam_search",
+    "concordance_correlation",
+    "RegressionStats",
+    "TaskScore",
 ]
 
 
@@ -311,3 +314,106 @@ def _accumulate(
     """Add path probabilities (log space) to ``prefix``'s entry in ``beam``."""
     p_blank, p_label = beam.get(prefix, (-math.inf, -math.inf))
     beam[prefix] = (_logaddexp(p_blank, blank_part), _logaddexp(p_label, label_part))
+
+
+def concordance_correlation(x: Any, y: Any) -> float:
+    """Lin's (1989) concordance correlation coefficient of two equally long series.
+
+    ``2 cov(x, y) / (var(x) + var(y) + (mean(x) - mean(y))^2)``, with population
+    (``1/n``) moments.  1 is perfect agreement, 0 none, -1 perfect reversal;
+    unlike Pearson's correlation it also penalises an offset or a wrong scale.
+    Two identical constant series agree perfectly (1.0); a constant prediction
+    of a varying target scores 0.
+
+    Raises:
+        ValueError: If the series differ in length or are empty.
+    """
+    x = np.asarray(x, dtype=np.float64).reshape(-1)
+    y = np.asarray(y, dtype=np.float64).reshape(-1)
+    if len(x) != len(y) or not len(x):
+        raise ValueError(f"need two equally long non-empty series, got {len(x)} and {len(y)} values")
+    stats = RegressionStats()
+    stats.add(x[:, None], y[:, None])
+    return float(stats.ccc_per_dim()[0])
+
+
+@dataclass
+class RegressionStats:
+    """Sums of predictions ``x`` against references ``y``, per target dimension, summable over batches.
+
+    From these, :meth:`mse` and the concordance correlation coefficient
+    (:meth:`ccc`) of everything added, as if computed over all frames at once.
+    """
+
+    count: int = 0
+    sum_x: np.ndarray | None = None
+    sum_y: np.ndarray | None = None
+    sum_xx: np.ndarray | None = None
+    sum_yy: np.ndarray | None = None
+    sum_xy: np.ndarray | None = None
+    sum_sq_error: np.ndarray | None = None
+
+    def add(self, x: Any, y: Any) -> None:
+        """Add ``(N, D)`` predictions ``x`` and references ``y`` (N frames)."""
+        x = np.asarray(x, dtype=np.float64)
+        y = np.asarray(y, dtype=np.float64)
+        if x.shape != y.shape or x.ndim != 2:
+            raise ValueError(f"predictions {x.shape} and references {y.shape} must both be (N, D)")
+        sums = (x.sum(0), y.sum(0), (x * x).sum(0), (y * y).sum(0), (x * y).sum(0), ((x - y) ** 2).sum(0))
+        names = ("sum_x", "sum_y", "sum_xx", "sum_yy", "sum_xy", "sum_sq_error")
+        if self.sum_x is not None and len(self.sum_x) != x.shape[1]:
+            raise ValueError(f"{x.shape[1]} target dimensions after {len(self.sum_x)}")
+        for name, value in zip(names, sums):
+            old = getattr(self, name)
+            setattr(self, name, value if old is None else old + value)
+        self.count += x.shape[0]
+
+    def mse(self) -> float:
+        """Mean squared error over every frame and dimension (nan when empty)."""
+        if not self.count:
+            return math.nan
+        return float(self.sum_sq_error.sum() / (self.count * len(self.sum_sq_error)))
+
+    def ccc_per_dim(self) -> np.ndarray:
+        """The concordance correlation coefficient of each dimension (nan when empty)."""
+        if not self.count:
+            return np.full(0 if self.sum_x is None else len(self.sum_x), math.nan)
+        n = self.count
+        mean_x, mean_y = self.sum_x / n, self.sum_y / n
+        var_x = np.maximum(self.sum_xx / n - mean_x**2, 0.0)
+        var_y = np.maximum(self.sum_yy / n - mean_y**2, 0.0)
+        cov = self.sum_xy / n - mean_x * mean_y
+        denominator = var_x + var_y + (mean_x - mean_y) ** 2
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ccc = np.where(denominator > 0, 2 * cov / np.where(denominator > 0, denominator, 1.0), 1.0)
+        return ccc
+
+    def ccc(self) -> float:
+        """The per-dimension concordance correlation coefficients, averaged (nan when empty)."""
+        per_dim = self.ccc_per_dim()
+        return float(per_dim.mean()) if len(per_dim) else math.nan
+
+
+@dataclass
+class TaskScore:
+    """A task's figures over a data set: what validation and ``stagetune evaluate`` report.
+
+    Attributes:
+        error: The figure training minimises (``dev_error``: model selection,
+            learning-rate plateaus, early stopping, optim), lower is better:
+            the error rate of counted tasks, 1 - CCC for regression.
+        counts: Edit-distance counts (empty for tasks that do not count errors).
+        figures: The task's own named figures (e.g. ``{"mse": ..., "ccc": ...}``),
+            ``history.csv`` columns ``dev_NAME``; empty for counted tasks,
+            whose figure is ``counts.rate``.
+        units: What the figures are over, e.g. ``"123 output frames, D=1"``.
+    """
+
+    error: float
+    counts: ErrorCounts = field(default_factory=ErrorCounts)
+    figures: dict[str, float] = field(default_factory=dict)
+    units: str = ""
+
+    def describe(self) -> str:
+        """E.g. ``"MSE 0.0123 CCC 0.9512"`` (the figures, upper-cased names)."""
+        return " ".join(f"{name.upper()} {value:.4f}" for name, value in self.figures.items())

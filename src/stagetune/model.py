@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from stagetune.config import Config, ModelConfig
+from stagetune.plugins import encoder_builder
 from stagetune.tasks import task_of
 from stagetune.tasks.base import FrameHead
 from stagetune.tasks.base import frame_mask as _frame_mask
@@ -28,6 +29,7 @@ __all__ = [
     "NONLINEARITIES",
     "RECURRENT_CELLS",
     "AcousticModel",
+    "EncoderModel",
     "build_model",
     "time_geometry",
     "output_lengths",
@@ -67,7 +69,13 @@ def _scheduled(config: ModelConfig, layer: int) -> bool:
 
 
 def time_geometry(config: ModelConfig) -> list[tuple[int, int]]:
-    """``(kernel_time, stride_time)`` of each conv layer of the model ``config`` describes."""
+    """``(kernel_time, stride_time)`` of each conv layer of the model ``config`` describes.
+
+    None for a plugin's encoder (``model.encoder`` other than ``crnn``), whose
+    geometry its own section sets: its model's ``output_lengths`` is exact.
+    """
+    if config.encoder != "crnn":
+        return []
     return [
         (config.convolutional_kernel_time, config.convolutional_time_factor if _scheduled(config, i) else 1)
         for i in range(config.convolutional_layers)
@@ -295,8 +303,52 @@ class AcousticModel(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def build_model(config: Config, feat_dim: int, num_outputs: int) -> AcousticModel:
+class EncoderModel(nn.Module):
+    """A plugin's encoder (``model.encoder``, see :mod:`stagetune.plugins`) and the task's head.
+
+    Offers what :class:`AcousticModel` offers its callers: ``encode``, the head
+    as ``output``, ``time_stride``, ``output_lengths``, ``state_dim`` and
+    ``num_parameters``.
+
+    Args:
+        encoder: A module with ``encode(feats, feat_lens) -> (states, out_lens)``,
+            ``state_dim``, ``time_stride`` and ``output_lengths(feat_lens)``.
+        head: Builds the output head from the units per encoder frame.
+    """
+
+    def __init__(self, encoder: nn.Module, head: Callable[[int], nn.Module]) -> None:
+        super().__init__()
+        missing = [a for a in ("encode", "state_dim", "time_stride", "output_lengths") if not hasattr(encoder, a)]
+        if missing:
+            raise ValueError(f"encoder {type(encoder).__name__} lacks {', '.join(missing)}")
+        self.encoder = encoder
+        self.state_dim = int(encoder.state_dim)
+        #: Total subsampling of the time axis.
+        self.time_stride = int(encoder.time_stride)
+        self.output = head(self.state_dim)
+
+    def output_lengths(self, feat_lens: Any) -> Any:
+        """Output frames per utterance (the encoder's)."""
+        return self.encoder.output_lengths(feat_lens)
+
+    def encode(self, feats: Tensor, feat_lens: Tensor) -> tuple[Tensor, Tensor]:
+        """The encoder's ``(states (B, T', H), out_lens (B,))``."""
+        return self.encoder.encode(feats, feat_lens)
+
+    def forward(self, feats: Tensor, feat_lens: Tensor) -> tuple[Tensor, Tensor]:
+        """The head's logits: ``self.output(*self.encode(feats, feat_lens))``."""
+        return self.output(*self.encode(feats, feat_lens))
+
+    def num_parameters(self) -> int:
+        """Number of parameters."""
+        return sum(p.numel() for p in self.parameters())
+
+
+def build_model(config: Config, feat_dim: int, num_outputs: int) -> AcousticModel | EncoderModel:
     """The model described by ``config.model`` with ``config.training.dropout_prob``.
+
+    ``model.encoder = crnn`` is an :class:`AcousticModel`; a plugin's encoder,
+    built from its own section of ``config``, is wrapped in an :class:`EncoderModel`.
 
     Args:
         config: The whole configuration.
@@ -304,9 +356,16 @@ def build_model(config: Config, feat_dim: int, num_outputs: int) -> AcousticMode
         num_outputs: Output units (``task_of(config).num_outputs(...)``).
     """
     task = task_of(config)
-    return AcousticModel(
-        config.model, feat_dim, num_outputs, dropout_prob=config.training.dropout_prob,
-        head=lambda state_dim: task.build_head(state_dim, num_outputs, config),
-    )
+
+    def head(state_dim: int) -> nn.Module:
+        return task.build_head(state_dim, num_outputs, config)
+
+    if config.model.encoder == "crnn":
+        return AcousticModel(
+            config.model, feat_dim, num_outputs, dropout_prob=config.training.dropout_prob, head=head
+        )
+    name = config.model.encoder
+    build = encoder_builder(name)
+    return EncoderModel(build(getattr(config, name, None), feat_dim, config), head)
 
 

@@ -13,6 +13,7 @@ from contextlib import nullcontext
 import torch
 from torch import Tensor, nn
 
+from stagetune.adaptation import Adaptation
 from stagetune.augment import augment_batch, augmentation_enabled
 from stagetune.config import TrainingConfig
 from stagetune.tasks import Task
@@ -33,6 +34,7 @@ def train_step(
     scaler: torch.amp.GradScaler | None = None,
     generator: torch.Generator | None = None,
     augment: bool = True,
+    adaptation: Adaptation | None = None,
 ) -> Tensor:
     """Augment (when ``training`` asks), forward, task loss, backward, clip, optimizer step.
 
@@ -45,6 +47,8 @@ def train_step(
             ``feats``' device type); None: float32.
         generator: Draws the augmentation (default: a fresh unseeded one).
         augment: False skips augmentation (the meta device's estimate: it reads no values).
+        adaptation: Regularises the loss towards a base model's outputs
+            (``--adapt-from``, :class:`stagetune.adaptation.Adaptation`); None: the task loss.
 
     Returns:
         The batch's mean loss, still attached to the graph's outputs (detach to keep it).
@@ -55,6 +59,8 @@ def train_step(
     with torch.autocast(feats.device.type) if scaler is not None else nullcontext():
         logits, out_lens = model(feats, feat_lens)
         loss = task.loss(logits, out_lens, targets, target_lens, time_stride=model.time_stride)
+        if adaptation is not None:
+            loss = adaptation.loss(task, loss, logits, out_lens, feats, feat_lens, targets)
     if scaler is not None:
         scaler.scale(loss).backward()
         if training.clip_grad_norm > 0:

@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from stagetune.adaptation import ADAPT_KEY, Adaptation, base_change, base_normalizer, load_base
 from stagetune.checkpoint import (
     CHECKPOINT_FORMAT,
     DATA_KEY,
@@ -105,10 +106,14 @@ class EpochResult:
     dev_counts: ErrorCounts = field(repr=False, default_factory=ErrorCounts)
     #: Each extra dev set's ``(error, loss)`` (:attr:`Corpus.extra_dev`).
     extra_dev: dict[str, tuple[float, float]] = field(default_factory=dict)
+    #: The task's own dev figures by name (:attr:`TaskScore.figures`, e.g. regression's
+    #: ``mse`` and ``ccc``), written as ``dev_NAME`` columns.
+    dev_metrics: dict[str, float] = field(default_factory=dict)
 
     def row(self) -> dict[str, Any]:
-        """The ``history.csv`` row (extra dev sets as ``dev_error:NAME`` and ``dev_loss:NAME``)."""
-        extra = {}
+        """The ``history.csv`` row (extra dev sets as ``dev_error:NAME`` and ``dev_loss:NAME``,
+        the task's figures as ``dev_NAME``)."""
+        extra = {f"dev_{name}": f"{value:.6g}" for name, value in self.dev_metrics.items()}
         for name, (error, loss) in self.extra_dev.items():
             extra[f"dev_error:{name}"], extra[f"dev_loss:{name}"] = f"{error:.6g}", f"{loss:.6g}"
         return {
@@ -227,15 +232,17 @@ def _write_history(path: Path, rows: list[dict[str, Any]]) -> None:
     tmp.replace(path)
 
 
-def _init_from(model: AcousticModel, path: Path, log: Callable[[str], None]) -> None:
-    source = load_model_file(path)
+def _init_from(
+    model: AcousticModel, path: Path, log: Callable[[str], None], source: Any = None, flag: str = "--init-from"
+) -> None:
+    source = source or load_model_file(path)
     own = model.state_dict()
     loadable = {
         k: v for k, v in source.state_dict.items() if k in own and own[k].shape == v.shape
     }
     if not loadable:
         raise UsageError(
-            f"--init-from {path}: no parameter matches this model's names and shapes; "
+            f"{flag} {path}: no parameter matches this model's names and shapes; "
             f"use a model with the same [model] architecture"
         )
     model.load_state_dict(loadable, strict=False)
@@ -252,6 +259,7 @@ def fit(
     num_workers: int = 0,
     callbacks: Sequence[Callback] = (),
     init_from: str | Path | None = None,
+    adapt_from: str | Path | None = None,
     quiet: bool = False,
     log: Callable[[str], None] | None = None,
     stop_signal: Callable[[], int | None] = lambda: None,
@@ -272,6 +280,12 @@ def fit(
         num_workers: DataLoader worker processes.
         callbacks: Called with every :class:`EpochResult`.
         init_from: A ``model.pt`` whose matching weights initialise the model.
+        adapt_from: A base ``model.pt`` (:mod:`stagetune.adaptation`): it initialises
+            the model as ``init_from`` does, and with ``training.adapt_rho > 0``
+            every step's loss is regularised towards its outputs. It must have this
+            run's task, feature dimension and output symbols. The checkpoint and
+            ``model.pt`` record it (path and hash); resuming with another base is
+            refused. Without it ``training.adapt_rho`` has no effect.
         quiet: No progress bar or per-epoch lines.
         log: Where progress lines go (default: stderr unless ``quiet``).
             Warnings (``stagetune: warning: ...``) go there too, and to stderr
@@ -325,6 +339,12 @@ def fit(
         )
     torch.manual_seed(t.seed)
     model = build_model(config, corpus.feat_dim, task.num_outputs(len(symbols))).to(device)
+    base, adaptation = None, None
+    if adapt_from is not None:
+        if init_from is not None:
+            raise UsageError("give --init-from or --adapt-from, not both (--adapt-from initialises from the base too)")
+        base = load_base(adapt_from, config, corpus.feat_dim, symbols, device, time_stride=model.time_stride)
+        adaptation = Adaptation(base.model, t.adapt_rho)
     optimizer = make_optimizer(model, config)
     scheduler = LearningRateSchedule(optimizer, t)
     use_amp = device.type == "cuda" and t.autocast
@@ -357,6 +377,9 @@ def fit(
             owner=owner,
             warn=warn,
         )
+        change = base_change(ckpt.get(ADAPT_KEY), base.identity if base else None, str(ckpt_path))
+        if change is not None:
+            raise UsageError(f"{change}; use a new model directory, or the same base model to resume")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -372,6 +395,8 @@ def fit(
             log(f"resuming {model_dir} at {at}" + (f", batch {state['batch'] + 1}" if state["batch"] else ""))
     elif init_from is not None:
         _init_from(model, Path(init_from), log)
+    elif base is not None:
+        _init_from(model, Path(adapt_from), log, base.file, "--adapt-from")  # type: ignore[arg-type]
     # Before any feature is read or anything written: CTC cannot learn utterances
     # the time stride leaves too few output frames, and would say nothing.
     check_feasible(config, corpus)
@@ -382,7 +407,11 @@ def fit(
             ckpt.get("normalization"), config.data.normalization, corpus.train, str(ckpt_path)
         )
     else:
-        normalizer = fit_normalizer(config.data.normalization, corpus.train, corpus.train_ids, log=log)
+        adapted = base_normalizer(base, config.data.normalization, corpus.train, adapt_from) if base else None  # type: ignore[arg-type]
+        if adapted is not None:
+            normalizer = adapted
+        else:
+            normalizer = fit_normalizer(config.data.normalization, corpus.train, corpus.train_ids, log=log)
     train_set = UtteranceDataset(corpus.train, corpus.train_ids, normalizer=normalizer)
     dev_set = UtteranceDataset(corpus.dev, corpus.dev_ids, normalizer=normalizer)
     # Only now that data, normalisation, config, checkpoint and --init-from are known good.
@@ -423,6 +452,7 @@ def fit(
                 "normalization": normalizer.to_dict(),
                 DATA_KEY: data,
                 OWNER_KEY: owner,
+                ADAPT_KEY: base.identity if base else None,
                 "state": state,
                 "versions": versions(),
             },
@@ -462,6 +492,7 @@ def fit(
                     progress=bar,
                     schedule=scheduler,
                     start_loss_sum=state["loss_sum"],
+                    adaptation=adaptation,
                 )
             except EpochStopped as stop:
                 signals.acted = True
@@ -483,14 +514,15 @@ def fit(
                     f"training loss became {loss_sum} in epoch {epoch}; lower "
                     f"training.learning_rate or set training.clip_grad_norm"
                 )
-            counts, dev_loss = validate(model, dev_loader, task, device)
+            score, dev_loss = validate(model, dev_loader, task, device)
+            counts = score.counts
             extra_dev = {}
             for name, loader in extra_loaders.items():
-                extra_counts, extra_loss = validate(model, loader, task, device)
-                extra_dev[name] = (extra_counts.rate, extra_loss)
+                extra_score, extra_loss = validate(model, loader, task, device)
+                extra_dev[name] = (extra_score.error, extra_loss)
             _check_owner(still_owner, model_dir)
             seconds = time.perf_counter() - started
-            dev_error = counts.rate
+            dev_error = score.error
             lr = optimizer.param_groups[0]["lr"]
             best = dev_error < state["best_error"]
             if best:
@@ -517,6 +549,7 @@ def fit(
                 best=best,
                 dev_counts=counts,
                 extra_dev=extra_dev,
+                dev_metrics=dict(score.figures),
             )
             state["history"].append(result.row())
             state["epoch"], state["batch"], state["loss_sum"] = epoch, 0, 0.0
@@ -524,6 +557,7 @@ def fit(
             log(
                 f"epoch {epoch}/{t.num_epochs}: train loss {result.train_loss:.4f}, "
                 f"dev error {dev_error:.2%}{' (best)' if best else ''}, dev loss {dev_loss:.4f}, "
+                + "".join(f"dev {name} {value:.4g}, " for name, value in score.figures.items())
                 + "".join(f"{name} error {error:.2%}, " for name, (error, _) in extra_dev.items())
                 + f"lr {lr:.3g}, {seconds:.1f} s"
             )
@@ -555,6 +589,7 @@ def fit(
             "normalization": normalizer.to_dict(),
             DATA_KEY: data,
             OWNER_KEY: owner,
+            ADAPT_KEY: base.identity if base else None,
         },
     )
     return _result(state, model_dir, resumed_from)

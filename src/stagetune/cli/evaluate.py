@@ -20,8 +20,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "evaluate",
         help="decode a data dir with a trained model and report its error rate",
-        description="Decode DATA_DIR with MODEL_PT; print the token (CTC) or frame error rate "
-        "with substitutions, deletions and insertions.",
+        description="Decode DATA_DIR with MODEL_PT; print the token (CTC), frame or utterance "
+        "error rate with substitutions, deletions and insertions, or a regression model's MSE "
+        "and concordance correlation coefficient (CCC; multitask: every sub-task's figures).",
     )
     p.add_argument("model", metavar="MODEL_PT")
     p.add_argument("data_dir", metavar="DATA_DIR")
@@ -50,10 +51,18 @@ def run(args: argparse.Namespace) -> int:
         device=resolve_device(args.device),
         beam_width=args.beam_width,
         batch_size=args.batch_size,
+        hypotheses=out is not None,
     )
     if out is not None:
         write_output_file(out, result.text())
     name = result.error_name
+    score = result.score
+    if score.figures:  # a task with its own figures (regression, multitask)
+        if args.json:
+            print(json.dumps({"metric": name, "rate": score.error, **score.figures}))
+        else:
+            print(f"{score.describe()} ({score.units}) on {score.counts.utterances} utterances of {args.data_dir}")
+        return 0
     if args.json:
         print(json.dumps({"metric": name, "rate": result.counts.rate, **result.counts.as_dict()}))
     else:

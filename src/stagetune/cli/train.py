@@ -31,6 +31,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "but never used for model selection, the schedule or early stopping; repeat for more",
     )
     p.add_argument("--init-from", metavar="MODEL_PT", help="initialise from another model's weights")
+    p.add_argument(
+        "--adapt-from", metavar="BASE_PT",
+        help="adapt a base model (same task, features and output symbols) to this data: initialise "
+        "from it as --init-from does, and with training.adapt_rho > 0 keep the outputs close to its "
+        "(loss = (1 - rho) x task loss + rho x KL(base || model), MSE for regression)",
+    )
     p.add_argument("--num-data-workers", type=non_negative_int, default=0, metavar="N", help="DataLoader workers")
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     p.add_argument("--tensorboard", default=None, metavar="DIR", help="per-epoch scalars for TensorBoard in DIR (extra: tensorboard)")
@@ -47,7 +53,13 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"train takes TRAIN_DIR [DEV_DIR] MODEL_DIR, got {len(args.dirs)} paths")
     if len(args.dirs) == 3 and args.dev_proportion is not None:
         raise UsageError("give DEV_DIR or --dev-proportion, not both")
+    if args.init_from and args.adapt_from:
+        raise UsageError("give --init-from or --adapt-from, not both (--adapt-from initialises from the base too)")
     config = load_config(args.read_ini, args.overrides)
+    if config.training.adapt_rho > 0 and not args.adapt_from:
+        raise UsageError(
+            f"training.adapt_rho = {config.training.adapt_rho:g} needs a base model: give --adapt-from BASE_PT"
+        )
     board = []
     if args.tensorboard:
         from stagetune.optim.tensorboard import EpochWriter, require_tensorboard
@@ -72,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
         device=device,
         num_workers=args.num_data_workers,
         init_from=args.init_from,
+        adapt_from=args.adapt_from,
         quiet=args.quiet,
         callbacks=board,
     )

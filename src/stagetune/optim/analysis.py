@@ -167,8 +167,11 @@ def select_important(
 
 def best_trial_values(study: optuna.Study) -> tuple[FrozenTrial, dict[str, Any]]:
     """The best completed trial and its sampled values."""
-    _completed(study)
-    best = study.best_trial
+    try:
+        best = study.best_trial  # one query for the best value, then that trial (not every trial)
+    except ValueError:
+        _completed(study)  # none completed: its message
+        raise
     return best, dict(best.params)
 
 

@@ -19,9 +19,9 @@ import torch
 from torch import Tensor, nn
 
 from stagetune.config import Config
-from stagetune.metrics import ErrorCounts
+from stagetune.metrics import ErrorCounts, TaskScore
 
-__all__ = ["Task", "FrameHead", "frame_mask", "unpad", "check_pairs"]
+__all__ = ["Task", "FrameHead", "Scorer", "CountingScorer", "frame_mask", "unpad", "check_pairs"]
 
 
 def frame_mask(lengths: Tensor, num_frames: int) -> Tensor:
@@ -56,6 +56,43 @@ class FrameHead(nn.Linear):
         return logits if out_lens is None else (logits, out_lens)
 
 
+class Scorer(abc.ABC):
+    """Accumulates a task's figures batch by batch (validation and ``stagetune evaluate``)."""
+
+    @abc.abstractmethod
+    def add(self, logits: Tensor, out_lens: Tensor, targets: Tensor, target_lens: Tensor) -> list[list[Any]] | None:
+        """Score one batch; returns its hypotheses where the task has symbol hypotheses, else None."""
+
+    @abc.abstractmethod
+    def result(self) -> TaskScore:
+        """The figures of every batch added."""
+
+
+class CountingScorer(Scorer):
+    """Decode, compare with the references, sum :class:`ErrorCounts`; the error is their rate.
+
+    Args:
+        task: The task whose :meth:`Task.decode`, :meth:`Task.references` and
+            :meth:`Task.errors` it uses.
+        time_stride: The model's time stride.
+        decode: ``(logits, out_lens) -> hypotheses`` instead of the task's greedy decoder.
+    """
+
+    def __init__(self, task: Task, time_stride: int | None, decode: Any = None) -> None:
+        self.task, self.time_stride = task, time_stride
+        self.decode = decode or task.decode
+        self.counts = ErrorCounts()
+
+    def add(self, logits: Tensor, out_lens: Tensor, targets: Tensor, target_lens: Tensor) -> list[list[Any]]:
+        refs = self.task.references(targets, target_lens, out_lens, time_stride=self.time_stride)
+        hyps = self.decode(logits, out_lens)
+        self.counts += self.task.errors(refs, hyps)
+        return hyps
+
+    def result(self) -> TaskScore:
+        return TaskScore(self.counts.rate, self.counts)
+
+
 class Task(abc.ABC):
     """An output head: output size, loss, decoding and error counting.
 
@@ -71,6 +108,20 @@ class Task(abc.ABC):
     error_name: str = "ER"
     #: What the error counts are of, in one phrase (``--help`` and logs).
     unit: str = "token"
+    #: Which way the figure training drives (``dev_error``, :attr:`TaskScore.error`) is
+    #: better; every task states its figure so that lower is better (regression: 1 - CCC).
+    direction: str = "minimize"
+    #: Whether :meth:`decode` gives symbol hypotheses (``stagetune evaluate --out`` writes them).
+    hypotheses: bool = True
+
+    def scorer(self, time_stride: int | None, decode: Any = None) -> Scorer:
+        """A fresh :class:`Scorer` of this task's figures (default: error counts, :class:`CountingScorer`).
+
+        Args:
+            time_stride: The model's time stride.
+            decode: A decoder to use instead of :meth:`decode` (CTC beam search).
+        """
+        return CountingScorer(self, time_stride, decode)
 
     @abc.abstractmethod
     def num_outputs(self, num_symbols: int) -> int:
