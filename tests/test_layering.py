@@ -33,6 +33,7 @@ MODULE_LAYERS = {
     "stagetune.signals": "config",  # SIGTERM/SIGINT handlers for a block (prep, training, plan)
     "stagetune.extras": "config",  # optional packages and their pip extras
     "stagetune.packaged": "config",  # shipped configs, plans and Slurm templates by name
+    "stagetune.plugins": "config",  # encoders and tasks of installed packages (entry points)
     "stagetune.kaldi": "data",
     "stagetune.kaldi_io": "data",
     "stagetune.tokens": "data",
@@ -55,6 +56,8 @@ MODULE_LAYERS = {
     "stagetune.tasks.ctc": "model",
     "stagetune.tasks.frame": "model",
     "stagetune.tasks.utterance": "model",
+    "stagetune.tasks.regression": "model",
+    "stagetune.tasks.multitask": "model",
     "stagetune.augment": "model",
     "stagetune.failures": "model",
     "stagetune.feasibility": "model",
@@ -63,6 +66,7 @@ MODULE_LAYERS = {
     "stagetune.model_dir": "training",
     "stagetune.epoch": "training",
     "stagetune.step": "training",  # one training step, shared with the memory check
+    "stagetune.adaptation": "training",  # --adapt-from: the base model and the adaptation loss
     "stagetune.extract": "training",
     "stagetune.training": "training",
     "stagetune.evaluate": "training",
@@ -85,7 +89,7 @@ TORCH_FREE = (
     "stagetune.kaldi_io", "stagetune.tokens", "stagetune.metrics", "stagetune.audio",
     "stagetune.fbank", "stagetune.recordings", "stagetune.tempfiles", "stagetune.prep",
     "stagetune.normalize", "stagetune.optim.metrics", "stagetune.cli", "stagetune.verification",
-    "stagetune.packaged", "stagetune.extras",
+    "stagetune.packaged", "stagetune.extras", "stagetune.plugins",
 )
 #: Layers that must not import optuna.
 OPTUNA_FREE_LAYERS = ("config", "data", "model", "training")

@@ -1049,7 +1049,7 @@ def _describe(info: FieldInfo) -> str:
 def write_ini(config: Config, *, documented: bool = True) -> str:
     """The whole configuration as INI text that :func:`parse_ini_text` reads back equal."""
     out = io.StringIO()
-    for section, cls in SECTIONS.items():
+    for section, cls in _sections_in_use(config).items():
         if documented:
             out.write(f"# {cls.__doc__.strip()}\n")
         out.write(f"[{section}]\n")
@@ -1067,7 +1067,18 @@ def write_ini(config: Config, *, documented: bool = True) -> str:
 
 def to_dict(config: Config) -> dict[str, dict[str, Any]]:
     """``{section: {key: value}}``, JSON/YAML serialisable."""
-    return {section: dataclasses.asdict(getattr(config, section)) for section in SECTIONS}
+    return {section: dataclasses.asdict(getattr(config, section)) for section in _sections_in_use(config)}
+
+
+def _sections_in_use(config: Config) -> dict[str, type]:
+    """The built-in sections, and a plugin's only while it is chosen: a model file or study
+    of the built-in encoder stays readable where the plugin is not installed."""
+    values = flatten(config)
+    return {
+        section: cls for section, cls in SECTIONS.items()
+        if section in _BUILTIN_SECTIONS
+        or any(active(info, values) for info in _FIELDS if info.section == section)
+    }
 
 
 #: Fields added after models and studies were first stored, with the value that

@@ -104,7 +104,7 @@ def footprint_key(
 ) -> str:
     """A stable key for everything that changes a step's memory.
 
-    Hashes the active ``[model]`` fields (inactive ones, e.g. conv kernel
+    Hashes the active ``[model]`` fields and those of a plugin's section (inactive ones, e.g. conv kernel
     sizes without conv layers, change nothing), the optimizer and whether it
     keeps momentum or decays weights (state and temporaries), whether dropout
     is on, the batch geometry, the device type and the compute dtype
@@ -130,6 +130,13 @@ def footprint_key(
         "dtype": str(torch.get_default_dtype()),
         "autocast": device.type == "cuda" and t.autocast,
     }
+    plugin = {
+        info.name: values[info.name]
+        for info in iter_fields()
+        if info.section not in ("model", "training", "data") and active(info, values)
+    }
+    if plugin:  # a plugin encoder's own section (stagetune.plugins): only then, so built-in keys stay
+        payload["plugin"] = plugin
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
     return f"step-v{_KEY_VERSION}-{digest[:24]}"
 
