@@ -15,8 +15,10 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import optuna
 import pytest
+from fixtures_data import write_data_dir
 from optim_helpers import STAGETUNE, assert_one_line_error, opened_study, write_speech_data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -187,3 +189,23 @@ def test_a_built_in_model_trained_beside_a_plugin_reads_without_it(site: Path, c
     assert "[tdnn]" not in (tmp_path / "m" / "config.ini").read_text()
     evaluated = run(["evaluate", tmp_path / "m" / "model.pt", corpus / "test"], tmp_path, None)
     assert evaluated.returncode == 0, evaluated.stderr
+
+
+def test_a_task_plugin_trains_and_evaluates_on_the_targets_it_reads(site: Path, tmp_path: Path) -> None:
+    """The example's focal-loss task reads utt2class, as task utt does, and tunes its own gamma."""
+    rng = np.random.default_rng(0)
+    dirs = {}
+    for split, count in (("train", 24), ("dev", 9)):
+        feats = {f"u{split}{i:02d}": rng.normal(3.0 * (i % 3), 1.0, size=(12, 6)).astype(np.float32) for i in range(count)}
+        dirs[split] = write_data_dir(tmp_path / split, feats)
+        (dirs[split] / "utt2class").write_text("".join(f"{u} c{int(u[-2:]) % 3}\n" for u in sorted(feats)))
+    args = sets(["model.task=focal", "focal.gamma=1.5", "model.convolutional_layers=1", "model.recurrent_size=8",
+                 "training.num_epochs=2", "data.normalization=global"])
+    done = run([*args, "train", dirs["train"], dirs["dev"], tmp_path / "m", "--quiet"], tmp_path, site)
+    assert done.returncode == 0, done.stderr
+    assert "[focal]" in (tmp_path / "m" / "config.ini").read_text()
+    evaluated = run(["evaluate", tmp_path / "m" / "model.pt", dirs["dev"], "--out", tmp_path / "hyp"], tmp_path, site)
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert {line.split()[1] for line in (tmp_path / "hyp").read_text().splitlines()} <= {"c0", "c1", "c2"}
+    space = run([*args, "--print-ini"], tmp_path, site)
+    assert "gamma = 1.5" in space.stdout

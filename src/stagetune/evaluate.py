@@ -16,6 +16,7 @@ from stagetune.metrics import ErrorCounts, TaskScore, ctc_prefix_beam_search
 from stagetune.model import AcousticModel, build_model
 from stagetune.tasks import Task, task_of
 from stagetune.normalize import stored_normalizer
+from stagetune.plugins import target_format
 
 __all__ = ["Evaluation", "Inference", "evaluate_model", "load_inference"]
 
@@ -67,8 +68,9 @@ def load_inference(
     mf = load_model_file(model_path)
     task_name = mf.config.model.task
     task = task_of(mf.config)
-    tokens = TokenTable(mf.tokens) if task_name == "ctc" else None
-    classes = mf.tokens if task_name == "utt" else None
+    targets_as = target_format(task_name)  # a task plugin reads a built-in task's label files
+    tokens = TokenTable(mf.tokens) if targets_as == "ctc" else None
+    classes = mf.tokens if targets_as == "utt" else None
     data = load_data_dir(data_dir, task=task_name, tokens=tokens, classes=classes, targets=targets)
     if targets and data.values is not None:
         _check_targets_fit(data, list(mf.tokens), str(model_path))
@@ -142,7 +144,7 @@ def evaluate_model(
             "leave out --out"
         )
     mf, task, model, task_name = loaded.model_file, loaded.task, loaded.model, loaded.model_file.config.model.task
-    symbolic = task_name in ("ctc", "utt")  # hypotheses as tokens or class names, not ids
+    symbolic = target_format(task_name) in ("ctc", "utt")  # hypotheses as tokens or class names, not ids
     batches = loaded.batches(batch_size)
 
     def beam_search(logits: torch.Tensor, out_lens: torch.Tensor) -> list[list[int]]:

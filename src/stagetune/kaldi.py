@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from stagetune.errors import ConfigError, DataError
+from stagetune.plugins import target_format
 from stagetune.kaldi_io import (
     Line,
     iter_matrices,
@@ -441,6 +442,7 @@ def load_data_dir(
         DataError: On any problem with the data, naming the file and line.
         ConfigError: If ``task`` is unknown.
     """
+    task = target_format(task)  # a task plugin reads a built-in task's label files
     if task not in TASKS:
         raise ConfigError(f"task must be one of {list(TASKS)}, got {task!r}")
     data_dir = Path(path).absolute()

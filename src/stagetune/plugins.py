@@ -59,10 +59,14 @@ class Plugin:
             (sub)class, imported when first needed.
         section: The dataclass of the plugin's INI section (named like the entry
             point), or None for a plugin without settings.
+        reads: A task plugin's targets: which built-in task's label files a data
+            dir holds for it (``"ctc"``: ``text`` + ``tokens.txt``, ``"frame"``:
+            ``utt2label``, ``"utt"``: ``utt2class``; see :func:`target_format`).
     """
 
     build: str
     section: type | None = None
+    reads: str | None = None
 
 
 @dataclass(frozen=True)
@@ -125,8 +129,36 @@ def _register(ep: EntryPoint, group: str, field: str, loaded: dict[str, _Loaded]
             register_section(ep.name, plugin.section, when=When(field, "==", ep.name))
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc}") from None
+    if group == "stagetune.tasks" and plugin.reads not in _TARGET_FORMATS:
+        raise ConfigError(
+            f"{where}: a task plugin must say which targets it reads: Plugin(reads=...) one of "
+            f"{', '.join(_TARGET_FORMATS)}, got {plugin.reads!r}"
+        )
     extend_choices(field, [ep.name])
     loaded[ep.name] = _Loaded(ep.name, group, plugin, where)
+
+
+#: The label formats a data dir can hold (:func:`stagetune.kaldi.load_data_dir`'s tasks).
+_TARGET_FORMATS = ("ctc", "frame", "utt")
+
+
+def target_format(task: str) -> str:
+    """The label format a data dir holds for ``task``: a built-in task's own, a plugin's ``reads``.
+
+    Unknown names are returned as they are (:func:`~stagetune.kaldi.load_data_dir` refuses them).
+    """
+    if task in TASKS:
+        return task
+    entry = _LOADED.get("stagetune.tasks", {}).get(task) if _loaded_ok() else None
+    return entry.plugin.reads if entry is not None and entry.plugin.reads else task
+
+
+def _loaded_ok() -> bool:
+    try:
+        load_plugins()
+    except ConfigError:
+        return False
+    return True
 
 
 def plugin_names(group: str) -> tuple[str, ...]:
@@ -169,6 +201,7 @@ def plugin_tasks() -> dict[str, Any]:
         task = task() if isinstance(task, type) else task
         if getattr(task, "name", "") not in ("", name):
             raise ConfigError(f"{_LOADED['stagetune.tasks'][name].where}: its task is named {task.name!r}")
-        task.name = name
+        if not getattr(task, "name", ""):
+            task.name = name
         tasks[name] = task
     return tasks

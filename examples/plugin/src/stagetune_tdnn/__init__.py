@@ -1,4 +1,4 @@
-"""A TDNN encoder for stagetune: the ``[tdnn]`` section and the plugin entry point.
+"""Example stagetune plugins: a TDNN encoder (``[tdnn]``) and a focal-loss task (``[focal]``).
 
 This module is what the entry point loads, so it must not import torch: the
 model itself lives in :mod:`stagetune_tdnn.encoder`, imported only when a model
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from stagetune.plugins import Plugin
 from stagetune.space import Space, param
 
-__all__ = ["TDNNConfig", "plugin"]
+__all__ = ["TDNNConfig", "FocalConfig", "plugin", "focal"]
 
 
 @dataclass
@@ -44,3 +44,21 @@ class TDNNConfig:
 
 #: What the ``stagetune.encoders`` entry point ``tdnn`` loads.
 plugin = Plugin(build="stagetune_tdnn.encoder:TDNN", section=TDNNConfig)
+
+
+@dataclass
+class FocalConfig:
+    """[focal]: utterance classification with the focal loss (model.task = focal)."""
+
+    gamma: float = param(
+        2.0,
+        "Focusing parameter: how much utterances the model already classifies well are down-weighted "
+        "(0 = cross-entropy).",
+        min=0.0,
+        max=5.0,
+        search=Space(0.0, 4.0),
+    )
+
+
+#: What the ``stagetune.tasks`` entry point ``focal`` loads: it reads utt2class, as task utt does.
+focal = Plugin(build="stagetune_tdnn.focal:FocalTask", section=FocalConfig, reads="utt")
