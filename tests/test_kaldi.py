@@ -203,7 +203,7 @@ def test_missing_target_files(
 
 
 def test_unknown_task(tiny_data_dir: Path) -> None:
-    with pytest.raises(ConfigError, match=r"task must be one of \['ctc', 'frame', 'utt'\], got 'asr'"):
+    with pytest.raises(ConfigError, match=r"task must be one of \['ctc', 'frame', 'utt', 'regress', 'multi'\], got 'asr'"):
         load_data_dir(tiny_data_dir, task="asr")
 
 

@@ -437,7 +437,7 @@ def test_frame_decode_references_and_errors() -> None:
 # ----------------------------------------------------------------------------- learning
 
 
-@pytest.mark.parametrize("task_name", sorted(TASKS))
+@pytest.mark.parametrize("task_name", ["ctc", "frame", "utt"])  # regress, multi: tests/test_tasks_regression.py
 def test_a_tiny_model_fits_a_tiny_batch(task_name: str) -> None:
     torch.manual_seed(0)
     task = TASKS[task_name]

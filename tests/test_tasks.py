@@ -141,11 +141,13 @@ def test_eer_and_min_dcf_agree_with_hand_computed_cases() -> None:
     assert equal_error_rate(scores, labels) == 0.5
     assert min_dcf(scores, labels, p_target=0.5) == 0.5
     # Three targets (0.8, 0.6, 0.4), two non-targets (0.7, 0.2). Operating points
-    # (miss, fa): accept >= 0.8: (1/3, 0); >= 0.7: (1/3, 1/2); the crossing lies on the
-    # segment between them where fa = miss = 1/3.
-    assert equal_error_rate([0.8, 0.6, 0.4, 0.7, 0.2], [1, 1, 1, 0, 0]) == pytest.approx(1 / 3)
-    # p = 0.01: rejecting everything costs 0.01; accepting >= 0.8 costs 0.01 * 1/3.
-    assert min_dcf([0.8, 0.6, 0.4, 0.7, 0.2], [1, 1, 1, 0, 0], p_target=0.01) == pytest.approx(1 / 3)
+    # (miss, fa) as the threshold falls: (1, 0), (2/3, 0) at 0.8, (2/3, 1/2) at 0.7,
+    # (1/3, 1/2) at 0.6, (0, 1/2) at 0.4, (0, 1) at 0.2. fa - miss turns from -1/6 to
+    # +1/6 between 0.7 and 0.6: halfway, miss = (2/3 + 1/3) / 2 = 1/2.
+    assert equal_error_rate([0.8, 0.6, 0.4, 0.7, 0.2], [1, 1, 1, 0, 0]) == pytest.approx(0.5)
+    # p = 0.01: rejecting everything costs 0.01; accepting >= 0.8 costs 0.01 * 2/3, the
+    # least (any false alarm costs 0.99 / 2); normalised by 0.01.
+    assert min_dcf([0.8, 0.6, 0.4, 0.7, 0.2], [1, 1, 1, 0, 0], p_target=0.01) == pytest.approx(2 / 3)
     # Ties: a target and a non-target of one score move together.
     assert equal_error_rate([0.5, 0.5], [1, 0]) == 0.5
 
@@ -224,7 +226,7 @@ def test_optim_init_run_and_best_tune_an_utterance_classifier(tmp_path: Path) ->
     assert len(finished) == 3 and any(t.state.name == "COMPLETE" for t in finished)
     assert all(t.params["model.pooling"] in ("mean", "max", "meanstd", "attentive") for t in finished)
     best = cli(["optim", "--study-name", "utt", url, "best", tmp_path / "best.ini", "--model",
-                tmp_path / "best.pt"], tmp_path)
+                tmp_path / "best.pt", "--ckpt-dir", tmp_path / "ckpt"], tmp_path)
     assert best.returncode == 0, best.stderr
     assert "task = utt" in (tmp_path / "best.ini").read_text()
     evaluated = cli(["evaluate", tmp_path / "best.pt", dev], tmp_path)

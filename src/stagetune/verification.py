@@ -6,9 +6,9 @@ A trials file has one trial per line, either ``LABEL UTT_A UTT_B`` with label
 utterances' embeddings (``stagetune extract``).
 
 * **EER**: the rate at the threshold where the miss rate (targets scored below
-  it) equals the false-alarm rate (non-targets at or above it); between two
-  consecutive thresholds the crossing is interpolated linearly, the convexified
-  reading most toolkits report.
+  it) equals the false-alarm rate (non-targets at or above it); between the two
+  consecutive operating points where false alarms overtake misses, the crossing
+  is interpolated linearly (no convex hull of the ROC).
 * **minDCF**: ``min over thresholds of C_miss P_miss p + C_fa P_fa (1 - p)``,
   normalised by ``min(C_miss p, C_fa (1 - p))``, the cost of the better of
   accepting or rejecting everything (NIST SRE's normalised detection cost).
