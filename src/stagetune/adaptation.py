@@ -19,7 +19,12 @@ augmentation) and its forward runs without gradients.  The adapted model also
 starts from the base's weights (as with ``--init-from``), and with
 ``adapt_rho = 0`` the base only initialises it: the step is that of plain
 fine-tuning, bit for bit.  ``training.adapt_rho`` has no effect without a base
-model (``stagetune train`` refuses it).
+model (``stagetune train`` refuses it; an optim study tunes it, as every field
+with a search space, but its trials train without a base).
+
+Both models must normalise features alike (:func:`base_normalizer`): a base of
+another ``data.normalization`` mode is refused, and with ``global`` the adapted
+run keeps the base's statistics (``--init-from`` refits them on its data).
 """
 
 from __future__ import annotations
@@ -30,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from stagetune.checkpoint import ModelFile, load_model_file
