@@ -239,3 +239,14 @@ def test_the_adapted_model_normalises_as_its_base(tmp_path: Path, base) -> None:
     with pytest.raises(UsageError, match="it normalises features with mode 'global', this run with 'speaker'"):
         _fit(tmp_path, "speaker", train, dev, "training.num_epochs=1", adapt_from=base_pt)
     assert not (tmp_path / "speaker").exists()
+
+
+def test_studies_never_tune_adapt_rho_without_a_base_model() -> None:
+    """A study's trials adapt no base model, so rho would be a dead search dimension."""
+    from stagetune.config import Config
+    from stagetune.optim.sampling import select_tunable
+
+    selection = select_tunable(Config())
+    assert "training.adapt_rho" not in selection.tuned
+    assert dict(selection.dropped)["training.adapt_rho"].startswith("it needs a base model")
+    assert "training.adapt_rho" not in select_tunable(Config(), whitelist=["training\\..*"]).tuned

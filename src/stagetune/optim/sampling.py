@@ -52,6 +52,11 @@ def _compile(patterns: Sequence[str], flag: str, names: Sequence[str]) -> list[r
     return compiled
 
 
+#: Parameters that change nothing without a base model to adapt (``train --adapt-from``),
+#: which studies do not give their trials: never tuned.
+NEEDS_BASE_MODEL = ("training.adapt_rho",)
+
+
 def select_tunable(
     base: Config, whitelist: Sequence[str] = (), blacklist: Sequence[str] = ()
 ) -> Selection:
@@ -75,6 +80,9 @@ def select_tunable(
     dropped: list[tuple[str, str]] = []
     for name in chosen:
         info = field_info(name)
+        if name in NEEDS_BASE_MODEL:
+            dropped.append((name, "it needs a base model (train --adapt-from); studies do not adapt one"))
+            continue
         fixed_false = [c for c in info.spec.when if c.name not in tuned and not c.holds(values)]
         if fixed_false:
             dropped.append((name, f"{fixed_false[0]} is false in the base config and not tuned"))
