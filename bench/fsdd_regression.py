@@ -69,14 +69,19 @@ def main() -> int:
     parser.add_argument("--data", type=Path, default=Path("data/fsdd-digits"))
     parser.add_argument("--out", type=Path, default=Path("exp/regress"))
     parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="more config settings for the training")
     args = parser.parse_args()
     stagetune = [sys.executable, "-m", "stagetune"]
-    splits = {s: with_targets(args.data / s, args.out / "data" / s) for s in ("train", "dev", "test")}
+    data = args.out / "data"
+    splits = {s: data / s if (data / s / "targets.scp").is_file() else with_targets(args.data / s, data / s)
+              for s in ("train", "dev", "test")}
     model = args.out / "model"
     if model.exists():
         shutil.rmtree(model)
     settings = ["--set", "model.task=regress", "--set", "data.normalization=global",
                 "--set", f"training.num_epochs={args.epochs}"]
+    settings += [arg for override in args.overrides for arg in ("--set", override)]
     started = time.time()
     subprocess.run([*stagetune, *settings, "train", splits["train"], splits["dev"], model, "--threads", "1",
                     "--quiet"], check=True)

@@ -228,3 +228,49 @@ def test_importance_of_tied_values_is_an_error_for_every_evaluator_and_for_chain
         )
     with opened_study(url, "tied") as study:
         assert [s.study_name for s in study._storage.get_all_studies()] == ["tied"]  # no "next"
+
+
+def test_important_ranks_a_seeded_sample_of_at_most_max_trials(
+    filled: tuple[str, str, optuna.trial.FrozenTrial], tmp_path: Path
+) -> None:
+    """Ranking 10,000 trials took 20 s; a bounded sample keeps it quick, and says so."""
+    url, name, _ = filled
+    optim = ["optim", "--study-name", name, url, "important"]
+    default, everything, sample, again, other_seed, negative = cli_many(
+        [optim, [*optim, "--max-trials", "0"], [*optim, "--max-trials", "12"], [*optim, "--max-trials", "12"],
+         [*optim, "--max-trials", "12", "--seed", "5"], [*optim, "--max-trials", "-1"]],
+        tmp_path,
+    )
+    for done in (default, everything, sample, again, other_seed):
+        assert done.returncode == 0, done.stderr
+    assert everything.stdout == default.stdout and everything.stderr == default.stderr == ""  # 16 < 1000: all
+    assert sample.stderr.splitlines() == [
+        "ranked on a random sample of 12 of the 16 completed trials (seed 0; --max-trials 0 ranks all)"
+    ]
+    assert (again.stdout, again.stderr) == (sample.stdout, sample.stderr)  # the same seed, the same sample
+    assert "(seed 5;" in other_seed.stderr
+    assert sorted(sample.stdout.splitlines()) == sorted(LR_DOMINATED)
+    assert_one_line_error(negative, "--max-trials must be >= 0")
+
+
+@pytest.mark.parametrize("storage_url", ["sqlite"], indirect=True)
+def test_the_sample_is_read_back_as_optuna_has_the_trials(
+    filled: tuple[str, str, optuna.trial.FrozenTrial], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from stagetune.optim import analysis
+    from stagetune.optim.storage import storage_session
+
+    url, name, _ = filled
+    monkeypatch.setattr(analysis, "_IDS_PER_QUERY", 5)  # several IN lists
+    with storage_session(url, heartbeat_interval=None) as storage:
+        study = optuna.load_study(study_name=name, storage=storage)
+        everything = {t.number: t for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))}
+        samples = [analysis.completed_in_memory(storage, study, max_trials=11, seed=seed) for seed in (0, 0, 1)]
+        whole = analysis.completed_in_memory(storage, study, max_trials=16)
+    first, same, other = ([t.number for t in view.trials] for view in samples)
+    assert len(first) == len(set(first)) == 11 and first == sorted(first) and first == same
+    assert other != first  # another seed, another sample
+    assert all(view.total == 16 for view in samples) and whole.total == len(whole.trials) == 16
+    for trial in samples[0].trials + whole.trials:
+        full = everything[trial.number]
+        assert (trial.value, trial.params, trial.distributions) == (full.value, full.params, full.distributions)

@@ -145,6 +145,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     group.add_argument("--threshold", type=float, default=None, metavar="T")
     imp.add_argument("--evaluator", default="ped-anova", help="ped-anova (default), fanova or mdi")
     imp.add_argument("--seed", type=int, default=0, help="evaluator seed (fixed: same study, same ranking)")
+    imp.add_argument(
+        "--max-trials", type=int, default=None, metavar="N",
+        help="rank a random sample of N completed trials when there are more (drawn by --seed; "
+        "default 1000, 0: all; said on stderr)",
+    )
     imp.add_argument("--verbose", action="store_true", help="print importances to stderr")
 
     best = cmds.add_parser("best", help="write the best trial's full config")
@@ -275,6 +280,7 @@ def _init(args: argparse.Namespace, study_name: str) -> int:
             import dataclasses
 
             from stagetune.optim.analysis import (
+                IMPORTANCE_MAX_TRIALS,
                 best_config,
                 best_points,
                 completed_in_memory,
@@ -287,8 +293,12 @@ def _init(args: argparse.Namespace, study_name: str) -> int:
             prev, prev_spec = load_study(storage, args.from_study, args.url)
             completed = completed_in_memory(storage, prev)
             if ranked or not (args.whitelist or args.blacklist):
-                # The same ranking `optim important` prints for PREV, less the blacklisted names.
-                ranking = rank_parameters(completed, evaluator=args.evaluator)
+                # The same ranking `optim important` prints for PREV (its default sample of at
+                # most IMPORTANCE_MAX_TRIALS completed trials, seed 0), less the blacklisted names.
+                ranked_on = completed
+                if len(completed.trials) > IMPORTANCE_MAX_TRIALS:
+                    ranked_on = completed_in_memory(storage, prev, max_trials=IMPORTANCE_MAX_TRIALS, seed=0)
+                ranking = rank_parameters(ranked_on, evaluator=args.evaluator, seed=0)
                 kept = drop_matching([n for n, _ in ranking], args.blacklist, "--blacklist")
                 if not kept:
                     raise UsageError(
@@ -579,25 +589,35 @@ def _run_pool(args: argparse.Namespace, study_name: str, options: Any) -> int:
 
 
 def _important(args: argparse.Namespace, study_name: str) -> int:
+    from stagetune.errors import UsageError
     from stagetune.optim.analysis import rank_parameters, select_important
     from stagetune.optim.storage import storage_session
     from stagetune.optim.study import load_study
 
     from stagetune.extras import require_evaluator
 
+    if args.max_trials is not None and args.max_trials < 0:
+        raise UsageError(f"--max-trials must be >= 0 (0: all completed trials), got {args.max_trials}")
     require_evaluator(args.evaluator)  # fanova/mdi without scikit-learn: one line naming the extra
     if args.evaluator == "ped-anova" and "sklearn" not in sys.modules:
         # PED-ANOVA needs no scikit-learn, but importing optuna.importance would
         # load it (seconds) for fANOVA's sake; keep `important` fast.
         sys.modules["sklearn"] = None  # type: ignore[assignment]
-    from stagetune.optim.analysis import completed_in_memory
+    from stagetune.optim.analysis import IMPORTANCE_MAX_TRIALS, completed_in_memory
 
     if args.out != "-":
         check_output_file(args.out, "OUT", "important.txt")
+    max_trials = IMPORTANCE_MAX_TRIALS if args.max_trials is None else (args.max_trials or None)
     with storage_session(args.url, heartbeat_interval=None, create=False) as storage:
         study, _ = load_study(storage, study_name, args.url)
-        ranking = rank_parameters(completed_in_memory(storage, study), evaluator=args.evaluator, seed=args.seed)
+        completed = completed_in_memory(storage, study, max_trials=max_trials, seed=args.seed)
+        ranking = rank_parameters(completed, evaluator=args.evaluator, seed=args.seed)
     chosen = select_important(ranking, top_k=args.top_k, threshold=args.threshold)
+    if len(completed.trials) < completed.total:
+        _err(
+            f"ranked on a random sample of {len(completed.trials)} of the {completed.total} completed trials "
+            f"(seed {args.seed}; --max-trials 0 ranks all)"
+        )
     if args.verbose:
         for name, value in ranking:
             _err(f"{value:.4f} {name}")

@@ -55,7 +55,7 @@ from stagetune.optim.budget import (
     orphaned_trials,
     running_heartbeats,
 )
-from stagetune.optim.optuna_internals import DbState, study_id_of, trial_id_of
+from stagetune.optim.optuna_internals import DbState, ask_new_trial, study_id_of, trial_id_of
 from stagetune.optim.rdb import STALE_ATTR, StagetuneStorage
 from stagetune.optim.spec import StudySpec
 
@@ -238,14 +238,16 @@ class Claims:
                 trial = self._start(number, trial_id)
                 self.log(f"trial {number} was claimed but never started (its claim was cut off); taking it on")
                 return trial
+            counts = count_by_state(self.storage, self.study_id, conn)
             if self.spec.num_trials is not None:
-                counts = count_by_state(self.storage, self.study_id, conn)
                 if self._full(counts) and not checked:  # a stale trial may hold the slot
                     self._fail_stale(conn)
                     counts = count_by_state(self.storage, self.study_id, conn)
                 if self._full(counts):
                     return None
-            trial = self.study.ask()
+            # Trials are queued under this lock: with none waiting, a new trial is created
+            # without optuna's look for one (which reads every trial of the study once).
+            trial = self.study.ask() if counts.get(DbState.WAITING, 0) else ask_new_trial(self.study)
             self._pending = (trial.number, trial_id_of(trial))
             self.storage.record_heartbeat(trial_id_of(trial))
             self._pending = None

@@ -16,6 +16,7 @@ are those of :data:`SQL_COLUMNS`, which the contract test checks too.
 
 from __future__ import annotations
 
+import json
 from typing import Any, Sequence
 
 import optuna
@@ -24,6 +25,7 @@ from optuna.storages._rdb import models
 from optuna.storages._rdb.storage import _create_scoped_session
 from optuna.study._tell import _tell_with_warning
 from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy import select
 
 __all__ = [
     "CONTRACT",
@@ -34,6 +36,8 @@ __all__ = [
     "storage_of",
     "trial_id_of",
     "tell_with_warning",
+    "ask_new_trial",
+    "trials_with_system_attrs",
     "HookedRDBStorage",
     "StudyView",
     "DbState",
@@ -60,6 +64,7 @@ CONTRACT: tuple[tuple[str, str, tuple[str, ...] | None], ...] = (
     ("optuna.storages._rdb.models", "TrialParamModel", None),
     ("optuna.storages._rdb.models", "TrialValueModel", None),
     ("optuna.storages._rdb.models", "TrialHeartbeatModel", None),
+    ("optuna.storages._rdb.models", "TrialSystemAttributeModel", None),
     ("optuna.storages._rdb.models:TrialModel", "find_or_raise_by_id", ("trial_id", "session")),
     ("optuna.storages._rdb.storage", "_create_scoped_session", ("scoped_session", "ignore_integrity_error")),
     ("optuna.study._tell", "_tell_with_warning", ("study", "trial", "value_or_values", "state")),
@@ -72,6 +77,7 @@ CONTRACT: tuple[tuple[str, str, tuple[str, ...] | None], ...] = (
     ("optuna.study:Study", "_is_multi_objective", ("self",)),
     ("optuna.study:Study", "_study_id", None),
     ("optuna.study:Study", "_storage", None),
+    ("optuna.study:Study", "_thread_local", None),
     ("optuna.trial:Trial", "_trial_id", None),
     ("optuna.trial:FrozenTrial", "_trial_id", None),
 )
@@ -89,7 +95,7 @@ OPTUNA_TABLES = frozenset(models.BaseModel.metadata.tables) | {"alembic_version"
 #: The columns stagetune's raw SQL names, by table (the contract test checks each exists).
 SQL_COLUMNS: dict[str, frozenset[str]] = {
     STUDIES: frozenset({"study_id", "study_name"}),
-    TRIALS: frozenset({"trial_id", "study_id", "number", "state"}),
+    TRIALS: frozenset({"trial_id", "study_id", "number", "state", "datetime_start", "datetime_complete"}),
     TRIAL_VALUES: frozenset({"trial_id", "objective", "value"}),
     TRIAL_PARAMS: frozenset({"trial_id", "param_name", "param_value", "distribution_json"}),
     TRIAL_HEARTBEATS: frozenset({"trial_id", "heartbeat"}),
@@ -140,6 +146,59 @@ def tell_with_warning(
     return _tell_with_warning(study, trial, value_or_values, state)
 
 
+def ask_new_trial(study: optuna.Study) -> optuna.Trial:
+    """``study.ask()`` for a study with no WAITING trial: a new trial, without reading the queue.
+
+    ``Study.ask`` first looks for a WAITING trial to pop, through optuna's storage
+    cache, whose first read loads every trial of the study with all its parameters
+    and attributes (seconds per thousand trials). When the caller knows nothing is
+    waiting (counted under the budget lock, where trials are queued), that read is
+    skipped; the rest is what ``ask`` does: the per-trial cache of the study's trials
+    is reset, the trial is created through the storage cache (which learns it), and
+    a ``Trial`` is made of it. A sampler that reads the history (TPE) still does.
+    """
+    study._thread_local.cached_all_trials = None  # as ask: samplers see this trial's history afresh
+    trial_id = study._storage.create_new_trial(study._study_id)
+    return optuna.Trial(study, trial_id)
+
+
+def trials_with_system_attrs(storage: optuna.storages.RDBStorage, study_id: int) -> list[FrozenTrial]:
+    """The study's FAIL trials and its trials with system attributes, in two light queries.
+
+    Each is a ``FrozenTrial`` carrying its number, id, state and system attributes
+    only (no parameters, values, times or user attributes): what telling failures
+    apart (handed back, stale, failed; see ``stagetune.optim.status``) reads, for
+    a fraction of optuna's full loading of every trial.
+    """
+    trials_t = models.TrialModel.__table__
+    attrs_t = models.TrialSystemAttributeModel.__table__
+    with storage.engine.connect() as conn:
+        rows = conn.execute(
+            select(trials_t.c.trial_id, trials_t.c.number, trials_t.c.state, attrs_t.c.key, attrs_t.c.value_json)
+            .select_from(trials_t.join(attrs_t, attrs_t.c.trial_id == trials_t.c.trial_id))
+            .where(trials_t.c.study_id == study_id)
+        ).all()
+        failed = conn.execute(
+            select(trials_t.c.trial_id, trials_t.c.number).where(
+                trials_t.c.study_id == study_id, trials_t.c.state == TrialState.FAIL
+            )
+        ).all()
+    found: dict[int, tuple[int, TrialState, dict[str, Any]]] = {}
+    for trial_id, number, state, key, value_json in rows:
+        state = state if isinstance(state, TrialState) else TrialState[str(state)]  # the model's Enum: a TrialState
+        found.setdefault(trial_id, (number, state, {}))[2][key] = json.loads(value_json)
+    for trial_id, number in failed:
+        found.setdefault(trial_id, (number, TrialState.FAIL, {}))
+    return [
+        FrozenTrial(
+            number=number, state=state, value=None, values=None, datetime_start=None, datetime_complete=None,
+            params={}, distributions={}, user_attrs={}, system_attrs=attrs, intermediate_values={},
+            trial_id=trial_id,
+        )
+        for trial_id, (number, state, attrs) in sorted(found.items(), key=lambda kv: kv[1][0])
+    ]
+
+
 class HookedRDBStorage(optuna.storages.RDBStorage):
     """``RDBStorage`` whose two private hooks a subclass overrides under public names.
 
@@ -184,15 +243,17 @@ class StudyView:
     """The read-only slice of a single-objective (minimised) Study that ``optuna.importance`` reads.
 
     Over trials in memory: adding 1000 trials to an in-memory optuna study costs
-    seconds of copying.
+    seconds of copying. ``total``: the study's number of such trials, when ``trials``
+    is a sample of them (None: they are all).
     """
 
     directions = [optuna.study.StudyDirection.MINIMIZE]
     direction = optuna.study.StudyDirection.MINIMIZE
 
-    def __init__(self, study_name: str, trials: list[FrozenTrial]) -> None:
+    def __init__(self, study_name: str, trials: list[FrozenTrial], total: int | None = None) -> None:
         self.study_name = study_name
         self.trials = trials
+        self.total = len(trials) if total is None else total
 
     def _is_multi_objective(self) -> bool:
         return False

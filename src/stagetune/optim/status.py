@@ -13,15 +13,24 @@ three kinds apart, as they mean different things to the user:
 from __future__ import annotations
 
 import datetime
+import math
 import warnings
 from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy import DateTime, text
 
-from stagetune.optim.budget import beating_trials, heartbeat_ages
+from stagetune.optim.budget import beating_trials, count_by_state, heartbeat_ages
 from stagetune.optim.metrics import METRICS
-from stagetune.optim.optuna_internals import study_id_of, trial_id_of
+from stagetune.optim.optuna_internals import (
+    TRIAL_VALUES,
+    TRIALS,
+    DbState,
+    study_id_of,
+    trial_id_of,
+    trials_with_system_attrs,
+)
 from stagetune.optim.rdb import STALE_ATTR
 from stagetune.optim.spec import StudySpec
 
@@ -63,22 +72,25 @@ def fail_kinds(trials: list[FrozenTrial], beating: set[int] | None = None) -> di
     return kinds
 
 
-def study_status(
-    study: optuna.Study, spec: StudySpec, storage: optuna.storages.RDBStorage | None = None
-) -> dict[str, Any]:
-    """A JSON-serialisable summary of the study (heartbeats need the RDB ``storage``)."""
-    trials = study.get_trials(deepcopy=False)
-    by_state = {s.name: 0 for s in TrialState}
-    for t in trials:
-        by_state[t.state.name] += 1
+def study_status(study: optuna.Study, spec: StudySpec, storage: optuna.storages.RDBStorage) -> dict[str, Any]:
+    """A JSON-serialisable summary of the study, read from ``storage`` (its RDB storage).
+
+    Light reads only, so that status stays quick on a study of thousands of trials:
+    counts by state, the best trial, the running trials, the latest finished ones'
+    times and what tells failures apart (:func:`fail_kinds`); never every trial
+    through optuna's full loading.
+    """
+    sid = study_id_of(study)
+    counts = count_by_state(storage, sid)
+    by_state = {s.name: counts.get(s.name, 0) for s in TrialState}
     finished = by_state["COMPLETE"] + by_state["PRUNED"]
-    complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    best = min(complete, key=lambda t: t.value) if complete else None
-    ages = heartbeat_ages(storage, study_id_of(study)) if storage is not None else {}
-    beating = beating_trials(storage, study_id_of(study)) if storage is not None else None
+    best = _best(storage, sid) if by_state["COMPLETE"] else None
+    ages = heartbeat_ages(storage, sid)
     kinds = dict.fromkeys(FAIL_KINDS, 0)
-    for kind in fail_kinds(trials, beating).values():
-        kinds[kind] += 1
+    if by_state["FAIL"]:
+        for kind in fail_kinds(trials_with_system_attrs(storage, sid), beating_trials(storage, sid)).values():
+            kinds[kind] += 1
+    running_trials = [storage.get_trial(trial_id) for trial_id in _running_ids(storage, sid)]
     running = [
         {
             "number": t.number,
@@ -86,12 +98,13 @@ def study_status(
             "last_value": t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None,
             "heartbeat_age_s": round(ages[t.number], 1) if t.number in ages else None,
         }
-        for t in trials
-        if t.state == TrialState.RUNNING
+        for t in running_trials
     ]
+    done, recent = _finished_times(storage, sid)
+    starts = [t.datetime_start for t in running_trials if t.datetime_start is not None]
     return {
         "study": study.study_name,
-        "eta": estimate_finish(trials, spec.num_trials),
+        "eta": _estimate(done, recent, starts, spec.num_trials),
         "parent_study": spec.parent_study,
         "metric": spec.metric,
         "states": by_state,
@@ -103,6 +116,46 @@ def study_status(
         "running": running,
         "tuned": spec.tuned,
     }
+
+
+def _best(storage: optuna.storages.RDBStorage, study_id: int) -> FrozenTrial:
+    """The best COMPLETE trial (lowest value; of equal values, the first): two queries."""
+    best = storage.get_best_trial(study_id)  # optuna's order: -inf, finite values, +inf
+    if best.value is None or not math.isfinite(best.value):
+        return best
+    query = (
+        f"SELECT MIN(t.number) FROM {TRIALS} t JOIN {TRIAL_VALUES} v ON v.trial_id = t.trial_id "
+        f"WHERE t.study_id = :sid AND t.state = '{DbState.COMPLETE}' AND v.objective = 0 AND v.value = :value"
+    )
+    with storage.engine.connect() as conn:
+        first = conn.execute(text(query), {"sid": study_id, "value": best.value}).scalar()
+    if first is None or first == best.number:
+        return best
+    return storage.get_trial(storage.get_trial_id_from_study_id_trial_number(study_id, first))
+
+
+def _running_ids(storage: optuna.storages.RDBStorage, study_id: int) -> list[int]:
+    query = f"SELECT trial_id FROM {TRIALS} WHERE study_id = :sid AND state = '{DbState.RUNNING}' ORDER BY number"
+    with storage.engine.connect() as conn:
+        return [int(trial_id) for trial_id in conn.execute(text(query), {"sid": study_id}).scalars()]
+
+
+def _finished_times(
+    storage: optuna.storages.RDBStorage, study_id: int
+) -> tuple[int, list[tuple[datetime.datetime, datetime.datetime]]]:
+    """How many finished trials have both times, and the (start, complete) of the latest :data:`_RECENT`."""
+    where = (
+        f"FROM {TRIALS} WHERE study_id = :sid AND state IN ('{DbState.COMPLETE}', '{DbState.PRUNED}') "
+        "AND datetime_start IS NOT NULL AND datetime_complete IS NOT NULL"
+    )
+    recent = text(
+        f"SELECT datetime_start AS datetime_start, datetime_complete AS datetime_complete {where} "
+        f"ORDER BY datetime_complete DESC LIMIT {_RECENT}"
+    ).columns(datetime_start=DateTime, datetime_complete=DateTime)  # SQLite returns text otherwise
+    with storage.engine.connect() as conn:
+        done = int(conn.execute(text(f"SELECT COUNT(*) {where}"), {"sid": study_id}).scalar())
+        rows = conn.execute(recent, {"sid": study_id}).all()
+    return done, [(start, complete) for start, complete in rows]
 
 
 def estimate_finish(
@@ -117,17 +170,30 @@ def estimate_finish(
     """
     finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
                 and t.datetime_start is not None and t.datetime_complete is not None]
-    if budget is None or not finished or len(finished) >= budget:
+    recent = [(t.datetime_start, t.datetime_complete) for t in finished]
+    running = [t.datetime_start for t in trials if t.state == TrialState.RUNNING and t.datetime_start is not None]
+    return _estimate(len(finished), recent, running, budget, now)
+
+
+def _estimate(
+    done: int,
+    recent: list[tuple[datetime.datetime, datetime.datetime]],
+    running: list[datetime.datetime],
+    budget: int | None,
+    now: datetime.datetime | None = None,
+) -> dict[str, Any] | None:
+    """:func:`estimate_finish` of ``done`` finished trials, some of their (start, complete) times
+    (the latest :data:`_RECENT` are used) and the running trials' start times."""
+    if budget is None or not done or done >= budget:
         return None
-    recent = sorted(finished, key=lambda t: t.datetime_complete)[-_RECENT:]
-    per_trial = sum((t.datetime_complete - t.datetime_start).total_seconds() for t in recent) / len(recent)
-    left = budget - len(finished)
+    recent = sorted(recent, key=lambda times: times[1])[-_RECENT:]
+    per_trial = sum((complete - start).total_seconds() for start, complete in recent) / len(recent)
+    left = budget - done
     now = now or datetime.datetime.now()
-    running = [t for t in trials if t.state == TrialState.RUNNING and t.datetime_start is not None]
     seconds = None
     if running:
         # The running trials' rest, then the others, shared by as many workers.
-        work = sum(max(per_trial - (now - t.datetime_start).total_seconds(), 0.0) for t in running)
+        work = sum(max(per_trial - (now - start).total_seconds(), 0.0) for start in running)
         work += max(left - len(running), 0) * per_trial
         seconds = round(work / len(running), 1)
     return {"seconds": seconds, "left": left, "running": len(running), "trial_s": round(per_trial, 1)}
