@@ -151,7 +151,7 @@ class _Heartbeat:
     """
 
     def __init__(self, storage: optuna.storages.RDBStorage, trial_id: int, interval: float) -> None:
-        self._storage, self._trial_id, self._interval = storage, trial_id, interval
+        self._db, self._beat_trial, self._interval = storage, trial_id, interval
         self._stop = threading.Event()
         self.lost = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="stagetune-heartbeat")
@@ -160,8 +160,8 @@ class _Heartbeat:
         wait = self._interval
         while not self._stop.wait(wait):
             try:
-                self._storage.record_heartbeat(self._trial_id)
-                state = trial_state(self._storage, self._trial_id)
+                self._db.record_heartbeat(self._beat_trial)
+                state = trial_state(self._db, self._beat_trial)
             except Exception:  # an outage: the next beat may get through
                 wait = min(self._interval, 1.0)
                 continue
@@ -183,7 +183,7 @@ class _Heartbeat:
         if not confirm:
             return True
         try:
-            state = trial_state(self._storage, self._trial_id)
+            state = trial_state(self._db, self._beat_trial)
         except Exception as exc:
             if is_transient_db_error(exc):
                 return True
