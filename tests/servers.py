@@ -54,8 +54,30 @@ def _pid_alive(pid: int) -> bool:
         return False
 
 
+def _continue_family(pid: int) -> None:
+    """SIGCONT ``pid`` and its descendants: a server a fault test froze (SIGSTOP) must not
+    sit out the stop timeout because one of its processes is still stopped."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rpartition(")")[2].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    todo = [pid]
+    while todo:
+        current = todo.pop()
+        todo += children.get(current, [])
+        try:
+            os.kill(current, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+
+
 def _stop_pid(pid: int, sig: signal.Signals) -> None:
     """Send ``sig`` to ``pid`` and wait for it to exit; SIGKILL after a timeout."""
+    _continue_family(pid)
     try:
         os.kill(pid, sig)
     except ProcessLookupError:

@@ -166,7 +166,8 @@ def test_the_pool_gets_each_workers_summary_as_data_and_none_from_a_killed_one(t
     assert result.codes == [0, 128 + signal.SIGKILL], log
     assert result.summaries[1] is None, log
     w0 = result.summaries[0]
-    assert w0 is not None and w0.stop_reason == "budget of 8 trials met", log
+    # w1's last trial may still hold its slot (RUNNING until it turns stale) when w0 stops.
+    assert w0 is not None and w0.stop_reason.startswith(("budget of 8 trials met", "every remaining slot")), log
     # Worker 0's counts and best are its trials in the database (its seed too: seed + 0).
     pid0 = _START.match(_starts(log)[0])["pid"]
     with opened_study(url, "kill") as study:

@@ -23,14 +23,14 @@ from stagetune.optim.sampling import (
 from stagetune.space import Ref
 
 TUNABLE = [i.name for i in iter_fields() if i.search_space() is not None]
-RECURRENT = ("model.recurrent_size", "model.recurrent_type", "model.recurrent_bidirectional")
+RECURRENT = ("model.recurrent_size", "model.recurrent_type", "model.recurrent_bidirectional", "model.bidirectional_mode")
 
 
 # --- white/blacklists ---------------------------------------------------------------------
 
 
 def test_whitelist_is_a_full_match() -> None:
-    chosen = select_tunable(Config(), whitelist=[r"model\.recurrent_.*"]).tuned
+    chosen = select_tunable(Config(), whitelist=[r"model\.recurrent_.*", r"model\.bidirectional_mode"]).tuned
     assert chosen == ("model.recurrent_layers", *RECURRENT)
     assert select_tunable(Config(), whitelist=["training.learning_rate"]).tuned == (
         "training.learning_rate",
@@ -47,7 +47,10 @@ def test_blacklist_is_a_full_match_and_wins_over_the_whitelist() -> None:
     ).tuned
     assert tuned == ("model.frame_norm", "model.recurrent_layers", *RECURRENT)
     everything_but = select_tunable(Config(), blacklist=["data.batch_size"]).tuned
-    assert set(everything_but) == set(TUNABLE) - {"data.batch_size"}
+    # Less what never applies to a CTC study: the utt task's settings, adaptation's rho.
+    never = {"model.pooling", "model.embedding_size", "training.margin", "training.margin_scale",
+             "training.adapt_rho"}
+    assert set(everything_but) == set(TUNABLE) - {"data.batch_size"} - never
     with pytest.raises(UsageError, match="matches no tunable parameter"):
         select_tunable(Config(), blacklist=["data.batch"])
 

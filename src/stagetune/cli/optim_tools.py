@@ -110,6 +110,7 @@ def _delete(args: argparse.Namespace, study_name: str) -> int:
 
 def _dashboard(args: argparse.Namespace, study_name: str) -> int:
     import getpass
+    import signal
     import socket
 
     from stagetune.errors import UsageError
@@ -138,6 +139,9 @@ def _dashboard(args: argparse.Namespace, study_name: str) -> int:
         print(f"from another machine: ssh -N -L {args.port}:127.0.0.1:{args.port} "
               f"{getpass.getuser()}@{socket.gethostname()}, then open {page}")
         print("Ctrl-C stops it", flush=True)
+        # Started with SIGINT ignored (a background job of a non-interactive shell), Python
+        # would never raise KeyboardInterrupt: Ctrl-C / kill -INT must stop the server anyway.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         run_server(storage, host="127.0.0.1", port=args.port)  # serves until Ctrl-C, which it catches
     return 130  # as every command stopped by Ctrl-C
 

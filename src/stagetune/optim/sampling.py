@@ -53,7 +53,7 @@ def _compile(patterns: Sequence[str], flag: str, names: Sequence[str]) -> list[r
 
 
 #: Parameters that change nothing without a base model to adapt (``train --adapt-from``),
-#: which studies do not give their trials: never tuned.
+#: which studies do not give their trials: never tuned, and not listed as dropped.
 NEEDS_BASE_MODEL = ("training.adapt_rho",)
 
 
@@ -63,7 +63,9 @@ def select_tunable(
     """Tunable dotted names after white/blacklists (full regex match).
 
     Parameters whose declared condition is false under ``base`` while every
-    parameter the condition depends on stays fixed are dropped, with a reason.
+    parameter the condition depends on stays fixed are dropped, with a reason;
+    silently when the condition is on a field no study searches (``model.task``,
+    ``model.encoder``: another task's or encoder's settings) or on one dropped so.
     """
     tunable = [i.name for i in iter_fields() if i.search_space() is not None]
     allow = _compile(whitelist, "--whitelist", tunable)
@@ -78,13 +80,17 @@ def select_tunable(
     values = flatten(base)
     tuned: list[str] = []
     dropped: list[tuple[str, str]] = []
+    # Skipped without a notice: what can never apply to this study (another task's or
+    # encoder's settings: conditions on fields no study searches), and what depends on those.
+    silent: set[str] = set(NEEDS_BASE_MODEL)
     for name in chosen:
         info = field_info(name)
-        if name in NEEDS_BASE_MODEL:
-            dropped.append((name, "it needs a base model (train --adapt-from); studies do not adapt one"))
+        if name in silent:
             continue
         fixed_false = [c for c in info.spec.when if c.name not in tuned and not c.holds(values)]
-        if fixed_false:
+        if fixed_false and all(c.name in silent or field_info(c.name).search_space() is None for c in fixed_false):
+            silent.add(name)
+        elif fixed_false:
             dropped.append((name, f"{fixed_false[0]} is false in the base config and not tuned"))
         else:
             tuned.append(name)
