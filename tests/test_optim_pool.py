@@ -176,7 +176,11 @@ def test_the_pool_gets_each_workers_summary_as_data_and_none_from_a_killed_one(t
         assert w0.counts["COMPLETE"] == len(complete) > 0, log
         best = min(complete, key=lambda t: t.value)
         assert w0.best == (best.number, best.value)
-        assert sum(t.state.name == "COMPLETE" for t in study.get_trials()) == 8
+        states = [t.state.name for t in study.get_trials()]
+        if w0.stop_reason.startswith("budget of 8 trials met"):  # w0 retried w1's trial once stale
+            assert states.count("COMPLETE") == 8, log
+        else:  # w1's trial still held its slot: RUNNING, for the next worker to retry
+            assert states.count("COMPLETE") == 7 and states.count("RUNNING") == 1, log
     assert lines[-1] == (
         f"2 workers done: {len(complete)} complete, 0 pruned, 0 fail, 0 handed back; workers w1 (exit 137) failed"
     ), log
