@@ -608,7 +608,7 @@ def _important(args: argparse.Namespace, study_name: str) -> int:
     if args.out != "-":
         check_output_file(args.out, "OUT", "important.txt")
     max_trials = IMPORTANCE_MAX_TRIALS if args.max_trials is None else (args.max_trials or None)
-    with storage_session(args.url, heartbeat_interval=None, create=False) as storage:
+    with storage_session(args.url, heartbeat_interval=None, create=False, read_only=True) as storage:
         study, _ = load_study(storage, study_name, args.url)
         completed = completed_in_memory(storage, study, max_trials=max_trials, seed=args.seed)
         ranking = rank_parameters(completed, evaluator=args.evaluator, seed=args.seed)
@@ -645,7 +645,7 @@ def _best(args: argparse.Namespace, study_name: str) -> int:
     if fmt is None:
         suffix = Path(args.out).suffix.lower().lstrip(".") if args.out not in ("-", None) else ""
         fmt = {"json": "json", "yaml": "yaml", "yml": "yaml"}.get(suffix, "ini")
-    with storage_session(args.url, heartbeat_interval=None, create=False) as storage:
+    with storage_session(args.url, heartbeat_interval=None, create=False, read_only=True) as storage:
         study, spec = load_study(storage, study_name, args.url)
         config, repairs = best_config(
             study, spec, independent=args.independent, overrides=args.overrides + args.best_set
@@ -681,7 +681,7 @@ def _status(args: argparse.Namespace, study_name: str) -> int:
 
     rounds = 0
     while True:
-        with storage_session(args.url, heartbeat_interval=None, create=False) as storage:
+        with storage_session(args.url, heartbeat_interval=None, create=False, read_only=True) as storage:
             study, spec = load_study(storage, study_name, args.url, same_release=False)  # reading is safe across releases
             status = study_status(study, spec, storage)
         if args.json:

@@ -74,6 +74,8 @@ CONTRACT: tuple[tuple[str, str, tuple[str, ...] | None], ...] = (
         ("self", "trial_id", "param_name", "param_value_internal", "distribution", "previous_distribution"),
     ),
     ("optuna.storages:RDBStorage", "_get_stale_trial_ids", ("self", "study_id")),
+    ("optuna.storages:RDBStorage", "_version_manager", None),
+    ("optuna.storages._rdb.storage:_VersionManager", "check_table_schema_compatibility", ("self",)),
     ("optuna.study:Study", "_is_multi_objective", ("self",)),
     ("optuna.study:Study", "_study_id", None),
     ("optuna.study:Study", "_storage", None),
@@ -115,6 +117,15 @@ class DbState:
 #: ``with create_scoped_session(storage.scoped_session[, ignore_integrity_error]) as session``:
 #: optuna's transaction (commit on exit, its errors as ``StorageInternalError``).
 create_scoped_session = _create_scoped_session
+
+
+def check_schema(storage: optuna.storages.RDBStorage) -> None:
+    """optuna's schema check (what ``RDBStorage(skip_compatibility_check=False)`` runs).
+
+    Raises:
+        RuntimeError: The database's schema is another optuna version's.
+    """
+    storage._version_manager.check_table_schema_compatibility()
 
 
 def study_id_of(study: optuna.Study) -> int:

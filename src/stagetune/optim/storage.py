@@ -33,7 +33,8 @@ import optuna
 import sqlalchemy.exc
 from sqlalchemy.engine import URL, make_url
 
-from stagetune.errors import StorageError, UsageError
+from stagetune.errors import StagetuneError, StorageError, UsageError
+from stagetune.optim.optuna_internals import check_schema
 from stagetune.optim.rdb import OPTUNA_TABLES, StagetuneStorage
 
 __all__ = [
@@ -628,6 +629,7 @@ def open_storage(
     heartbeat_stale_trial_callback: Callable[[optuna.Study, optuna.trial.FrozenTrial], None]
     | None = None,
     create: bool = True,
+    read_only: bool = False,
 ) -> StagetuneStorage:
     """Open the study database at ``url`` with engine settings suited to many workers.
 
@@ -649,6 +651,10 @@ def open_storage(
             ``optuna.storages.RetryHeartbeatStaleTrialCallback``.
         create: Create the SQLite file and the tables if missing; with False a
             missing database is an error.
+        read_only: For commands that only read (``status``, ``important``,
+            ``best``): skip optuna's schema check when opening (about 0.4 s: alembic);
+            :func:`storage_session` runs it only if a read then fails, for its
+            clear message.
 
     Raises:
         StorageError: The database cannot be opened (one line, URL masked).
@@ -686,6 +692,7 @@ def open_storage(
                         grace_period=grace_period,
                         heartbeat_stale_trial_callback=heartbeat_stale_trial_callback,
                         skip_table_creation=not create,
+                        skip_compatibility_check=read_only and not create,
                     )
             except Exception as exc:
                 described = _describe_db_error(exc)
@@ -777,9 +784,22 @@ def close_storage(storage: optuna.storages.RDBStorage) -> None:
 
 @contextlib.contextmanager
 def storage_session(url: str, **kwargs: Any) -> Iterator[StagetuneStorage]:
-    """Open the storage (see :func:`open_storage`), and close it on exit."""
+    """Open the storage (see :func:`open_storage`), and close it on exit.
+
+    With ``read_only``, a failure inside the block first runs optuna's schema check:
+    a database of another optuna schema gets its one-line advice, not a SQL error.
+    """
     storage = open_storage(url, **kwargs)
     try:
         yield storage
+    except Exception as exc:
+        if kwargs.get("read_only") and not isinstance(exc, StagetuneError):
+            try:
+                check_schema(storage)
+            except RuntimeError as old:
+                raise _open_error(old, url, _parse(_with_default_driver(url)), create=False) from exc
+            except Exception:  # the check itself failed: the first error tells more
+                pass
+        raise
     finally:
         close_storage(storage)
