@@ -40,12 +40,14 @@ def parse_backends(text: str) -> list[str]:
 
 @contextlib.contextmanager
 def databases(
-    backends: Sequence[str], sqlite_dir: Path | None = None, *, log: Callable[[str], None] = print
+    backends: Sequence[str], sqlite_dir: Path | None = None, *, log: Callable[[str], None] = print,
+    max_connections: int | None = None,
 ) -> Iterator[Callable[[str], str]]:
     """Start the servers ``backends`` need; yield ``make_url(backend) -> fresh database URL``.
 
     Every call of ``make_url`` creates a new, empty database (a new file for
-    SQLite, under ``sqlite_dir`` or a temporary directory).
+    SQLite, under ``sqlite_dir`` or a temporary directory). ``max_connections``
+    sets the servers' limit (default: theirs).
     """
     password = secrets.token_hex(12)
     servers: dict[str, PostgresServer | MariaDBServer] = {}
@@ -59,9 +61,11 @@ def databases(
             for backend in backends:
                 if backend == "sqlite":
                     continue
-                server = PostgresServer() if backend == "postgresql" else MariaDBServer()
+                options = {} if max_connections is None else {"max_connections": max_connections}
+                server = (PostgresServer if backend == "postgresql" else MariaDBServer)(**options)
                 stack.callback(_stop, server, log)
-                log(f"starting a throwaway {server.name} server on 127.0.0.1:{server.port}")
+                limit = "" if max_connections is None else f" (max_connections {max_connections})"
+                log(f"starting a throwaway {server.name} server on 127.0.0.1:{server.port}{limit}")
                 server.start()
                 server.create_user(_USER, password)
                 if backend == "postgresql":

@@ -44,7 +44,6 @@ import contextlib
 import datetime
 import os
 import re
-import secrets
 import shutil
 import statistics
 import subprocess
@@ -61,7 +60,7 @@ import optuna
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _servers import BACKENDS, MariaDBServer, PostgresServer, databases  # noqa: E402
+from _servers import BACKENDS, databases  # noqa: E402
 from optim_overhead import STUDY, synthetic_spec  # noqa: E402  (a synthetic spec: no data needed)
 
 from stagetune.optim.storage import close_storage, open_storage  # noqa: E402
@@ -329,46 +328,6 @@ def report_big(r: BigResult) -> None:
 # --- Part 2: many workers --------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def limited_servers(backends: Sequence[str], max_connections: int,
-                    log: Callable[[str], None] = print) -> Iterator[Callable[[str], str]]:
-    """As :func:`_servers.databases`, with the servers' ``max_connections`` set."""
-    import _servers
-
-    password, user = secrets.token_hex(12), _servers._USER
-    servers: dict[str, PostgresServer | MariaDBServer] = {}
-    counter = iter(range(1_000_000))
-    old_pgpass = os.environ.get("PGPASSFILE")
-    with contextlib.ExitStack() as stack:
-        try:
-            for backend in backends:
-                server = (PostgresServer if backend == "postgresql" else MariaDBServer)(max_connections=max_connections)
-                stack.callback(_servers._stop, server, log)
-                log(f"starting a throwaway {server.name} server on 127.0.0.1:{server.port} "
-                    f"(max_connections {max_connections})")
-                server.start()
-                server.create_user(user, password)
-                if backend == "postgresql":
-                    os.environ["PGPASSFILE"] = str(server.write_pgpass(server.base_dir / "pgpass", user, password))
-                else:
-                    server.write_option_file(server.base_dir / "client.cnf", user, password)
-                servers[backend] = server
-
-            def make_url(backend: str) -> str:
-                name, server = f"load_{os.getpid()}_{next(counter)}", servers[backend]
-                server.create_database(name, user)
-                if backend == "mysql":
-                    return server.url(name, user, query=f"read_default_file={server.option_file}")
-                return server.url(name, user)
-
-            yield make_url
-        finally:
-            if old_pgpass is None:
-                os.environ.pop("PGPASSFILE", None)
-            else:
-                os.environ["PGPASSFILE"] = old_pgpass
-
-
 @dataclass
 class WorkersResult:
     backend: str
@@ -482,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
         results = []
         server_backends = [b for b in backends if b != "sqlite"]
         with contextlib.ExitStack() as stack:
-            make_server_url = stack.enter_context(limited_servers(server_backends, args.max_connections)) \
+            make_server_url = stack.enter_context(databases(server_backends, max_connections=args.max_connections)) \
                 if server_backends else None
             make_sqlite_url = stack.enter_context(databases(["sqlite"])) if "sqlite" in backends else None
             for backend in backends:
