@@ -141,9 +141,22 @@ def _dashboard(args: argparse.Namespace, study_name: str) -> int:
         print("Ctrl-C stops it", flush=True)
         # Started with SIGINT ignored (a background job of a non-interactive shell), Python
         # would never raise KeyboardInterrupt: Ctrl-C / kill -INT must stop the server anyway.
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGINT, _stop_dashboard)
+        signal.signal(signal.SIGTERM, _stop_dashboard)
         run_server(storage, host="127.0.0.1", port=args.port)  # serves until Ctrl-C, which it catches
     return 130  # as every command stopped by Ctrl-C
+
+
+def _stop_dashboard(signum: int, frame: Any) -> None:
+    """Ctrl-C / kill: stop serving now; if a request is stuck in a long read (C code that does not
+    return to Python, e.g. an importance computation on a big study), exit anyway within 5 s."""
+    import os
+    import threading
+
+    watchdog = threading.Timer(5.0, os._exit, (130,))
+    watchdog.daemon = True
+    watchdog.start()
+    raise KeyboardInterrupt
 
 
 COMMANDS: dict[str, Any] = {"report": _report, "list": _list, "delete": _delete, "dashboard": _dashboard}
