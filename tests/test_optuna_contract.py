@@ -227,3 +227,25 @@ def test_the_contract_lists_every_private_name_optuna_internals_uses(oi: ModuleT
         if ((where, name) not in listed if where else name not in names)
     )
     assert not unlisted, f"optuna_internals uses private names its CONTRACT does not list: {unlisted}"
+
+
+def test_a_storage_opened_to_read_skips_alembic_and_can_still_check_its_schema(tmp_path: Path) -> None:
+    """``status``/``important``/``best`` open the storage without optuna's alembic set-up (0.4 s)."""
+    import subprocess
+    import sys
+
+    url = f"sqlite:///{tmp_path / 'optim.db'}"
+    optuna.create_study(study_name="s", storage=url).optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=3)
+    probe = (
+        "import sys\n"
+        "from stagetune.optim.optuna_internals import HookedRDBStorage, check_schema\n"
+        f"s = HookedRDBStorage({url!r}, skip_compatibility_check=True, skip_table_creation=True)\n"
+        "n = len(s.get_all_trials(s.get_study_id_from_name('s')))\n"
+        "print(n, 'alembic' in sys.modules)\n"
+        "check_schema(s)\n"  # still works (imports alembic now)
+        f"w = HookedRDBStorage({url!r})\n"  # an ordinary open sets alembic up
+        "print('alembic' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["3", "False", "True"]
