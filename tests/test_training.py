@@ -668,3 +668,37 @@ def test_a_stride_too_large_for_ctc_is_one_error_line_before_anything_is_written
     done = subprocess.run(fixed, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert (model_dir / "model.pt").exists()
+
+
+def test_mixed_precision_skips_an_overflowing_batch_and_only_an_all_overflow_epoch_is_non_finite() -> None:
+    """Under a gradient scaler a batch whose loss is inf/NaN is skipped (as the scaler skips its
+    step): the trial is not pruned for it. Every batch overflowing is still non-finite."""
+    from stagetune.dataset import Batch
+    from stagetune.epoch import train_one_epoch
+    from stagetune.model import build_model
+
+    config = make_config("training.num_time_mask=0", "training.num_freq_mask=0", "training.noise_eps=0")
+    torch.manual_seed(0)
+    model = build_model(config, 8, len(TOKENS) + 1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def batch(bad: bool) -> Batch:
+        feats = torch.randn(2, 20, 8)
+        if bad:
+            feats[0, 3, 2] = float("nan")
+        return Batch(feats, torch.tensor([20, 18]), torch.tensor([[1, 2], [3, -1]]), torch.tensor([2, 1]), ["a", "b"])
+
+    def epoch(batches: list[Batch], scaler: torch.amp.GradScaler | None) -> float:
+        loss_sum, frames = train_one_epoch(model, batches, optimizer, config, epoch=1, device=torch.device("cpu"),
+                                           scaler=scaler)
+        assert frames == 38 * len(batches)
+        return loss_sum
+
+    scaler = torch.amp.GradScaler("cpu")
+    mixed = epoch([batch(False), batch(True), batch(False)], scaler)
+    assert np.isfinite(mixed) and mixed > 0
+    assert all(torch.isfinite(p).all() for p in model.parameters())  # the NaN batch moved no weight
+    assert np.isnan(epoch([batch(True), batch(True)], scaler))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    # float32 (no scaler): the NaN batch's step spoils the weights, and the sum says so.
+    assert not np.isfinite(epoch([batch(False), batch(True)], None))

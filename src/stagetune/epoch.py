@@ -7,6 +7,7 @@ validation's.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
@@ -64,6 +65,11 @@ def train_one_epoch(
     and target_lens (B,).  Returns (sum of batch losses, frames seen), the sum
     starting from ``start_loss_sum`` (the earlier batches' sum when resuming
     mid-epoch, so it adds up in the same order as an uninterrupted epoch).
+    With a gradient ``scaler`` (mixed precision), a batch whose loss overflows to
+    inf/NaN is one the scaler skipped (the weights did not move): it adds nothing
+    to the sum, and only an epoch in which every batch overflowed returns a NaN sum
+    (the caller's non-finite check). In float32 any non-finite batch makes the sum
+    non-finite, since its step has already spoilt the weights.
     Raises ``EpochStopped`` between batches when ``should_stop()`` turns true.
     ``adaptation`` (``--adapt-from``) regularises every step towards a base model.
     """
@@ -72,7 +78,10 @@ def train_one_epoch(
     model.train()
     loss_sum = torch.full((), start_loss_sum, device=device)
     frames = 0
+    overflowed = torch.zeros((), dtype=torch.long, device=device)  # batches the scaler skipped
+    batches = 0
     for index, batch in enumerate(loader, start=first_batch):
+        batches += 1
         seed = _batch_seed(t.seed, epoch, index)
         torch.manual_seed(seed)
         batch = batch.to(device)
@@ -82,12 +91,19 @@ def train_one_epoch(
         )
         if schedule is not None:
             schedule.step()
-        loss_sum += loss.detach()
+        loss = loss.detach()
+        if scaler is not None:  # no host sync per batch: the test stays on the device
+            finite = torch.isfinite(loss)
+            overflowed += ~finite
+            loss = torch.where(finite, loss, torch.zeros_like(loss))
+        loss_sum += loss
         frames += int(batch.feat_lens.sum())
         if progress is not None:
             progress.update(1)
         if should_stop():
             raise EpochStopped(index + 1, float(loss_sum))
+    if scaler is not None and batches and int(overflowed) == batches:
+        return math.nan, frames
     return float(loss_sum), frames
 
 
