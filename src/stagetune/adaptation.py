@@ -25,6 +25,14 @@ with a search space, but its trials train without a base).
 Both models must normalise features alike (:func:`base_normalizer`): a base of
 another ``data.normalization`` mode is refused, and with ``global`` the adapted
 run keeps the base's statistics (``--init-from`` refits them on its data).
+
+Regression targets are standardised alike too: the adapted model keeps the
+base's target mean and std (buffers of the head, copied with its weights;
+:mod:`stagetune.tasks.regression`), never refitted on the adaptation data.  Both
+models' outputs are in the targets' units, and the head passes the gradient of
+the squared difference as that of the difference of standardised outputs
+(divided by ``std**2``), so the regulariser pulls towards the base in the same
+standardised space the task loss trains in.
 """
 
 from __future__ import annotations
@@ -82,7 +90,12 @@ def _kl(logits: Tensor, base_logits: Tensor, out_lens: Tensor) -> Tensor:
 
 
 def _mse(outputs: Tensor, base_outputs: Tensor, out_lens: Tensor) -> Tensor:
-    """Mean squared difference over valid frames and output dimensions."""
+    """Mean squared difference over valid frames and output dimensions.
+
+    Of outputs in the targets' units; through the model's de-standardising head
+    it trains as the mean squared difference of standardised outputs, as the
+    task's MSE does (:func:`stagetune.tasks.regression.destandardise`).
+    """
     mask = frame_mask(out_lens.to(outputs.device), outputs.size(1)).unsqueeze(-1)
     squared = (outputs.float() - base_outputs.float()) ** 2 * mask
     return squared.sum() / (mask.sum() * outputs.size(-1)).clamp(min=1)

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+import kaldiio
+import numpy as np
 import torch
 
 from stagetune.checkpoint import load_model_file
@@ -14,11 +16,11 @@ from stagetune.dataset import Batch, BucketBatchSampler, UtteranceDataset, colla
 from stagetune.kaldi import DataDir, TokenTable, load_data_dir, regression_dim
 from stagetune.metrics import ErrorCounts, TaskScore, ctc_prefix_beam_search
 from stagetune.model import AcousticModel, build_model
-from stagetune.tasks import Task, task_of
+from stagetune.tasks import MultiTask, RegressionTask, Task, task_of
 from stagetune.normalize import stored_normalizer
 from stagetune.plugins import target_format
 
-__all__ = ["Evaluation", "Inference", "evaluate_model", "load_inference"]
+__all__ = ["Evaluation", "Inference", "evaluate_model", "load_inference", "write_predictions"]
 
 
 @dataclass
@@ -33,10 +35,29 @@ class Evaluation:
     #: All the task's figures (:meth:`Task.scorer`); ``score.figures`` is empty for
     #: tasks whose figure is the error rate of ``counts``.
     score: TaskScore = field(default_factory=lambda: TaskScore(0.0))
+    #: Regression predictions (utterance id -> float32 ``(T', D)``, one row per output
+    #: frame, in the targets' units) when asked for (``--out`` of ``regress``, and of
+    #: ``multi`` driven by ``regress``); None when the outputs written are :attr:`hypotheses`.
+    predictions: dict[str, np.ndarray] | None = None
 
     def text(self) -> str:
         """Hypotheses in Kaldi ``text`` format, sorted by utterance id."""
         return "".join(f"{u} {' '.join(h)}".rstrip() + "\n" for u, h in sorted(self.hypotheses.items()))
+
+
+def write_predictions(path: Path, predictions: dict[str, np.ndarray]) -> None:
+    """Write ``predictions`` to ``path`` as a binary Kaldi archive of float32 matrices, sorted by
+    utterance id (``kaldiio.load_ark``, Kaldi's ``copy-matrix ark:PATH``), through a temporary
+    file, so that ``path`` is whole or absent.
+
+    Raises:
+        StagetuneError: The file cannot be written (one line naming it).
+    """
+    from stagetune.extract import atomic_path  # extract imports this module
+
+    with atomic_path(Path(path)) as tmp:
+        with open(tmp, "wb") as handle:
+            kaldiio.save_ark(handle, {u: np.asarray(m, dtype=np.float32) for u, m in sorted(predictions.items())})
 
 
 @dataclass
@@ -134,16 +155,20 @@ def evaluate_model(
         device: Torch device.
         beam_width: CTC prefix beam search width; 0 or 1 decodes greedily.
         batch_size: Utterances per decoding batch.
-        hypotheses: The caller writes the hypotheses (``--out``): a task without
-            symbol hypotheses (regression, multitask) is refused before decoding.
+        hypotheses: The caller writes the outputs (``--out``): symbol hypotheses
+            (:attr:`Evaluation.hypotheses`), or for ``regress`` the predictions
+            (:attr:`Evaluation.predictions`); ``multi`` gives those of its driving
+            sub-task (``training.main_task``) as that task would.  Another task
+            without either is refused before decoding.
     """
     loaded = load_inference(model_path, data_dir, device)
-    if hypotheses and not loaded.task.hypotheses:
-        raise UsageError(
-            f"--out: task {loaded.model_file.config.model.task!r} has no symbol hypotheses to write; "
-            "leave out --out"
-        )
     mf, task, model, task_name = loaded.model_file, loaded.task, loaded.model, loaded.model_file.config.model.task
+    writer = task  # the task whose outputs --out writes
+    if hypotheses and isinstance(task, MultiTask):
+        writer = task.driving
+    values = hypotheses and isinstance(writer, RegressionTask)
+    if hypotheses and not (writer.hypotheses or values):
+        raise UsageError(f"--out: task {task_name!r} has no symbol hypotheses to write; leave out --out")
     symbolic = target_format(task_name) in ("ctc", "utt")  # hypotheses as tokens or class names, not ids
     batches = loaded.batches(batch_size)
 
@@ -158,14 +183,24 @@ def evaluate_model(
     # The scorer validation uses, so evaluate's figures agree with the dev figures of training.
     scorer = task.scorer(model.time_stride, decode)
     written: dict[str, list[str]] = {}
+    predictions: dict[str, np.ndarray] | None = {} if values else None
     model.eval()
     for batch in batches:
         batch = batch.to(device)
         logits, out_lens = model(batch.feats, batch.feat_lens)
         hyps = scorer.add(logits, out_lens, batch.targets, batch.target_lens)
+        outputs = logits
+        if writer is not task:  # multitask --out: the driving sub-task's share, decoded as that task
+            outputs = task.main_outputs(logits, regression_dim(mf.tokens))  # type: ignore[attr-defined]
+            hyps = None if values else writer.decode(outputs, out_lens)
+        if predictions is not None:  # the head's outputs are in the targets' units
+            rows = outputs.detach().float().cpu().numpy()
+            for utt, matrix, length in zip(batch.utt_ids, rows, out_lens.tolist()):
+                predictions[utt] = matrix[:length]
         for utt, hyp in zip(batch.utt_ids, hyps or ()):
             written[utt] = [mf.tokens[i] for i in hyp] if symbolic else [str(i) for i in hyp]
     score = scorer.result()
     return Evaluation(
-        counts=score.counts, hypotheses=written, task=task_name, error_name=task.error_name, score=score
+        counts=score.counts, hypotheses=written, task=task_name, error_name=task.error_name, score=score,
+        predictions=predictions,
     )

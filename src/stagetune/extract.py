@@ -49,7 +49,10 @@ def atomic_path(path: Path) -> Iterator[Path]:
     except OSError as exc:
         raise StagetuneError(f"cannot write {path}: {exc.strerror or exc}") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # e.g. under a path that is not a directory: the error above says it
+            pass
 
 
 @torch.no_grad()

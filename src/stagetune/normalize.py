@@ -29,7 +29,7 @@ import hashlib
 import os
 import re
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,7 @@ __all__ = [
     "stored_normalizer",
     "global_stats",
     "stats_cache_dirs",
+    "frame_moments",
 ]
 
 _CACHE_FORMAT = "stagetune-global-stats/1"
@@ -261,16 +262,17 @@ def _write_cache(path: Path, key: str, stats: GlobalStats) -> bool:
         return False
 
 
-def _compute(data: DataDir, utt_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray, int]:
-    """Mean, floored std and frame count, merging per-utterance moments in float64."""
-    wanted = set(utt_ids)
-    order = [u for part in data.parts for u in part if u in wanted]  # one part at a time
+def frame_moments(matrices: Iterable[np.ndarray], dim: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Per-column mean and variance over the rows of ``(T, dim)`` matrices, and the row count.
+
+    Per-matrix moments are merged in float64 (one pass, numerically stable);
+    with no rows the mean is 0 and the variance 0.
+    """
     count = 0
-    mean = np.zeros(data.feat_dim)
-    m2 = np.zeros(data.feat_dim)  # sum of squared deviations from the mean
-    items = ((u, data.feat_paths[u], f"feats.scp entry of {u!r}") for u in order)
-    for _, matrix in iter_matrices(items):
-        x = np.asarray(matrix, dtype=np.float64)
+    mean = np.zeros(dim)
+    m2 = np.zeros(dim)  # sum of squared deviations from the mean
+    for matrix in matrices:
+        x = np.asarray(matrix, dtype=np.float64).reshape(-1, dim)
         n = len(x)
         if n == 0:
             continue
@@ -280,9 +282,18 @@ def _compute(data: DataDir, utt_ids: Sequence[str]) -> tuple[np.ndarray, np.ndar
         mean += delta * (n / total)
         m2 += ((x - utt_mean) ** 2).sum(axis=0) + delta**2 * (count * n / total)
         count = total
+    return mean, m2 / max(count, 1), count
+
+
+def _compute(data: DataDir, utt_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray, int]:
+    """Mean, floored std and frame count, merging per-utterance moments in float64."""
+    wanted = set(utt_ids)
+    order = [u for part in data.parts for u in part if u in wanted]  # one part at a time
+    items = ((u, data.feat_paths[u], f"feats.scp entry of {u!r}") for u in order)
+    mean, var, count = frame_moments((matrix for _, matrix in iter_matrices(items)), data.feat_dim)
     if count == 0:
         raise DataError(f"{data.path}: no frames to compute normalisation statistics from")
-    return mean.astype(np.float32), _floored_std(mean, m2 / count).astype(np.float32), count
+    return mean.astype(np.float32), _floored_std(mean, var).astype(np.float32), count
 
 
 def global_stats(

@@ -412,6 +412,10 @@ def fit(
             normalizer = adapted
         else:
             normalizer = fit_normalizer(config.data.normalization, corpus.train, corpus.train_ids, log=log)
+        if base is None:  # the head's own statistics (regression targets); the base's when adapting
+            fitted = task.fit_head(model.output, corpus.train, corpus.train_ids)
+            if fitted:
+                log(fitted)
     train_set = UtteranceDataset(corpus.train, corpus.train_ids, normalizer=normalizer)
     dev_set = UtteranceDataset(corpus.dev, corpus.dev_ids, normalizer=normalizer)
     # Only now that data, normalisation, config, checkpoint and --init-from are known good.

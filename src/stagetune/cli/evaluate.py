@@ -26,7 +26,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("model", metavar="MODEL_PT")
     p.add_argument("data_dir", metavar="DATA_DIR")
-    p.add_argument("--out", metavar="FILE", help="write hypotheses in Kaldi text format here")
+    p.add_argument(
+        "--out", metavar="FILE",
+        help="write hypotheses in Kaldi text format here; for regress the per-frame predictions, in "
+        "the targets' units, as a binary Kaldi archive of one (output frames x D) matrix per utterance "
+        "(copy-matrix ark:FILE); for multi the outputs of training.main_task, as that task writes them",
+    )
     p.add_argument("--beam-width", type=int, default=0, metavar="N", help="CTC prefix beam search width (0: greedy)")
     p.add_argument("--batch-size", type=int, default=32, metavar="N")
     p.add_argument("--json", action="store_true", help="print the counts as JSON")
@@ -53,7 +58,11 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         hypotheses=out is not None,
     )
-    if out is not None:
+    if out is not None and result.predictions is not None:
+        from stagetune.evaluate import write_predictions
+
+        write_predictions(out, result.predictions)
+    elif out is not None:
         write_output_file(out, result.text())
     name = result.error_name
     score = result.score

@@ -131,6 +131,24 @@ class Task(abc.ABC):
         """The module from the encoder's states to logits (default: :class:`FrameHead`)."""
         return FrameHead(in_dim, num_outputs)
 
+    def fit_head(self, head: nn.Module, data: Any, utt_ids: Sequence[str]) -> str | None:
+        """Fit what ``head`` takes from the training targets, once before a fresh run trains.
+
+        Default: nothing.  Regression sets its targets' mean and std
+        (:meth:`stagetune.tasks.regression.RegressionTask.fit_head`); they are
+        buffers of the head, so checkpoints and model files keep them and a resumed
+        run or an adapted one (``--adapt-from``, the base's) does not refit them.
+
+        Args:
+            head: The model's head (``model.output``), built by :meth:`build_head`.
+            data: The training :class:`~stagetune.kaldi.DataDir`.
+            utt_ids: Its training utterances.
+
+        Returns:
+            A line for the training log, or None.
+        """
+        return None
+
     @abc.abstractmethod
     def loss(
         self,

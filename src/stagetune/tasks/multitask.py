@@ -17,6 +17,12 @@ are the frame classes and last ``D`` the regression values (the same as one
 linear head per task); ``D`` is the targets' width less one, ``C`` the rest of
 the outputs.  The output symbols are the frame classes then the regression
 dimensions (:func:`stagetune.kaldi.regression_symbols`).
+
+The regression outputs are standardised as for ``regress``
+(:class:`~stagetune.tasks.regression.StandardisedHead`: the head keeps a mean
+and std per output, those of the training targets for the ``D`` values, 0 and 1
+for the class logits, which are thus left as they are), so a target in large
+units neither dominates the weighted loss's gradient nor trains slowly.
 """
 
 from __future__ import annotations
@@ -26,32 +32,37 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from stagetune.config import Config, main_task, subtasks, task_weights
 from stagetune.metrics import ErrorCounts, TaskScore
 from stagetune.tasks.base import Scorer, Task
 from stagetune.tasks.frame import FrameTask
-from stagetune.tasks.regression import RegressionTask
+from stagetune.tasks.regression import RegressionTask, StandardisedHead, fit_target_stats
 
-__all__ = ["MultiTask", "MultiScorer"]
+__all__ = ["MultiTask", "MultiScorer", "split_outputs"]
 
 _SUBTASKS: dict[str, Task] = {"frame": FrameTask(), "regress": RegressionTask()}
 
 
-def _split(logits: Tensor, targets: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
-    """Sub-task name -> ``(its logits, its targets)`` of a ``(B, T, 1 + D)`` multitask batch."""
-    dims = targets.size(-1) - 1
+def split_outputs(logits: Tensor, dims: int) -> dict[str, Tensor]:
+    """Sub-task name -> its share of ``(B, T, C + D)`` multitask outputs with ``D = dims`` values."""
     if dims < 1 or logits.size(-1) <= dims:
         raise ValueError(
-            f"multitask targets of width {targets.size(-1)} (a label and D values) do not fit "
+            f"multitask targets of width {dims + 1} (a label and D values) do not fit "
             f"{logits.size(-1)} outputs (classes and D values)"
         )
     classes = logits.size(-1) - dims
+    return {"frame": logits[..., :classes], "regress": logits[..., classes:]}
+
+
+def _split(logits: Tensor, targets: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
+    """Sub-task name -> ``(its logits, its targets)`` of a ``(B, T, 1 + D)`` multitask batch."""
+    outputs = split_outputs(logits, targets.size(-1) - 1)
     labels = targets[..., 0].round().long()
     return {
-        "frame": (logits[..., :classes], labels),
-        "regress": (logits[..., classes:], targets[..., 1:]),
+        "frame": (outputs["frame"], labels),
+        "regress": (outputs["regress"], targets[..., 1:]),
     }
 
 
@@ -87,6 +98,23 @@ class MultiTask(Task):
         if num_symbols < 2:
             raise ValueError(f"multitask needs a frame class and a regression dimension, got {num_symbols} symbols")
         return num_symbols
+
+    def build_head(self, in_dim: int, num_outputs: int, config: Config) -> nn.Module:
+        """One linear layer for classes and values, the values de-standardised (:class:`StandardisedHead`)."""
+        return StandardisedHead(in_dim, num_outputs)
+
+    def fit_head(self, head: nn.Module, data: Any, utt_ids: Sequence[str]) -> str | None:
+        """Standardise the ``D`` value outputs by the training targets' mean and std, as ``regress`` does."""
+        return fit_target_stats(head, (data.values[u] for u in utt_ids), data.target_dim)
+
+    @property
+    def driving(self) -> Task:
+        """The sub-task ``training.main_task`` names (``stagetune evaluate --out`` writes its outputs)."""
+        return _SUBTASKS[self.main]
+
+    def main_outputs(self, logits: Tensor, dims: int) -> Tensor:
+        """The driving sub-task's share of ``(B, T, C + D)`` outputs with ``D = dims`` values."""
+        return split_outputs(logits, dims)[self.main]
 
     def _losses(self, logits: Tensor, out_lens: Tensor, targets: Tensor, target_lens: Tensor,
                 time_stride: int | None, summed: bool) -> list[tuple[Any, Any]]:

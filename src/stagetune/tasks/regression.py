@@ -9,20 +9,127 @@ and dimensions.  The figures are the MSE and the concordance correlation
 coefficient (:func:`stagetune.metrics.concordance_correlation`) over every
 valid frame of the set, per dimension, averaged; training minimises
 ``1 - CCC`` (:attr:`TaskScore.error`), so lower is better as for error rates.
+
+Standardisation.  Targets in large or tiny units (F0 in Hz) train badly as they
+are, so the head (:class:`StandardisedHead`) predicts each dimension ``d``
+standardised, ``z_d``, and outputs ``mean_d + std_d * z_d``: the mean and std of
+the training data's target frames, computed once before training
+(:meth:`RegressionTask.fit_head`, a constant dimension gets std 1) and kept as
+buffers of the head, so they travel in ``checkpoint.pt`` and ``model.pt``.  The
+model's outputs are thus in the targets' own units wherever they are read (dev
+figures, ``stagetune evaluate`` and its ``--out``), while its gradient is that
+of the MSE on standardised targets: the head passes ``d/dz`` of any squared
+error on its outputs divided by ``std_d**2`` (:func:`destandardise`), so the
+loss trains exactly as ``mean(((output - target) / std)**2)`` does, though its
+value (train and dev loss) stays in the targets' units squared.  A model file
+written before the statistics has mean 0 and std 1: outputs as its head computes them.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
+import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from stagetune.config import Config
 from stagetune.metrics import ErrorCounts, RegressionStats, TaskScore
-from stagetune.tasks.base import Scorer, Task
+from stagetune.normalize import frame_moments
+from stagetune.tasks.base import FrameHead, Scorer, Task
 from stagetune.tasks.frame import subsample_labels
 
-__all__ = ["RegressionTask", "RegressionScorer", "subsample_values"]
+__all__ = [
+    "RegressionTask", "RegressionScorer", "StandardisedHead", "subsample_values", "destandardise",
+    "target_stats", "fit_target_stats",
+]
+
+
+class _Destandardise(torch.autograd.Function):
+    """``mean + std * z`` forward; backward the incoming gradient divided by ``std``, not multiplied."""
+
+    @staticmethod
+    def forward(ctx: Any, z: Tensor, mean: Tensor, std: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(std)
+        ctx.dtype = z.dtype
+        return z * std + mean
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
+        (std,) = ctx.saved_tensors
+        return (grad / std).to(ctx.dtype), None, None
+
+
+def destandardise(z: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """Standardised predictions ``z (..., C)`` in the targets' units: ``mean + std * z``.
+
+    The gradient reaching ``z`` is that of the same loss on ``(output - mean) / std``:
+    for a squared error ``(output - y)**2`` it is ``2 (output - y) / std``, which is
+    ``d/dz (z - (y - mean) / std)**2``.  With mean 0 and std 1 it is the identity,
+    forward and backward.
+    """
+    return _Destandardise.apply(z, mean.to(z.device), std.to(z.device))
+
+
+class StandardisedHead(FrameHead):
+    """A :class:`FrameHead` whose outputs are de-standardised by per-output ``target_mean`` and
+    ``target_std`` buffers (mean 0, std 1 until :func:`fit_target_stats` sets them).
+
+    A state dict with the head's weights but no statistics (a model file or
+    checkpoint written before them) loads with mean 0 and std 1.
+    """
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__(in_features, out_features)
+        self.register_buffer("target_mean", torch.zeros(out_features))
+        self.register_buffer("target_std", torch.ones(out_features))
+
+    def forward(self, states: Tensor, out_lens: Tensor | None = None) -> Any:  # type: ignore[override]
+        outputs = destandardise(nn.Linear.forward(self, states), self.target_mean, self.target_std)
+        return outputs if out_lens is None else (outputs, out_lens)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:  # type: ignore[override]
+        if prefix + "weight" in state_dict:  # load_state_dict passes its own copy of the dict
+            state_dict.setdefault(prefix + "target_mean", torch.zeros_like(self.target_mean))
+            state_dict.setdefault(prefix + "target_std", torch.ones_like(self.target_std))
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
+
+def target_stats(values: Iterable[np.ndarray], dim: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Per-dimension mean and std of ``(T, dim)`` target matrices over all their frames, and the frames.
+
+    A constant dimension (every value equal; also one with no frames) gets std 1,
+    so it is never divided by 0; its outputs are that constant plus what the head adds.
+    """
+    lowest, highest = np.full(dim, np.inf), np.full(dim, -np.inf)
+
+    def ranged() -> Iterable[np.ndarray]:  # one pass: the range alongside the moments
+        for matrix in values:
+            x = np.asarray(matrix).reshape(-1, dim)
+            if len(x):
+                np.minimum(lowest, x.min(axis=0), out=lowest)
+                np.maximum(highest, x.max(axis=0), out=highest)
+            yield x
+
+    mean, var, count = frame_moments(ranged(), dim)
+    std = np.sqrt(var)
+    constant = (lowest == highest) | ~(std > 0) | ~np.isfinite(std)
+    return mean.astype(np.float32), np.where(constant, 1.0, std).astype(np.float32), count
+
+
+def fit_target_stats(head: nn.Module, values: Iterable[np.ndarray], dim: int) -> str | None:
+    """Set the statistics of ``head``'s last ``dim`` outputs from the training targets ``values``.
+
+    Returns a log line, or None when ``head`` keeps no statistics (a plugin's head).
+    """
+    if not isinstance(head, StandardisedHead):
+        return None
+    mean, std, count = target_stats(values, dim)
+    with torch.no_grad():
+        head.target_mean[-dim:] = torch.from_numpy(mean)
+        head.target_std[-dim:] = torch.from_numpy(std)
+    shown = ", ".join(f"{m:.4g} +- {s:.4g}" for m, s in zip(mean[:4], std[:4])) + (", ..." if dim > 4 else "")
+    return f"regression targets standardised by their training statistics over {count} frames: {shown}"
 
 
 def subsample_values(
@@ -64,6 +171,14 @@ class RegressionTask(Task):
         if num_symbols < 1:
             raise ValueError(f"regression needs at least one target dimension, got {num_symbols}")
         return num_symbols
+
+    def build_head(self, in_dim: int, num_outputs: int, config: Config) -> nn.Module:
+        """A linear head de-standardised by the training targets' statistics (:class:`StandardisedHead`)."""
+        return StandardisedHead(in_dim, num_outputs)
+
+    def fit_head(self, head: nn.Module, data: Any, utt_ids: Sequence[str]) -> str | None:
+        """Standardise by the mean and std of ``utt_ids``' target frames in ``data`` (:func:`fit_target_stats`)."""
+        return fit_target_stats(head, (data.values[u] for u in utt_ids), data.target_dim)
 
     def _aligned(
         self, logits: Tensor, out_lens: Tensor, targets: Tensor, target_lens: Tensor, time_stride: int | None
