@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 __all__ = ["add_parsers", "COMMANDS", "NAMES"]
 
@@ -110,7 +110,6 @@ def _delete(args: argparse.Namespace, study_name: str) -> int:
 
 def _dashboard(args: argparse.Namespace, study_name: str) -> int:
     import getpass
-    import signal
     import socket
 
     from stagetune.errors import UsageError
@@ -139,24 +138,44 @@ def _dashboard(args: argparse.Namespace, study_name: str) -> int:
         print(f"from another machine: ssh -N -L {args.port}:127.0.0.1:{args.port} "
               f"{getpass.getuser()}@{socket.gethostname()}, then open {page}")
         print("Ctrl-C stops it", flush=True)
-        # Started with SIGINT ignored (a background job of a non-interactive shell), Python
-        # would never raise KeyboardInterrupt: Ctrl-C / kill -INT must stop the server anyway.
-        signal.signal(signal.SIGINT, _stop_dashboard)
-        signal.signal(signal.SIGTERM, _stop_dashboard)
-        run_server(storage, host="127.0.0.1", port=args.port)  # serves until Ctrl-C, which it catches
+        _serve_until_signalled(lambda: run_server(storage, host="127.0.0.1", port=args.port))
     return 130  # as every command stopped by Ctrl-C
 
 
-def _stop_dashboard(signum: int, frame: Any) -> None:
-    """Ctrl-C / kill: stop serving now; if a request is stuck in a long read (C code that does not
-    return to Python, e.g. an importance computation on a big study), exit anyway within 5 s."""
-    import os
+def _serve_until_signalled(serve: Callable[[], None]) -> None:
+    """Run ``serve`` in a daemon thread until Ctrl-C or SIGTERM (or until it ends).
+
+    The main thread only waits, so a signal is acted on at once even while a request
+    is stuck in C code (a SQLite read waiting for a writer's lock, an importance
+    computation on a big study): stopping never waits for the server. Started with
+    SIGINT ignored (a background job of a non-interactive shell), Python would never
+    raise KeyboardInterrupt: both signals are (re)installed here.
+    """
+    import signal
     import threading
 
-    watchdog = threading.Timer(5.0, os._exit, (130,))
-    watchdog.daemon = True
-    watchdog.start()
-    raise KeyboardInterrupt
+    failure: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            serve()
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            failure.append(exc)
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
+    server = threading.Thread(target=target, name="optuna-dashboard", daemon=True)
+    server.start()
+    try:
+        while server.is_alive():
+            server.join(0.2)
+    except KeyboardInterrupt:
+        return
+    if failure:
+        raise failure[0]
 
 
 COMMANDS: dict[str, Any] = {"report": _report, "list": _list, "delete": _delete, "dashboard": _dashboard}
