@@ -122,7 +122,7 @@ def test_training_with_the_plugins_encoder(site: Path, corpus: Path, tmp_path: P
 
     stored = torch.load(tmp_path / "model" / "model.pt", map_location="cpu", weights_only=False)
     text = repr(stored)
-    assert "'tdnn': {'layers': 2, 'channels': 16, 'context': 1}" in text
+    assert "'tdnn': {'layers': 2, 'channels': 16, 'context': 1, 'time_stride': 1}" in text
     assert "encoder.convs.1.weight" in text
     evaluated = run(["evaluate", tmp_path / "model" / "model.pt", corpus / "test"], tmp_path, site)
     assert evaluated.returncode == 0, evaluated.stderr
@@ -134,7 +134,7 @@ def test_optim_samples_the_plugins_parameters_and_checks_their_memory(
     url = f"sqlite:///{tmp_path / 'optim.db'}"
     init = run(
         [*sets(TINY), "optim", "--study-name", "t", url, "init", corpus / "train", "--dev-proportion", "0.25",
-         "--whitelist", r"tdnn\..*", "training\\.learning_rate", "model\\.recurrent_size",
+         "--whitelist", r"tdnn\.(layers|channels|context)", "training\\.learning_rate", "model\\.recurrent_size",
          "--num-trials", "2", "--mem-limit-bytes", "10000000000", "--sampler", "random", "--pruner", "none"],
         tmp_path, site,
     )

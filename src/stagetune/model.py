@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
@@ -31,6 +32,9 @@ __all__ = [
     "AcousticModel",
     "EncoderModel",
     "build_model",
+    "build_encoder",
+    "measure_output_lengths",
+    "stride_of",
     "time_geometry",
     "output_lengths",
 ]
@@ -303,6 +307,54 @@ class AcousticModel(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
+def build_encoder(config: Config, feat_dim: int) -> nn.Module:
+    """The plugin encoder ``config.model.encoder`` names, built from its own section of ``config``."""
+    name = config.model.encoder
+    return encoder_builder(name)(getattr(config, name, None), feat_dim, config)
+
+
+def measure_output_lengths(encoder: nn.Module, feat_dim: int, lengths: Sequence[int]) -> dict[int, int]:
+    """Output frames of a plugin encoder for each input length, found by running it.
+
+    For an encoder without ``output_lengths``: each length is one utterance of
+    zeros through ``encode`` (in eval mode, without gradients) on the device of
+    the encoder's parameters, the meta device included; its output frames are
+    the returned ``out_lens`` or, where those are on the meta device too, the
+    frames of the states.
+
+    Args:
+        encoder: A module with ``encode(feats, feat_lens)``.
+        feat_dim: Feature bins per frame.
+        lengths: Input frames to measure (each >= 1).
+
+    Returns:
+        Input frames -> output frames, for each distinct length.
+    """
+    weight = next(encoder.parameters(), None)
+    device = weight.device if weight is not None else torch.device("cpu")
+    training = encoder.training
+    encoder.eval()
+    measured: dict[int, int] = {}
+    try:
+        with torch.no_grad():
+            for length in sorted({int(n) for n in lengths}):
+                feats = torch.zeros(1, length, feat_dim, device=device)
+                states, out_lens = encoder.encode(feats, torch.tensor([length], device="cpu"))
+                out = torch.as_tensor(out_lens).reshape(-1)
+                measured[length] = int(states.size(1)) if out.device.type == "meta" else int(out[0])
+    finally:
+        encoder.train(training)
+    return measured
+
+
+def stride_of(measured: dict[int, int]) -> int:
+    """The time stride that input -> output frames ``measured`` show (between the extreme lengths)."""
+    low, high = min(measured), max(measured)
+    frames = measured[high] - measured[low] if high > low else measured[high]
+    span = high - low if high > low else high
+    return max(1, round(span / frames)) if frames > 0 else max(1, span)
+
+
 class EncoderModel(nn.Module):
     """A plugin's encoder (``model.encoder``, see :mod:`stagetune.plugins`) and the task's head.
 
@@ -311,25 +363,50 @@ class EncoderModel(nn.Module):
     ``num_parameters``.
 
     Args:
-        encoder: A module with ``encode(feats, feat_lens) -> (states, out_lens)``,
-            ``state_dim``, ``time_stride`` and ``output_lengths(feat_lens)``.
+        encoder: A module with ``encode(feats, feat_lens) -> (states, out_lens)``
+            and ``state_dim``; optionally ``time_stride`` and
+            ``output_lengths(feat_lens)``.  Without them both are measured
+            (:func:`measure_output_lengths`), which needs ``feat_dim``.
         head: Builds the output head from the units per encoder frame.
+        feat_dim: Feature bins per frame.
     """
 
-    def __init__(self, encoder: nn.Module, head: Callable[[int], nn.Module]) -> None:
+    #: Input lengths the time stride of an encoder without ``time_stride`` is measured at.
+    STRIDE_PROBES = (480, 960)
+
+    def __init__(self, encoder: nn.Module, head: Callable[[int], nn.Module], feat_dim: int | None = None) -> None:
         super().__init__()
-        missing = [a for a in ("encode", "state_dim", "time_stride", "output_lengths") if not hasattr(encoder, a)]
+        missing = [a for a in ("encode", "state_dim") if not hasattr(encoder, a)]
+        if not (hasattr(encoder, "time_stride") and hasattr(encoder, "output_lengths")) and feat_dim is None:
+            missing.append("time_stride and output_lengths (or a feat_dim to measure them)")
         if missing:
             raise ValueError(f"encoder {type(encoder).__name__} lacks {', '.join(missing)}")
         self.encoder = encoder
+        self.feat_dim = feat_dim
         self.state_dim = int(encoder.state_dim)
         #: Total subsampling of the time axis.
-        self.time_stride = int(encoder.time_stride)
+        self.time_stride = (
+            int(encoder.time_stride) if hasattr(encoder, "time_stride")
+            else stride_of(measure_output_lengths(encoder, feat_dim, self.STRIDE_PROBES))  # type: ignore[arg-type]
+        )
         self.output = head(self.state_dim)
 
     def output_lengths(self, feat_lens: Any) -> Any:
-        """Output frames per utterance (the encoder's)."""
-        return self.encoder.output_lengths(feat_lens)
+        """Output frames per utterance: the encoder's ``output_lengths``, else measured.
+
+        Measured lengths come back as a tensor for a tensor, an array for an
+        array and an int for an int.
+        """
+        if hasattr(self.encoder, "output_lengths"):
+            return self.encoder.output_lengths(feat_lens)
+        flat = torch.as_tensor(feat_lens).reshape(-1).tolist()
+        measured = measure_output_lengths(self.encoder, self.feat_dim, flat)  # type: ignore[arg-type]
+        out = [measured[int(n)] for n in flat]
+        if isinstance(feat_lens, Tensor):
+            return torch.tensor(out, dtype=torch.long, device=feat_lens.device).reshape(feat_lens.shape)
+        if isinstance(feat_lens, np.ndarray):
+            return np.array(out, dtype=np.int64).reshape(feat_lens.shape)
+        return out[0]
 
     def encode(self, feats: Tensor, feat_lens: Tensor) -> tuple[Tensor, Tensor]:
         """The encoder's ``(states (B, T', H), out_lens (B,))``."""
@@ -364,8 +441,6 @@ def build_model(config: Config, feat_dim: int, num_outputs: int) -> AcousticMode
         return AcousticModel(
             config.model, feat_dim, num_outputs, dropout_prob=config.training.dropout_prob, head=head
         )
-    name = config.model.encoder
-    build = encoder_builder(name)
-    return EncoderModel(build(getattr(config, name, None), feat_dim, config), head)
+    return EncoderModel(build_encoder(config, feat_dim), head, feat_dim)
 
 

@@ -18,8 +18,14 @@ model is built:
 
 * an encoder: ``(section_config, feat_dim, config) -> nn.Module`` (a class or a
   function) whose module has ``encode(feats (B, T, F), feat_lens (B,)) ->
-  (states (B, T', H), out_lens (B,))``, ``state_dim`` (``H``), ``time_stride``
-  and ``output_lengths(feat_lens)`` (see :class:`stagetune.model.AcousticModel`);
+  (states (B, T', H), out_lens (B,))`` and ``state_dim`` (``H``), and should
+  have ``time_stride`` (its total time subsampling) and
+  ``output_lengths(feat_lens) -> out_lens`` (exact output frames of an int,
+  array or tensor; see :class:`stagetune.model.AcousticModel`).  CTC's
+  feasibility check (:mod:`stagetune.feasibility`) reads them from the encoder
+  built on the meta device; an encoder without them is measured by running it
+  on zeros of a few lengths (:func:`stagetune.model.measure_output_lengths`),
+  which ``encode`` must then allow;
 * a task: a :class:`~stagetune.tasks.base.Task` subclass (or instance).
 
 :func:`load_plugins` finds them once (every config read calls it): each

@@ -40,6 +40,15 @@ class TDNNConfig:
         max=5,
         search=Space(0, 3),
     )
+    time_stride: int = param(
+        1,
+        "Time subsampling of the first layer: T input frames give ceil(T / time_stride) output frames. "
+        "CTC needs an output frame per token (and a blank between repeats): too much leaves utterances "
+        "stagetune refuses to train (optim prunes the trial).",
+        min=1,
+        max=8,
+        search=Space(choices=(1, 2, 4)),
+    )
 
 
 #: What the ``stagetune.encoders`` entry point ``tdnn`` loads.
