@@ -19,8 +19,8 @@ augmentation) and its forward runs without gradients.  The adapted model also
 starts from the base's weights (as with ``--init-from``), and with
 ``adapt_rho = 0`` the base only initialises it: the step is that of plain
 fine-tuning, bit for bit.  ``training.adapt_rho`` has no effect without a base
-model (``stagetune train`` refuses it; an optim study tunes it, as every field
-with a search space, but its trials train without a base).
+model (``stagetune train`` refuses it; an optim study tunes it only when created
+with ``optim init --adapt-from BASE.pt``, whose trials all adapt that base).
 
 Both models must normalise features alike (:func:`base_normalizer`): a base of
 another ``data.normalization`` mode is refused, and with ``global`` the adapted
@@ -54,8 +54,8 @@ from stagetune.normalize import Normalizer, resolve_mode, stored_normalizer
 from stagetune.tasks import Task, task_of
 from stagetune.tasks.base import frame_mask
 
-__all__ = ["ADAPT_KEY", "BaseModel", "Adaptation", "load_base", "divergence", "file_hash", "base_change",
-           "base_normalizer"]
+__all__ = ["ADAPT_KEY", "BaseModel", "Adaptation", "load_base", "check_base", "base_identity", "divergence",
+           "file_hash", "base_change", "base_normalizer"]
 
 #: Key of the base model's identity (``{"path", "hash"}``) in checkpoints and model files.
 ADAPT_KEY = "adapt_from"
@@ -69,6 +69,12 @@ def file_hash(path: str | Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()[:_HASH_CHARS]
+
+
+def base_identity(path: str | Path) -> dict[str, str]:
+    """``{"path", "hash"}`` of a base model file: what checkpoints and model files record (:data:`ADAPT_KEY`)."""
+    path = Path(path)
+    return {"path": str(path.resolve()), "hash": file_hash(path)}
 
 
 @dataclass
@@ -200,7 +206,32 @@ def load_base(
         )
     model.to(device).eval()
     model.requires_grad_(False)
-    return BaseModel(model, source, {"path": str(path.resolve()), "hash": file_hash(path)})
+    return BaseModel(model, source, base_identity(path))
+
+
+def check_base(
+    path: str | Path, config: Config, feat_dim: int, tokens: list[str], train: DataDir, *, flag: str = "--adapt-from"
+) -> ModelFile:
+    """The model file at ``path``, checked as :func:`load_base` and :func:`base_normalizer` check it.
+
+    For a run of ``config`` on data of ``feat_dim`` and ``tokens`` whose training
+    dir is ``train`` (``optim init --adapt-from``: before the study exists).  The
+    time stride is not checked: a study's trials may tune it.
+
+    Raises:
+        UsageError: When the base has another task, feature dimension, output
+            symbols or normalisation mode.
+        StagetuneError: When ``path`` is not a readable model file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{flag} {path}: no such file; give the model.pt that `stagetune train` wrote")
+    source = load_model_file(path)
+    difference = _differences(config, feat_dim, tokens, source)
+    if difference is not None:
+        raise UsageError(f"{flag} {path}: the base model does not fit this run: {difference}")
+    _check_normalizer(source, config.data.normalization, train, path, flag)
+    return source
 
 
 def base_change(stored: Any, current: dict[str, str] | None, source: str) -> str | None:
@@ -229,13 +260,18 @@ def base_normalizer(base: BaseModel, mode: str, train: DataDir, path: str | Path
     Raises:
         UsageError: When the base normalised features another way.
     """
-    theirs = stored_normalizer(
-        base.file.extra.get("normalization"), base.file.config.data.normalization, train, str(path)
-    )
+    return _check_normalizer(base.file, mode, train, path)
+
+
+def _check_normalizer(
+    source: ModelFile, mode: str, train: DataDir, path: str | Path, flag: str = "--adapt-from"
+) -> Normalizer | None:
+    """:func:`base_normalizer` of a base's model file."""
+    theirs = stored_normalizer(source.extra.get("normalization"), source.config.data.normalization, train, str(path))
     own = resolve_mode(mode, train)
     if theirs.mode != own:
         raise UsageError(
-            f"--adapt-from {path}: the base model does not fit this run: it normalises features "
+            f"{flag} {path}: the base model does not fit this run: it normalises features "
             f"with mode {theirs.mode!r}, this run with {own!r}; set data.normalization = {theirs.mode}"
         )
     return theirs if own == "global" else None

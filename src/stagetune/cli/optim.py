@@ -75,6 +75,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--num-data-workers", type=non_negative_int, default=None, metavar="N",
         help="DataLoader workers per trial (default 0; with --from-study PREV's)",
     )
+    adapt = init.add_mutually_exclusive_group()
+    adapt.add_argument(
+        "--adapt-from", metavar="BASE_PT", default=None,
+        help="every trial adapts this base model.pt (as `train --adapt-from`; checked now, its path and hash "
+        "stored in the study) and training.adapt_rho is tuned; with --from-study default PREV's base",
+    )
+    adapt.add_argument(
+        "--no-adapt-from", action="store_true", help="with --from-study: train from scratch although PREV adapted a base",
+    )
     init.add_argument("--force", action="store_true", help="replace settings that do not invalidate trials")
     init.add_argument(
         "--enqueue-base", action="store_true",
@@ -356,9 +365,10 @@ def _init(args: argparse.Namespace, study_name: str) -> int:
         print(f"study {study_name} in {where} already exists with these settings; nothing to do")
     else:
         count = f"{len(spec.tuned)} parameter{'' if len(spec.tuned) == 1 else 's'}"
+        adapting = f"; adapting {spec.adapt_from['path']}" if spec.adapt_from else ""
         print(
             f"{result.action} study {study_name} in {where}: tuning {count} ({', '.join(spec.tuned)}); "
-            f"{budget}; metric {spec.metric}"
+            f"{budget}; metric {spec.metric}{adapting}"
         )
     return 0
 
@@ -394,6 +404,8 @@ def _init_spec(
     from stagetune.extras import require_sampler
 
     require_sampler(sampler)  # its package missing: one line naming the extra, before the study exists
+    inherited_base = parent[1].adapt_from if parent is not None and not args.no_adapt_from else None
+    adapt_from = args.adapt_from or (inherited_base["path"] if inherited_base else None)
     spec = build_spec(
         config,
         train_dir,
@@ -408,7 +420,14 @@ def _init_spec(
         num_data_workers=setting(args.num_data_workers, "num_data_workers", 0),
         parent_study=parent[0] if parent is not None else None,
         metric=setting(args.metric, "metric", DEFAULT_METRIC),
+        adapt_from=adapt_from,
     )
+    if args.adapt_from is None and inherited_base and spec.adapt_from["hash"] != inherited_base["hash"]:
+        raise UsageError(
+            f"study {parent[0]!r} adapts base model {inherited_base['path']} (hash {inherited_base['hash'][:8]}), "
+            f"which has changed since (hash {spec.adapt_from['hash'][:8]}); give --adapt-from to adapt it as it "
+            f"is now, or --no-adapt-from"
+        )
     spec.sampler = sampler
     spec.time_limit_s = setting(args.time_limit, "time_limit_s", None)  # checked > 0 when parsed
     return spec
@@ -660,6 +679,9 @@ def _best(args: argparse.Namespace, study_name: str) -> int:
             _err(describe_best(study.best_trial, spec))
     for name, change in repairs.items():
         _err(f"repaired {name}: {change}")
+    adapted = _adapted_note(study_name, spec)
+    if adapted:
+        _err(adapted)
     if args.out is None:
         return 0
     if fmt == "ini":
@@ -670,8 +692,21 @@ def _best(args: argparse.Namespace, study_name: str) -> int:
         import yaml
 
         text = yaml.safe_dump(to_dict(config), sort_keys=False)
+    if adapted and fmt != "json":  # JSON has no comments: the line on stderr says it
+        text = f"# {adapted}\n" + text
     _write_output(args.out, text)
     return 0
+
+
+def _adapted_note(study_name: str, spec: Any) -> str | None:
+    """What reproducing a study's best trial needs beyond its config: the base model it adapted."""
+    base = spec.adapt_from
+    if not base:
+        return None
+    return (
+        f"study {study_name} adapted base model {base['path']} (hash {base['hash'][:8]}): train this config "
+        f"with `stagetune train --adapt-from {base['path']} ...` (training.adapt_rho needs it)"
+    )
 
 
 def _status(args: argparse.Namespace, study_name: str) -> int:

@@ -66,9 +66,12 @@ def time_step(
     max_frames: int,
     max_target_len: int,
     device: torch.device | str,
+    base: Config | None = None,
 ) -> float:
     """Wall seconds of one training step on the largest batch: the fastest of
     :data:`TIMED_STEPS` after a warm-up step.
+
+    ``base``: the config of a base model the trial adapts (its forward is timed too).
 
     Builds the model and optimizer on ``device`` (the global RNG state is
     left untouched) and frees them on return.
@@ -82,7 +85,7 @@ def time_step(
         device.type == "cuda"
     ) else []
     with torch.random.fork_rng(devices=devices):
-        step = SyntheticStep(config, feat_dim, num_outputs, device=device, **sizes)
+        step = SyntheticStep(config, feat_dim, num_outputs, device=device, base=base, **sizes)
         step()  # warm-up
         return step.timed(TIMED_STEPS)
 

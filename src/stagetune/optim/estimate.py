@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
+from stagetune.adaptation import Adaptation
 from stagetune.config import Config, active, flatten, iter_fields
 from stagetune.model import build_model
 from stagetune.step import train_step
@@ -101,6 +102,7 @@ def footprint_key(
     max_target_len: int,
     *,
     device: torch.device | str = "cuda",
+    base: Config | None = None,
 ) -> str:
     """A stable key for everything that changes a step's memory.
 
@@ -110,17 +112,16 @@ def footprint_key(
     is on, the batch geometry, the device type and the compute dtype
     (default dtype, autocast on CUDA).  Learning rates, seeds and the like are
     left out, so trials differing only in those share one measurement.
+    With a ``base`` model (the config of the model adapted, ``optim init
+    --adapt-from``) its architecture and whether its forward runs
+    (``training.adapt_rho > 0``) count too; without one the key is as before.
     """
     device = torch.device(device)
     t = config.training
     values = flatten(config)
     payload = {
         "version": _KEY_VERSION,
-        "model": {
-            info.key: values[info.name]
-            for info in iter_fields()
-            if info.section == "model" and active(info, values)
-        },
+        "model": _architecture(config),
         "optimizer": t.optimizer,
         "momentum": t.optimizer == "sgd" and t.momentum > 0,
         "weight_decay": t.weight_decay > 0,
@@ -130,15 +131,29 @@ def footprint_key(
         "dtype": str(torch.get_default_dtype()),
         "autocast": device.type == "cuda" and t.autocast,
     }
-    plugin = {
+    plugin = _plugin_fields(config)
+    if plugin:  # a plugin encoder's own section (stagetune.plugins): only then, so built-in keys stay
+        payload["plugin"] = plugin
+    if base is not None:  # only then, so the keys of studies without a base stay
+        payload["base"] = {"model": _architecture(base), "plugin": _plugin_fields(base), "forward": t.adapt_rho > 0}
+    digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+    return f"step-v{_KEY_VERSION}-{digest[:24]}"
+
+
+def _architecture(config: Config) -> dict[str, Any]:
+    """The active ``[model]`` fields of ``config``."""
+    values = flatten(config)
+    return {info.key: values[info.name] for info in iter_fields() if info.section == "model" and active(info, values)}
+
+
+def _plugin_fields(config: Config) -> dict[str, Any]:
+    """The active fields of a plugin's own section (:mod:`stagetune.plugins`)."""
+    values = flatten(config)
+    return {
         info.name: values[info.name]
         for info in iter_fields()
         if info.section not in ("model", "training", "data") and active(info, values)
     }
-    if plugin:  # a plugin encoder's own section (stagetune.plugins): only then, so built-in keys stay
-        payload["plugin"] = plugin
-    digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-    return f"step-v{_KEY_VERSION}-{digest[:24]}"
 
 
 class SyntheticStep:
@@ -152,9 +167,17 @@ class SyntheticStep:
     device the feature lengths stay on the CPU (the model reads them as
     numbers).
 
+    With a ``base`` (the config of a base model the trial adapts, ``optim init
+    --adapt-from``) the base is built beside the model, frozen and in eval mode
+    as :func:`stagetune.adaptation.load_base` leaves it, and each step regularises
+    towards its outputs as training does (:class:`stagetune.adaptation.Adaptation`:
+    its forward runs under ``no_grad`` when ``training.adapt_rho > 0``).  Its
+    weights are random: memory and time depend on its shapes only.
+
     Args:
-        prepare: Called with the model before the optimizer is made (the
-            estimate swaps recurrent layers here).
+        prepare: Called with the model (and the base) before the optimizer is
+            made (the estimate swaps recurrent layers here).
+        base: The base model's config; None: no adaptation.
     """
 
     def __init__(
@@ -168,6 +191,7 @@ class SyntheticStep:
         max_target_len: int,
         device: torch.device | str,
         prepare: Callable[[nn.Module], None] | None = None,
+        base: Config | None = None,
     ) -> None:
         device = torch.device(device)
         _check_sizes(feat_dim, num_outputs, batch_size, max_frames, max_target_len)
@@ -177,6 +201,14 @@ class SyntheticStep:
             self.model = build_model(config, feat_dim, num_outputs)
         if prepare is not None:
             prepare(self.model)
+        self.adaptation: Adaptation | None = None
+        if base is not None:
+            with torch.device(device):
+                base_model = build_model(base, feat_dim, num_outputs)
+            if prepare is not None:
+                prepare(base_model)
+            base_model.eval().requires_grad_(False)
+            self.adaptation = Adaptation(base_model, config.training.adapt_rho)
         self.optimizer = make_optimizer(self.model, config)
         # A step with zero gradients allocates the optimizer state up front.
         for p in self.model.parameters():
@@ -198,6 +230,7 @@ class SyntheticStep:
         train_step(
             self.model, self.optimizer, self.task, self.feats, self.feat_lens, self.targets, self.target_lens,
             self.config.training, scaler=self.scaler, augment=self.device.type != "meta",
+            adaptation=self.adaptation,
         )
 
     def timed(self, repeats: int = 1) -> float:
@@ -228,6 +261,7 @@ def run_synthetic_step(
     max_target_len: int,
     device: torch.device | str,
     prepare: Callable[[nn.Module], None] | None = None,
+    base: Config | None = None,
 ) -> None:
     """Build the model and optimizer on ``device`` and run one step on the largest batch.
 
@@ -242,6 +276,7 @@ def run_synthetic_step(
         max_target_len=max_target_len,
         device=device,
         prepare=prepare,
+        base=base,
     )()
 
 
@@ -337,6 +372,8 @@ class _RecurrentStandIn(nn.Module):
         data = input.data if isinstance(input, PackedSequence) else input
         frames = data.reshape(-1, data.size(-1))
         saved, transient = self._floats_per_frame()
+        if not torch.is_grad_enabled():  # a base model's forward (adaptation): nothing kept for backward
+            saved = 0
         out_features = rnn.hidden_size * (2 if rnn.bidirectional else 1)
         count = frames.size(0)
         out = _StandInKernel.apply(
@@ -391,6 +428,7 @@ def estimate_step(
     max_frames: int,
     max_target_len: int,
     device: torch.device | str = "cuda",
+    base: Config | None = None,
 ) -> Footprint:
     """Estimate one training step's peak bytes without device memory.
 
@@ -403,10 +441,11 @@ def estimate_step(
 
     Args:
         device: The device type the estimate is for (cuda or cpu kernels).
+        base: The config of a base model the trial adapts (:class:`SyntheticStep`).
     """
     device = torch.device(device)
     key = footprint_key(
-        config, feat_dim, num_outputs, batch_size, max_frames, max_target_len, device=device
+        config, feat_dim, num_outputs, batch_size, max_frames, max_target_len, device=device, base=base
     )
     backend = "cuda" if device.type == "cuda" else "cpu"
     start = time.perf_counter()
@@ -421,5 +460,6 @@ def estimate_step(
             max_target_len=max_target_len,
             device="meta",
             prepare=lambda model: _replace_recurrent(model, backend),
+            base=base,
         )
     return Footprint(int(tracker.peak), "meta-estimate", time.perf_counter() - start, key)

@@ -9,7 +9,10 @@ CTC tokens).  The optimizer state is allocated *before* the measured step (one
 step with zero gradients), so the figure is that of a steady-state step, where
 Adam's two moments are alive during forward and backward, not of the first
 step, where they do not exist yet (that would understate by two parameter
-copies).
+copies).  A study that adapts a base model (``optim init --adapt-from``)
+builds the base beside the model, frozen, and runs its forward under
+``no_grad`` in every step as training does (``training.adapt_rho > 0``): its
+parameters and that forward's activations are in every figure.
 
 Methods (:attr:`Footprint.method`):
 
@@ -123,6 +126,7 @@ def measure_step(
     max_target_len: int,
     device: torch.device | str,
     then: Callable[[SyntheticStep], Any] | None = None,
+    base: Config | None = None,
 ) -> Footprint:
     """Measure one real training step's peak bytes on ``device`` (cuda or cpu).
 
@@ -133,6 +137,7 @@ def measure_step(
         then: Called with the built step once the measured step has run and
             its peak is read, outside the measurement (the time check times
             a step here: the measured one was its warm-up).
+        base: The config of a base model the trial adapts (:class:`SyntheticStep`).
 
     Raises:
         ValueError: For a device that is neither cuda nor cpu.
@@ -144,7 +149,7 @@ def measure_step(
             f"measure_step needs a cuda or cpu device, got {device}; use estimate_step for others"
         )
     key = footprint_key(
-        config, feat_dim, num_outputs, batch_size, max_frames, max_target_len, device=device
+        config, feat_dim, num_outputs, batch_size, max_frames, max_target_len, device=device, base=base
     )
     sizes = dict(batch_size=batch_size, max_frames=max_frames, max_target_len=max_target_len)
     start = time.perf_counter()
@@ -156,7 +161,7 @@ def measure_step(
         torch.cuda.reset_peak_memory_stats(index)
         try:
             with torch.random.fork_rng(devices=[index]):
-                step = SyntheticStep(config, feat_dim, num_outputs, device=device, **sizes)
+                step = SyntheticStep(config, feat_dim, num_outputs, device=device, base=base, **sizes)
                 step()
                 torch.cuda.synchronize(index)
                 peak = torch.cuda.max_memory_allocated(index) - baseline
@@ -171,7 +176,7 @@ def measure_step(
         try:
             with torch.random.fork_rng(devices=[]):
                 with tracker:
-                    step = SyntheticStep(config, feat_dim, num_outputs, device=device, **sizes)
+                    step = SyntheticStep(config, feat_dim, num_outputs, device=device, base=base, **sizes)
                     step()
                 peak = tracker.peak
                 seconds = time.perf_counter() - start
@@ -218,6 +223,7 @@ def check_footprint(
     limit_bytes: int | None,
     cache: MutableMapping[str, int] | None = None,
     then: Callable[[SyntheticStep], Any] | None = None,
+    base: Config | None = None,
 ) -> Footprint:
     """The step's footprint as the optimizer needs it before a trial trains.
 
@@ -236,10 +242,12 @@ def check_footprint(
         cache: Architecture key -> bytes, read and written.
         then: Passed to :func:`measure_step`; called only when the step is
             measured (not for a cached figure or an estimate).
+        base: The config of a base model the trial adapts (``optim init
+            --adapt-from``): its parameters and forward are counted.
     """
     device = torch.device(device)
     key = footprint_key(
-        config, feat_dim, num_outputs, batch_size, max_frames, max_target_len, device=device
+        config, feat_dim, num_outputs, batch_size, max_frames, max_target_len, device=device, base=base
     )
     if cache is not None and key in cache:
         return Footprint(int(cache[key]), "cached", 0.0, key)
@@ -247,7 +255,7 @@ def check_footprint(
     start = time.perf_counter()
     footprint: Footprint | None = None
     if device.type != "cuda" or limit_bytes is not None:
-        estimate = estimate_step(config, feat_dim, num_outputs, device=device, **sizes)
+        estimate = estimate_step(config, feat_dim, num_outputs, device=device, base=base, **sizes)
         if device.type != "cuda" and estimate.bytes > _available_ram_bytes():
             footprint = estimate
         elif limit_bytes is not None and estimate.bytes > _CLEARLY_OVER * limit_bytes:
@@ -255,7 +263,7 @@ def check_footprint(
             footprint = estimate
     if footprint is None:
         try:
-            footprint = measure_step(config, feat_dim, num_outputs, device=device, then=then, **sizes)
+            footprint = measure_step(config, feat_dim, num_outputs, device=device, then=then, base=base, **sizes)
         except Exception as exc:  # noqa: BLE001 - only out-of-memory is an answer
             if not is_out_of_memory(exc):
                 raise

@@ -10,7 +10,12 @@ reporting and pruning; only the best completed trial's model dir is kept
 another study (one deleted and created again under the same name) is moved
 aside first, never resumed.  Each epoch's value is the study's metric
 (:mod:`stagetune.optim.metrics`) of its dev error and dev loss; the trial's
-value is the lowest.  ``quadratic`` and ``sleep`` are trivial objectives
+value is the lowest.  In a study that adapts a base model (``optim init
+--adapt-from``) every trial first checks that the base file is still there with
+the hash the spec recorded (else the trial fails, naming the file), prunes a
+per-frame config whose time stride differs from the base's, counts the base in
+its memory and time checks, and trains with ``fit(adapt_from=...)``.
+``quadratic`` and ``sleep`` are trivial objectives
 over the same search space, for benchmarks and tests of the search
 machinery.
 """
@@ -32,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator
 import optuna
 
 from stagetune.config import Config, flatten
-from stagetune.errors import TrainingInterrupted, TrialLost
+from stagetune.errors import StagetuneError, TrainingInterrupted, TrialLost
 from stagetune.optim.metrics import DEV_ERROR_ATTR, DEV_LOSS_ATTR, METRICS, VALUE_EPOCH_ATTR, Metric
 from stagetune.optim.optuna_internals import storage_of, study_id_of, trial_id_of
 from stagetune.optim.sampling import sample_config
@@ -43,7 +48,7 @@ if TYPE_CHECKING:  # torch stays unimported for the quadratic and sleep objectiv
 
     from stagetune.optim.estimate import Footprint, SyntheticStep
 
-__all__ = ["TrialContext", "OBJECTIVES", "DbCall", "original_trial_number", "FootprintCache"]
+__all__ = ["TrialContext", "OBJECTIVES", "DbCall", "original_trial_number", "FootprintCache", "base_problem"]
 
 FOOTPRINT_PREFIX = "stagetune_footprint:"
 #: Trial user attributes of the time check: seconds of one step on the largest
@@ -222,6 +227,55 @@ def _set_aside_foreign(ctx: TrialContext, trial: optuna.Trial, model_dir: Path) 
     )
 
 
+def base_problem(identity: dict[str, str]) -> str | None:
+    """Why the study's base model (:attr:`StudySpec.adapt_from`) cannot be used here, or None.
+
+    The file must be where ``optim init --adapt-from`` found it, with the same hash:
+    every worker, wherever it runs, adapts the same base.
+    """
+    from stagetune.adaptation import file_hash
+
+    path = Path(identity["path"])
+    if not path.is_file():
+        return f"base model {path} (optim init --adapt-from) is missing on this worker"
+    try:
+        found = file_hash(path)
+    except OSError as exc:
+        return f"base model {path} (optim init --adapt-from) cannot be read on this worker: {exc.strerror or exc}"
+    if found != identity["hash"]:
+        return (
+            f"base model {path} (optim init --adapt-from) has changed since the study was created "
+            f"(hash {identity['hash'][:8]}, now {found[:8]}); put the original back, or create a new study"
+        )
+    return None
+
+
+def _base_config(spec: StudySpec) -> Config | None:
+    """The study's base model's config, once :func:`base_problem` finds nothing wrong; None without a base.
+
+    Raises:
+        StagetuneError: The base is missing or changed (the trial fails, naming the file).
+    """
+    if spec.adapt_from is None:
+        return None
+    problem = base_problem(spec.adapt_from)
+    if problem is not None:
+        raise StagetuneError(problem)
+    from stagetune.checkpoint import load_model_file
+
+    return load_model_file(spec.adapt_from["path"]).config
+
+
+def _time_stride(config: Config, feat_dim: int, num_outputs: int) -> int:
+    """The total time stride of ``config``'s model (built on the meta device: no memory)."""
+    import torch
+
+    from stagetune.model import build_model
+
+    with torch.device("meta"):
+        return int(build_model(config, feat_dim, num_outputs).time_stride)
+
+
 def _train(ctx: TrialContext, trial: optuna.Trial) -> float:
     from stagetune.failures import is_out_of_memory
     from stagetune.feasibility import find_shortfall
@@ -246,12 +300,17 @@ def _train(ctx: TrialContext, trial: optuna.Trial) -> float:
         raise _prune(trial, shortfall.message())
     device = resolve_device(spec.device if ctx.device is None else ctx.device)
     num_outputs = task_of(config).num_outputs(len(spec.tokens))
+    base = _base_config(spec)
+    if base is not None and config.model.task != "utt":
+        own, theirs = _time_stride(config, spec.feat_dim, num_outputs), _time_stride(base, spec.feat_dim, num_outputs)
+        if own != theirs:  # per-frame outputs must align with the base's (training refuses it)
+            raise _prune(trial, f"time stride {own} differs from the base model's {theirs} (--adapt-from)")
     sizes = dict(
         batch_size=config.data.batch_size_for(len(ctx.corpus.train_ids)),
         max_frames=spec.longest_utterance,
         max_target_len=spec.longest_transcript,
     )
-    key = footprint_key(config, spec.feat_dim, num_outputs, **sizes, device=device)
+    key = footprint_key(config, spec.feat_dim, num_outputs, **sizes, device=device, base=base)
     footprint = None
     if spec.mem_limit_bytes is not None:
         timing = spec.time_limit_s is not None and key not in ctx.step_seconds
@@ -268,6 +327,7 @@ def _train(ctx: TrialContext, trial: optuna.Trial) -> float:
             limit_bytes=spec.mem_limit_bytes,
             cache=FootprintCache(ctx.study, ctx.db),
             then=time_it if timing else None,
+            base=base,
         )
         trial.set_user_attr("mem_bytes", int(footprint.bytes))
         trial.set_user_attr("mem_method", footprint.method)
@@ -278,7 +338,7 @@ def _train(ctx: TrialContext, trial: optuna.Trial) -> float:
                 f"--mem-limit-bytes {spec.mem_limit_bytes}",
             )
     if spec.time_limit_s is not None:
-        _check_time(ctx, trial, config, num_outputs, device, sizes, key, footprint)
+        _check_time(ctx, trial, config, num_outputs, device, sizes, key, footprint, base)
 
     best = _BestEpoch(METRICS[spec.metric], trial)
 
@@ -314,6 +374,7 @@ def _train(ctx: TrialContext, trial: optuna.Trial) -> float:
             stop_signal=ctx.stop_signal,
             owner=spec.study_uid,
             still_owner=ctx.still_owner,
+            adapt_from=spec.adapt_from["path"] if spec.adapt_from else None,
         )
     except NonFiniteLoss as exc:
         raise _prune(trial, f"non-finite loss: {exc}") from None
@@ -343,6 +404,7 @@ def _check_time(
     sizes: dict[str, int],
     key: str,
     footprint: Footprint | None,
+    base: Config | None = None,
 ) -> None:
     """Prune a trial whose projected training time exceeds ``--time-limit``.
 
@@ -368,7 +430,7 @@ def _check_time(
             return
         if step_seconds is None:
             try:
-                step_seconds = time_step(config, spec.feat_dim, num_outputs, device=device, **sizes)
+                step_seconds = time_step(config, spec.feat_dim, num_outputs, device=device, base=base, **sizes)
             except Exception as exc:  # noqa: BLE001 - only out-of-memory is an answer
                 if not is_out_of_memory(exc):
                     raise

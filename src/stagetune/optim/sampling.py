@@ -52,13 +52,14 @@ def _compile(patterns: Sequence[str], flag: str, names: Sequence[str]) -> list[r
     return compiled
 
 
-#: Parameters that change nothing without a base model to adapt (``train --adapt-from``),
-#: which studies do not give their trials: never tuned, and not listed as dropped.
+#: Parameters that change nothing without a base model to adapt (``train --adapt-from``):
+#: tuned only in a study created with ``optim init --adapt-from``; in any other never
+#: tuned, and not listed as dropped.
 NEEDS_BASE_MODEL = ("training.adapt_rho",)
 
 
 def select_tunable(
-    base: Config, whitelist: Sequence[str] = (), blacklist: Sequence[str] = ()
+    base: Config, whitelist: Sequence[str] = (), blacklist: Sequence[str] = (), *, adapting: bool = False
 ) -> Selection:
     """Tunable dotted names after white/blacklists (full regex match).
 
@@ -66,6 +67,8 @@ def select_tunable(
     parameter the condition depends on stays fixed are dropped, with a reason;
     silently when the condition is on a field no study searches (``model.task``,
     ``model.encoder``: another task's or encoder's settings) or on one dropped so.
+    :data:`NEEDS_BASE_MODEL` are silently skipped unless ``adapting`` (the study's
+    trials adapt a base model).
     """
     tunable = [i.name for i in iter_fields() if i.search_space() is not None]
     allow = _compile(whitelist, "--whitelist", tunable)
@@ -82,7 +85,7 @@ def select_tunable(
     dropped: list[tuple[str, str]] = []
     # Skipped without a notice: what can never apply to this study (another task's or
     # encoder's settings: conditions on fields no study searches), and what depends on those.
-    silent: set[str] = set(NEEDS_BASE_MODEL)
+    silent: set[str] = set() if adapting else set(NEEDS_BASE_MODEL)
     for name in chosen:
         info = field_info(name)
         if name in silent:

@@ -82,6 +82,11 @@ class StudySpec:
     #: Where :attr:`ranges` came from: ``{"study", "quantile", "trials"}`` (the parent's
     #: trial numbers whose bounding box they are); None when nothing was narrowed.
     narrowed_from: dict[str, Any] | None = None
+    #: The base model every trial adapts (``optim init --adapt-from``): ``{"path", "hash"}``,
+    #: its absolute path and :func:`stagetune.adaptation.file_hash`, as checkpoints record it
+    #: (:data:`stagetune.adaptation.ADAPT_KEY`); a worker refuses a file of another hash.
+    #: None: the trials train from scratch.
+    adapt_from: dict[str, str] | None = None
     version: int = SPEC_VERSION
     created_by: str = field(default_factory=lambda: f"stagetune {__version__}")
     #: Random id of this study, drawn when its spec is built: trial checkpoints carry
@@ -135,7 +140,8 @@ def glance_attrs(spec: StudySpec) -> dict[str, Any]:
     """Short study user attributes beside the full spec, for optuna-dashboard and ``optuna studies``.
 
     What a user needs at a glance: the data, the tuned parameters, the budget, the
-    memory limit, the pruner, the metric and the parent study.  Workers read only
+    memory limit, the pruner, the metric, the parent study and the base model adapted
+    (only where there is one).  Workers read only
     :data:`SPEC_ATTR`; these are rewritten whenever it is.
     """
 
@@ -152,6 +158,7 @@ def glance_attrs(spec: StudySpec) -> dict[str, Any]:
         "pruner": spec.pruner,
         "mem_limit_bytes": spec.mem_limit_bytes if spec.mem_limit_bytes is not None else "none",
         "parent_study": spec.parent_study or "none",
+        **({"adapt_from": short(spec.adapt_from["path"])} if spec.adapt_from else {}),
     }
 
 

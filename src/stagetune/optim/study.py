@@ -133,8 +133,14 @@ def build_spec(
     num_data_workers: int = 0,
     parent_study: str | None = None,
     metric: str = DEFAULT_METRIC,
+    adapt_from: str | Path | None = None,
 ) -> StudySpec:
-    """Validate the data and the search space; nothing is written."""
+    """Validate the data and the search space; nothing is written.
+
+    ``adapt_from``: a base model every trial adapts (``optim init --adapt-from``),
+    checked against the data and ``config`` as training checks it; the spec
+    records its absolute path and hash, and ``training.adapt_rho`` becomes tunable.
+    """
     if num_trials is not None and num_trials < 1:
         raise UsageError(f"--num-trials must be >= 1, got {num_trials}")
     if mem_limit_bytes is not None and mem_limit_bytes < 1:
@@ -145,11 +151,17 @@ def build_spec(
         raise UsageError(f"--metric {metric!r}: choose one of {', '.join(sorted(METRICS))}")
     if num_data_workers < 0:
         raise UsageError(f"--num-data-workers must be >= 0, got {num_data_workers}")
-    selection = select_tunable(config, whitelist, blacklist)
+    selection = select_tunable(config, whitelist, blacklist, adapting=adapt_from is not None)
     # Imports torch: only once the arguments are known to be good, so usage errors are instant.
     from stagetune.corpus import load_corpus
 
     corpus = load_corpus(train_dir, dev_dir, dev_proportion=dev_proportion, task=config.model.task)
+    base = None
+    if adapt_from is not None:
+        from stagetune.adaptation import base_identity, check_base
+
+        check_base(adapt_from, config, corpus.feat_dim, corpus.token_symbols, corpus.train)
+        base = base_identity(adapt_from)
     targets = [len(corpus.train.targets(u)) for u in corpus.train_ids]
     return StudySpec(
         base_config=to_dict(config),
@@ -171,6 +183,7 @@ def build_spec(
         num_data_workers=num_data_workers,
         parent_study=parent_study,
         metric=metric,
+        adapt_from=base,
     )
 
 
