@@ -16,7 +16,9 @@ exactly what a 3-epoch trial would have reported.
 Printed: one row per trained configuration, then the Spearman rank correlation
 between each ``optim init --metric`` at ``--short-epochs`` and the best dev TER
 within ``--long-epochs`` (the model training keeps).  ``error`` is the token error
-every study used before the metric option existed ("before").  The run resumes where it stopped (the study is
+every study used before the metric option existed ("before").  Then the same
+correlations at every short length from 1 epoch up (how short a trial can be and
+still rank).  The run resumes where it stopped (the study is
 SQLite under ``--out``).
 
     python bench/short_trial_signal.py --train data/fsdd-connected/train \
@@ -146,6 +148,17 @@ def _report(args: argparse.Namespace, out: Path) -> int:
         short = [metric.value(r[1], r[2]) for r in rows]
         before = " (before: the only metric until now)" if name == "error" else ""
         print(f"  {name:<12} {spearman(short, long_err):+.3f}{before}")
+    # How short can a trial be? The same correlation at every length the runs reached.
+    histories = _histories(out / "ckpt" / STUDY)
+    print(f"\nSpearman vs best dev TER within {args.long_epochs} epochs, by the short trial's length "
+          f"(epochs: {', '.join(METRICS)}):")
+    for k in range(1, args.long_epochs):
+        at_k = [histories[r[0]][k - 1] for r in rows if len(histories[r[0]]) >= k]
+        if len(at_k) < len(rows):
+            break
+        figures = [spearman([m.value(float(h["dev_error"]), float(h["dev_loss"])) for h in at_k], long_err)
+                   for m in METRICS.values()]
+        print(f"  {k:>2}: " + "  ".join(f"{f:+.3f}" for f in figures))
     return 0
 
 
