@@ -128,8 +128,9 @@ def test_the_tables_and_columns_raw_sql_names_exist(oi: ModuleType) -> None:
         missing = columns - set(tables[table].c.keys())
         assert not missing, f"optuna {optuna.__version__}: table {table!r} lost columns {sorted(missing)}"
         assert table in oi.OPTUNA_TABLES
-    named = {oi.STUDIES, oi.TRIALS, oi.TRIAL_VALUES, oi.TRIAL_PARAMS, oi.TRIAL_HEARTBEATS}
-    assert named == set(oi.SQL_COLUMNS) and len(named) == 5
+    named = {oi.STUDIES, oi.TRIALS, oi.TRIAL_VALUES, oi.TRIAL_PARAMS, oi.TRIAL_HEARTBEATS, oi.TRIAL_USER_ATTRS,
+             oi.TRIAL_SYSTEM_ATTRS}
+    assert named == set(oi.SQL_COLUMNS) and len(named) == 7
 
 
 def test_trial_states_are_stored_by_their_names(oi: ModuleType) -> None:

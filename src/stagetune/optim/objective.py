@@ -92,6 +92,9 @@ class TrialContext:
     #: Footprint key -> seconds of one step on the largest batch, timed by this
     #: worker: the figure is the machine's, so it is never shared with others.
     step_seconds: dict[str, float] = field(default_factory=dict)
+    #: The study's COMPLETE trials as ``(number, value, reused, retried_of)``
+    #: (:meth:`StagetuneStorage.completed_values`); None: read them through optuna.
+    completed: Callable[[], list[tuple[int, float, bool, int | None]]] | None = None
     _base: Config | None = field(default=None, repr=False)
 
     @property
@@ -474,17 +477,26 @@ def _keep_if_best(ctx: TrialContext, trial: optuna.Trial, model_dir: Path, value
     """
     if ctx.keep_models:
         return
-    completed = ctx.db(
-        lambda: ctx.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)),
-        "reading completed trials",
-    )
-    retried = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number
-    own = {t.number: t for t in completed if "reused_from" not in t.user_attrs and t.value is not None}
-    best = min(own.values(), key=lambda t: (t.value, t.number), default=None)
-    mine_best = best is None or (value, trial.number) < (best.value, best.number)
-    keep = model_dir.name if mine_best else f"trial-{retried(best) if retried(best) is not None else best.number}"
-    for t in own.values():
-        name = f"trial-{retried(t) if retried(t) is not None else t.number}"
+    if ctx.completed is not None:
+        completed = ctx.db(ctx.completed, "reading completed trials")
+    else:
+        retried = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number
+        completed = [
+            (t.number, t.value, "reused_from" in t.user_attrs, retried(t))
+            for t in ctx.db(
+                lambda: ctx.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)),
+                "reading completed trials",
+            )
+            if t.value is not None
+        ]
+    # A trial that reused another's result has no dir of its own; a retry trains in its original's dir.
+    own = {number: (value, number if retried_of is None else retried_of)
+           for number, value, reused, retried_of in completed if not reused}
+    best = min(own, key=lambda n: (own[n][0], n), default=None)
+    mine_best = best is None or (value, trial.number) < (own[best][0], best)
+    keep = model_dir.name if mine_best else f"trial-{own[best][1]}"
+    for _, dir_number in own.values():
+        name = f"trial-{dir_number}"
         if name != keep:
             shutil.rmtree(ctx.ckpt_dir / name, ignore_errors=True)
     if not mine_best:

@@ -47,6 +47,8 @@ __all__ = [
     "TRIAL_VALUES",
     "TRIAL_PARAMS",
     "TRIAL_HEARTBEATS",
+    "TRIAL_USER_ATTRS",
+    "TRIAL_SYSTEM_ATTRS",
     "OPTUNA_TABLES",
 ]
 
@@ -93,6 +95,8 @@ TRIALS = models.TrialModel.__tablename__
 TRIAL_VALUES = models.TrialValueModel.__tablename__
 TRIAL_PARAMS = models.TrialParamModel.__tablename__
 TRIAL_HEARTBEATS = models.TrialHeartbeatModel.__tablename__
+TRIAL_USER_ATTRS = models.TrialUserAttributeModel.__tablename__
+TRIAL_SYSTEM_ATTRS = models.TrialSystemAttributeModel.__tablename__
 
 #: The tables of an optuna database (optuna's own models, plus alembic's revision table).
 OPTUNA_TABLES = frozenset(models.BaseModel.metadata.tables) | {"alembic_version"}
@@ -104,6 +108,8 @@ SQL_COLUMNS: dict[str, frozenset[str]] = {
     TRIAL_VALUES: frozenset({"trial_id", "objective", "value"}),
     TRIAL_PARAMS: frozenset({"trial_id", "param_name", "param_value", "distribution_json"}),
     TRIAL_HEARTBEATS: frozenset({"trial_id", "heartbeat"}),
+    TRIAL_USER_ATTRS: frozenset({"trial_id", "key", "value_json"}),
+    TRIAL_SYSTEM_ATTRS: frozenset({"trial_id", "key", "value_json"}),
 }
 
 

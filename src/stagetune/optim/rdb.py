@@ -47,13 +47,28 @@ from optuna.distributions import (
     json_to_distribution,
 )
 from optuna.study import StudyDirection
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, bindparam, select, text
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
-from stagetune.optim.optuna_internals import OPTUNA_TABLES, HookedRDBStorage, create_scoped_session, models
+from stagetune.optim.optuna_internals import (
+    OPTUNA_TABLES,
+    TRIAL_SYSTEM_ATTRS,
+    TRIAL_USER_ATTRS,
+    TRIAL_VALUES,
+    TRIALS,
+    DbState,
+    HookedRDBStorage,
+    create_scoped_session,
+    models,
+)
 
-__all__ = ["StagetuneStorage", "OPTUNA_TABLES", "STALE_ATTR"]
+__all__ = ["StagetuneStorage", "OPTUNA_TABLES", "STALE_ATTR", "CompletedValue"]
+
+#: ``(number, value, reused, retried_of)`` of a COMPLETE trial: ``reused`` when it has the
+#: user attribute ``reused_from`` (it took another trial's result), ``retried_of`` the number
+#: of the failed trial it retries (optuna's ``failed_trial`` system attribute) or None.
+CompletedValue = tuple[int, float, bool, "int | None"]
 
 #: Trial system attribute set by the heartbeat sweep on a trial it finds stale; its
 #: value is the trial's id, as a retry copies its original's system attributes.
@@ -83,6 +98,33 @@ class StagetuneStorage(HookedRDBStorage):
     def __setstate__(self, state: dict[Any, Any]) -> None:
         super().__setstate__(state)
         self._pending_lock = threading.Lock()
+
+    def completed_values(self, study_id: int) -> list[CompletedValue]:
+        """Number, value, reuse and retry of each COMPLETE trial with a value, in one query.
+
+        What a worker's "keep only the best model dir" step needs, without optuna's
+        full loading of every trial (24.5 s the first time on a 10,000-trial study).
+        """
+        query = text(
+            f"SELECT t.number, v.value, "
+            f"(SELECT COUNT(*) FROM {TRIAL_USER_ATTRS} u WHERE u.trial_id = t.trial_id AND u.key = :reused), "
+            f"(SELECT s.value_json FROM {TRIAL_SYSTEM_ATTRS} s WHERE s.trial_id = t.trial_id AND s.key = :retried) "
+            f"FROM {TRIALS} t JOIN {TRIAL_VALUES} v ON v.trial_id = t.trial_id AND v.objective = 0 "
+            f"WHERE t.study_id = :sid AND t.state = :complete AND v.value IS NOT NULL"
+        ).bindparams(bindparam("sid"), bindparam("complete"), bindparam("reused"), bindparam("retried"))
+        session = self.scoped_session()
+        try:
+            rows = session.execute(
+                query, {"sid": study_id, "complete": DbState.COMPLETE, "reused": "reused_from", "retried": "failed_trial"}
+            ).all()
+        except SQLAlchemyError as exc:  # as optuna's sessions report it
+            raise optuna.exceptions.StorageInternalError(f"reading from the study database failed: {exc}") from exc
+        finally:
+            session.close()
+        return [
+            (int(number), float(value), bool(reused), None if retried is None else int(json.loads(retried)))
+            for number, value, reused, retried in rows
+        ]
 
     def get_study_id_from_name(self, study_name: str) -> int:
         # Optuna's HyperbandPruner builds a bracket study, looking its id up by name,

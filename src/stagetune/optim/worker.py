@@ -45,7 +45,7 @@ from stagetune.errors import StagetuneError, StorageError, TrainingInterrupted, 
 from stagetune.optim.budget import FINISHED_STATES, count_trials, trial_state
 from stagetune.optim.claim import Claims, HeartbeatRule
 from stagetune.optim.objective import OBJECTIVES, DbCall, TrialContext
-from stagetune.optim.optuna_internals import DbState, tell_with_warning, trial_id_of
+from stagetune.optim.optuna_internals import DbState, study_id_of, tell_with_warning, trial_id_of
 from stagetune.optim.rdb import STALE_ATTR, StagetuneStorage
 from stagetune.optim.registry import SAMPLERS, make_sampler
 from stagetune.optim.report import WORKER_ATTR
@@ -413,6 +413,7 @@ class _Worker:
             sleep_seconds=options.sleep_seconds,
             log=self.log if options.verbose else (lambda _m: None),
             db=self.db,
+            completed=lambda: storage.completed_values(study_id_of(self.study)),
             batch_params=lambda trial: storage.batched_params(
                 trial_id_of(trial), write=lambda flush: self.db(flush, f"trial {trial.number}: writing its parameters")
             ),
