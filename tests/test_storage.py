@@ -157,7 +157,7 @@ def test_mysql_reads_everything_from_read_default_file(mariadb_server, make_stor
 
 @pytest.mark.server
 def test_postgresql_finds_the_password_in_pgpassfile_or_pgpassword(
-    make_storage_url, monkeypatch: pytest.MonkeyPatch
+    make_storage_url, postgres_server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     url = make_storage_url("postgresql")
     assert os.environ["PGPASSFILE"] and warn_inline_password(url) is None
@@ -172,6 +172,11 @@ def test_postgresql_finds_the_password_in_pgpassfile_or_pgpassword(
     monkeypatch.setenv("PGPASSWORD", TEST_DB_PASSWORD)
     with storage_session(url) as storage:
         assert optuna.load_study(study_name="s", storage=storage).study_name == "s"
+    # The failed attempt, still held by `caught`, left no connection waiting in authentication
+    # on the server (it would hold a slot, and block DROP DATABASE for authentication_timeout, 60 s).
+    started = time.monotonic()
+    postgres_server.drop_database(sqlalchemy.engine.make_url(url).database)
+    assert time.monotonic() - started < 10 and caught.value is not None
 
 
 # --- clear errors -----------------------------------------------------------------------

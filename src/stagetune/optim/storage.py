@@ -23,6 +23,7 @@ import re
 import select
 import sqlite3
 import time
+import traceback
 import warnings
 from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
@@ -713,7 +714,14 @@ def open_storage(
         )
     except (ImportError, RuntimeError, OSError, sqlalchemy.exc.SQLAlchemyError, sqlite3.Error,
             optuna.exceptions.StorageInternalError) as exc:
-        raise _open_error(exc, url, parsed, create=create) from exc
+        error = _open_error(exc, url, parsed, create=create)
+        # The failed attempt's frames hold its half-open connection (libpq's, in the middle of
+        # authentication): while anything keeps this exception, the server would keep that
+        # backend waiting for a password for its authentication_timeout (60 s), holding a slot
+        # and blocking a DROP DATABASE. Their locals go now; the chain of messages stays.
+        for failure in _exception_chain(exc):
+            traceback.clear_frames(failure.__traceback__)
+        raise error from exc
 
 
 def _open_error(exc: BaseException, url: str, parsed: URL, *, create: bool) -> StorageError:
