@@ -102,7 +102,7 @@ def test_the_dashboard_page_shows_the_trial_count_and_the_best_value(browser: An
         wait_for("the dashboard to listen", lambda: _get_json(f"http://127.0.0.1:{port}/api/studies"), timeout=60,
                  interval=0.5)
         study_page = _page_text(browser, page, f"Best Trial (number={best.number})")
-        trials_page = _page_text(browser, f"{page}/trials", "Trials")
+        trials_page = _page_text(browser, f"{page}/trials", "5 Trials")  # "0 Trials" until its data loaded
         taken = cli(["optim", url, "dashboard", "--port", port], tmp_path)
     finally:
         os.killpg(dashboard.pid, signal.SIGINT)  # Ctrl-C
