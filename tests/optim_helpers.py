@@ -61,6 +61,15 @@ STAGETUNE = (sys.executable, "-m", "stagetune")
 _TIMEOUT_S = 300
 
 
+#: The smallest conv + recurrent model the optim tests train (``--set`` settings).
+TINY_MODEL = [
+    "training.num_epochs=1",
+    "model.convolutional_layers=1",
+    "model.convolutional_initial_channels=4",
+    "model.recurrent_layers=1",
+    "model.recurrent_size=8",
+]
+
 def _command(args: Sequence[Any]) -> list[str]:
     return [*STAGETUNE, *(str(a) for a in args)]
 

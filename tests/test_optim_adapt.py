@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from optim_helpers import assert_one_line_error, cli, opened_study, read_spec, study_names, write_speech_data
+from optim_helpers import (
+    TINY_MODEL, assert_one_line_error, cli, opened_study, read_spec, study_names, write_speech_data,
+)
 from optuna.trial import TrialState
 
 from stagetune.adaptation import ADAPT_KEY, file_hash
@@ -28,13 +30,6 @@ from stagetune.tasks import task_of
 
 pytestmark = pytest.mark.slow
 
-TINY_MODEL = [
-    "training.num_epochs=1",
-    "model.convolutional_layers=1",
-    "model.convolutional_initial_channels=4",
-    "model.recurrent_layers=1",
-    "model.recurrent_size=8",
-]
 SETTINGS = [arg for s in TINY_MODEL for arg in ("--set", s)]
 TUNED = [r"training\.adapt_rho", r"training\.learning_rate"]
 RUN = ["run", "--ckpt-dir", "ckpt", "--keep-models", "--threads", "1", "--seed", "0"]

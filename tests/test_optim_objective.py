@@ -10,7 +10,7 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
-from optim_helpers import cli, cli_many, create_study, opened_study, read_spec, write_speech_data
+from optim_helpers import TINY_MODEL, cli, cli_many, create_study, opened_study, read_spec, write_speech_data
 from optuna.trial import TrialState
 
 from stagetune.checkpoint import load_checkpoint
@@ -24,13 +24,6 @@ from stagetune.optim.worker import WorkerOptions, run_worker
 
 pytestmark = pytest.mark.slow
 
-TINY_MODEL = [
-    "training.num_epochs=1",
-    "model.convolutional_layers=1",
-    "model.convolutional_initial_channels=4",
-    "model.recurrent_layers=1",
-    "model.recurrent_size=8",
-]
 RUN = ["run", "--ckpt-dir", "ckpt", "--keep-models", "--threads", "1", "--verbose", "--seed", "0"]
 
 

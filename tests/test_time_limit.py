@@ -11,7 +11,7 @@ from typing import Any
 import optuna
 import pytest
 import torch
-from optim_helpers import assert_one_line_error, cli_many, opened_study, read_spec, write_speech_data
+from optim_helpers import TINY_MODEL, assert_one_line_error, cli_many, opened_study, read_spec, write_speech_data
 from optuna.trial import TrialState
 
 from stagetune.config import Config, with_values
@@ -24,13 +24,6 @@ from stagetune.optim.storage import storage_session
 from stagetune.optim.study import init_study
 from stagetune.optim.worker import WorkerOptions, run_worker
 
-TINY_MODEL = [
-    "training.num_epochs=1",
-    "model.convolutional_layers=1",
-    "model.convolutional_initial_channels=4",
-    "model.recurrent_layers=1",
-    "model.recurrent_size=8",
-]
 
 
 def test_the_projection_counts_the_samplers_batches_by_padded_frames() -> None:
