@@ -38,9 +38,10 @@ def _corpus(root: Path) -> dict[str, Path]:
     return dirs
 
 
-def _bench(out: Path, data: dict[str, Path]) -> subprocess.CompletedProcess[str]:
+def _bench(out: Path, data: dict[str, Path], *extra: str) -> subprocess.CompletedProcess[str]:
     argv = [sys.executable, str(REPO / "bench" / "search_quality.py"), "--scale", "smoke", "--seeds", "1",
-            "--budget", "3", "--out", str(out), "--strategies", *STRATEGIES, *(f"--{k}={v}" for k, v in data.items())]
+            "--budget", "3", "--out", str(out), "--strategies", *STRATEGIES, *(f"--{k}={v}" for k, v in data.items()),
+            *extra]
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     return subprocess.run(argv, cwd=out.parent, env=env, capture_output=True, text=True, timeout=900)
 
@@ -73,6 +74,12 @@ def test_every_strategy_runs_reports_and_a_rerun_resumes(tmp_path: Path) -> None
         per_study = dict(db.execute(
             "SELECT s.study_name, COUNT(*) FROM trials t JOIN studies s USING (study_id) GROUP BY s.study_name"))
     assert per_study.get("sq-sm", 0) >= 2 and per_study.get("sq-lg", 0) >= 1, per_study
+
+    # a report of a bench in progress runs nothing: here two more seeds are asked for, none finished
+    report = _bench(out, data, "--report", "--seeds", "3")
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert "== " not in report.stdout and not (out / "default" / "seed-1").exists()
+    assert [line for line in report.stdout.splitlines() if line.startswith("| ")] == table
 
     again = _bench(out, data)
     assert again.returncode == 0, again.stderr[-3000:]
