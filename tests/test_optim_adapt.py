@@ -88,6 +88,10 @@ def test_every_trial_adapts_the_base_and_best_says_it_is_needed(tmp_path: Path, 
     best = min(trials, key=lambda t: t.value)
     assert read_ini(tmp_path / "best.ini").training.adapt_rho == best.params["training.adapt_rho"]
     assert load_model_file(tmp_path / "best.pt").extra[ADAPT_KEY] == identity
+    # its model not kept where asked: the retraining hint adapts the same base
+    done = cli(["optim", url, "best", tmp_path / "b2.ini", "--model", tmp_path / "b2.pt", "--ckpt-dir", "elsewhere"],
+               tmp_path)
+    assert_one_line_error(done, f"then stagetune --read-ini best.ini train --adapt-from {base.resolve()})")
 
     # A chained study adapts PREV's base unless told otherwise.
     done = cli(["optim", url, "--study-name", "next", "init", "--from-study", "optim",

@@ -145,10 +145,11 @@ def best_model_path(study: optuna.Study, study_name: str, spec: StudySpec, ckpt_
     original = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(trained)
     path = ckpt_dir / study_name / f"trial-{trained.number if original is None else original}" / "model.pt"
     if not path.is_file():
+        adapt = f" --adapt-from {spec.adapt_from['path']}" if spec.adapt_from else ""
         raise StagetuneError(
             f"the model of the best trial {best.number} of study {study_name!r} is not kept: no {path} "
             f"(give the --ckpt-dir its workers ran with; trials run before models were kept, or whose dir was "
-            f"removed, must be retrained: optim best best.ini, then stagetune --read-ini best.ini train)"
+            f"removed, must be retrained: optim best best.ini, then stagetune --read-ini best.ini train{adapt})"
         )
     from stagetune.checkpoint import OWNER_KEY, load_model_file
 
