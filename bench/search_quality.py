@@ -12,7 +12,11 @@ Strategies (each run with the project's own CLI: ``optim init/run/best``,
   from ``sm``'s best config (the rest of the budget);
 * ``staged-narrow``: the same with the plan options ``narrow`` (ranges narrowed to
   the bounding box of ``sm``'s best quarter) and ``enqueue_best`` (``sm``'s best
-  trials re-run first in ``lg``).
+  trials re-run first in ``lg``);
+* ``tpe-base`` and ``staged-base``: ``tpe`` and ``staged-narrow`` with the default
+  config queued as the first trial (``optim init --enqueue-base``; in a plan,
+  ``enqueue_base = true`` in ``sm``, a plan stage's own default): whether the
+  default as a starting point helps a flat search as much as a staged one.
 
 "The full space" is every tunable parameter but ``training.num_epochs`` (fixed to
 the scale's trial length) and ``training.early_stopping_*`` (a drawn patience
@@ -21,7 +25,7 @@ would end a trial early and measure the stopping rule) and ``training.adapt_rho`
 without a base model); the smoke and small
 scales also fix the model's widths (see ``SCALES``).  No search strategy gets the
 default config as a free first trial (``optim init`` without ``--enqueue-base``,
-``enqueue_base = false`` in ``sm``); ``lg`` starts from ``sm``'s best (its plan
+``enqueue_base = false`` in ``sm``) but the ``-base`` ones; ``lg`` starts from ``sm``'s best (its plan
 default).  Every study ranks trials by ``--metric error+loss``; curves and
 tables show the dev token error rate (TER) of the trial's best epoch.
 
@@ -96,8 +100,12 @@ STAGETUNE = [sys.executable, "-c", "import sys; from stagetune.cli import main; 
 STUDY = "sq"
 METRIC = "error+loss"
 FULL_SPACE_BLACKLIST = [r"training\.num_epochs", r"training\.early_stopping_.*", r"training\.adapt_rho"]
-FLAT = {"random": ("random", "none"), "tpe": ("tpe", "none"), "tpe-hyperband": ("tpe", "hyperband")}
-STAGED = {"staged": {}, "staged-narrow": {"narrow": "0.25", "enqueue_best": "2"}}
+#: flat strategies: sampler, pruner, the default config queued as the first trial
+FLAT = {"random": ("random", "none", False), "tpe": ("tpe", "none", False),
+        "tpe-hyperband": ("tpe", "hyperband", False), "tpe-base": ("tpe", "none", True)}
+_NARROW = {"narrow": "0.25", "enqueue_best": "2"}
+#: staged strategies: the sm and lg stages' plan options beyond the common ones
+STAGED = {"staged": ({}, {}), "staged-narrow": ({}, _NARROW), "staged-base": ({"enqueue_base": "true"}, _NARROW)}
 STRATEGIES = ["default", *FLAT, *STAGED]
 FINISHED = ("COMPLETE", "PRUNED", "FAIL")
 
@@ -321,7 +329,7 @@ class Run:
         return result
 
     def flat(self) -> Path:
-        sampler, pruner = FLAT[self.strategy]
+        sampler, pruner, base = FLAT[self.strategy]
         blacklist = FULL_SPACE_BLACKLIST + list(self.scale.fixed)
         stagetune(
             [x for s in self.sets() for x in ("--set", s)]
@@ -329,7 +337,7 @@ class Run:
                "optim", "--study-name", STUDY, self.url, "init", str(self.data["train"]),
                "--dev-dir", str(self.data["dev"]), "--blacklist", *blacklist, "--num-trials", "100000",
                "--pruner", pruner, "--sampler", sampler, "--metric", METRIC,
-               "--mem-limit-bytes", str(self.scale.mem_limit_bytes)],
+               "--mem-limit-bytes", str(self.scale.mem_limit_bytes), *(["--enqueue-base"] if base else [])],
             self.log,
         )
         state = self.state()
@@ -348,16 +356,18 @@ class Run:
 
     def plan_text(self, sm_trials: int, lg_trials: int | None, seed: int) -> str:
         blacklist = " ".join(FULL_SPACE_BLACKLIST + list(self.scale.fixed))
+        sm_options, lg_options = STAGED[self.strategy]
         text = (
             f"[plan]\nname = {STUDY}\ntrain = {self.data['train']}\ndev = {self.data['dev']}\n"
             f"url = {self.url}\nout_dir = {self.dir}\nworkers = {self.args.workers}\n\n"
             f"[sm]\nset = {' '.join(self.sets())}\nblacklist = {blacklist}\nepochs = {self.scale.trial_epochs}\n"
             f"trials = {sm_trials}\nsampler = random\npruner = none\nmetric = {METRIC}\n"
-            f"mem_limit_bytes = {self.scale.mem_limit_bytes}\nenqueue_base = false\nseed = {seed}\n"
+            f"mem_limit_bytes = {self.scale.mem_limit_bytes}\nenqueue_base = {sm_options.get('enqueue_base', 'false')}\n"
+            f"seed = {seed}\n"
         )
         if lg_trials is not None:
             text += f"\n[lg]\nfrom = sm\ntop_k = {self.scale.top_k}\ntrials = {lg_trials}\nsampler = tpe\nseed = {seed}\n"
-            text += "".join(f"{k} = {v}\n" for k, v in STAGED[self.strategy].items())
+            text += "".join(f"{k} = {v}\n" for k, v in lg_options.items())
         return text
 
     def staged(self) -> Path:
