@@ -253,7 +253,6 @@ def test_important_ranks_a_seeded_sample_of_at_most_max_trials(
     assert_one_line_error(negative, "--max-trials must be >= 0")
 
 
-@pytest.mark.parametrize("storage_url", ["sqlite"], indirect=True)
 def test_the_sample_is_read_back_as_optuna_has_the_trials(
     filled: tuple[str, str, optuna.trial.FrozenTrial], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -12,7 +12,6 @@ from typing import Any, Sequence
 import optuna
 from optuna.distributions import json_to_distribution
 from optuna.trial import FrozenTrial, TrialState
-from sqlalchemy import bindparam, text
 
 from stagetune.config import Config, active, field_info, flatten, with_values
 from stagetune.errors import StagetuneError, UsageError
@@ -69,50 +68,36 @@ def completed_in_memory(
     that many (the same for the same ``seed``), and only theirs are read; the
     view's ``total`` is the number of COMPLETE trials either way.
     """
-    sid = study_id_of(study)
+    sid = int(study_id_of(study))
     complete = DbState.COMPLETE
     with storage.engine.connect() as conn:
-        numbers = dict(
-            conn.execute(
-                text(f"SELECT trial_id, number FROM {TRIALS} WHERE study_id = :sid AND state = '{complete}'"),
-                {"sid": sid},
-            ).all()
-        )
-        total = len(numbers)
-        if max_trials is not None and total > max_trials:
-            chosen = random.Random(seed).sample(sorted(numbers, key=numbers.get), max_trials)
-            numbers = {tid: numbers[tid] for tid in chosen}
+        cursor = conn.connection.cursor()  # the driver's own rows: a Row per parameter costs more than the read
+        try:
+            numbers = dict(_fetch(
+                cursor, f"SELECT trial_id, number FROM {TRIALS} WHERE study_id = {sid} AND state = '{complete}'"
+            ))
+            total = len(numbers)
             values: dict[int, float] = {}
             rows: list[Any] = []
-            ids = sorted(numbers)
-            for start in range(0, len(ids), _IDS_PER_QUERY):
-                chunk = {"ids": ids[start : start + _IDS_PER_QUERY]}
-                values.update(conn.execute(
-                    text(f"SELECT trial_id, value FROM {TRIAL_VALUES} WHERE objective = 0 AND trial_id IN :ids")
-                    .bindparams(bindparam("ids", expanding=True)), chunk,
-                ).all())
-                rows += conn.execute(
-                    text(f"SELECT trial_id, param_name, param_value, distribution_json FROM {TRIAL_PARAMS} "
-                         "WHERE trial_id IN :ids").bindparams(bindparam("ids", expanding=True)), chunk,
-                ).all()
-        else:
-            values = dict(
-                conn.execute(
-                    text(
-                        f"SELECT v.trial_id, v.value FROM {TRIAL_VALUES} v JOIN {TRIALS} t "
-                        f"ON t.trial_id = v.trial_id WHERE t.study_id = :sid AND t.state = '{complete}' "
-                        "AND v.objective = 0"
-                    ),
-                    {"sid": sid},
-                ).all()
-            )
-            rows = conn.execute(
-                text(
-                    f"SELECT p.trial_id, p.param_name, p.param_value, p.distribution_json FROM {TRIAL_PARAMS} p "
-                    f"JOIN {TRIALS} t ON t.trial_id = p.trial_id WHERE t.study_id = :sid AND t.state = '{complete}'"
-                ),
-                {"sid": sid},
-            ).all()
+            if max_trials is not None and total > max_trials:
+                chosen = random.Random(seed).sample(sorted(numbers, key=numbers.get), max_trials)
+                numbers = {tid: numbers[tid] for tid in chosen}
+                ids = sorted(numbers)
+                for start in range(0, len(ids), _IDS_PER_QUERY):
+                    listed = ", ".join(str(int(i)) for i in ids[start : start + _IDS_PER_QUERY])  # ids: integers
+                    values.update(_fetch(cursor, f"SELECT trial_id, value FROM {TRIAL_VALUES} "
+                                                 f"WHERE objective = 0 AND trial_id IN ({listed})"))
+                    rows += _fetch(cursor, f"SELECT trial_id, param_name, param_value, distribution_json "
+                                           f"FROM {TRIAL_PARAMS} WHERE trial_id IN ({listed})")
+            else:
+                of_study = (f"JOIN {TRIALS} t ON t.trial_id = x.trial_id "
+                            f"WHERE t.study_id = {sid} AND t.state = '{complete}'")
+                values = dict(_fetch(cursor, f"SELECT x.trial_id, x.value FROM {TRIAL_VALUES} x {of_study} "
+                                             "AND x.objective = 0"))
+                rows = _fetch(cursor, f"SELECT x.trial_id, x.param_name, x.param_value, x.distribution_json "
+                                      f"FROM {TRIAL_PARAMS} x {of_study}")
+        finally:
+            cursor.close()
     params: dict[int, dict[str, Any]] = {tid: {} for tid in numbers}
     dists: dict[int, dict[str, Any]] = {tid: {} for tid in numbers}
     parsed: dict[str, Any] = {}
@@ -132,6 +117,12 @@ def completed_in_memory(
         if tid in values
     ]
     return StudyView(study.study_name, trials, total=total)
+
+
+def _fetch(cursor: Any, sql: str) -> list[tuple[Any, ...]]:
+    """All rows of ``sql`` (no bind parameters: every value in it is an integer or a state name)."""
+    cursor.execute(sql)
+    return cursor.fetchall()
 
 
 def rank_parameters(
