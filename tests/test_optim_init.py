@@ -245,6 +245,32 @@ def test_enqueue_base_makes_the_first_trial_the_starting_point(tmp_path: Path, d
     assert all(t.params != trials[0].params for t in trials[1:])
 
 
+def test_the_default_config_queued_over_the_full_default_space_trains(tmp_path: Path) -> None:
+    """Its weight decay (0) lies outside the log space [1e-6, 1e-2]: queued as 1e-6, said so, the trial runs.
+
+    Before, optuna refused the queued 0 at the trial's first suggest and the base trial
+    FAILed in 0.1 s ("`0.0` is invalid value for the case log=True"): a plan's sm stage
+    over the default space (enqueue_base is a stage's default) lost its starting point.
+    """
+    url = f"sqlite:///{tmp_path / 'optim.db'}"
+    data = write_speech_data(tmp_path / "long", min_frames=40, max_frames=60)  # long enough for stride 4
+    widths = ["model.convolutional_initial_channels", "model.recurrent_size"]
+    done = cli(["--set", "training.num_epochs=1", "--set", f"{widths[0]}=4", "--set", f"{widths[1]}=8",
+                "optim", "--study-name", "full", url, "init", data, "--blacklist", r"training\.num_epochs",
+                r"training\.early_stopping_.*", r"training\.adapt_rho", *(re.escape(w) for w in widths),
+                "--num-trials", "1", "--enqueue-base"], tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert ("queued the base config with training.weight_decay 0 -> 1e-06 (outside [1e-06, 0.01] log)"
+            in done.stderr), done.stderr
+    run = cli(["optim", "--study-name", "full", url, "run", "--threads", "1"], tmp_path)
+    assert run.returncode == 0, run.stderr
+    with opened_study(url, "full") as study:
+        (trial,) = study.get_trials(deepcopy=False)
+    assert trial.state == TrialState.COMPLETE, trial.user_attrs
+    assert trial.params["training.weight_decay"] == 1e-6
+    assert trial.params["training.learning_rate"] == 4e-3  # the rest is the default config itself
+
+
 def test_a_study_of_another_minor_release_is_refused_a_newer_patch_level_joins(tmp_path: Path, data: Path) -> None:
     major, minor, patch = (int(n) for n in re.findall(r"\d+", __version__)[:3])
     created_by = {"minor": f"stagetune {major}.{minor + 1}.0", "patch": f"stagetune {major}.{minor}.{patch + 1}"}

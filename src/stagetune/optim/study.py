@@ -19,7 +19,7 @@ from stagetune.optim.budget import budget_lock
 from stagetune.optim.metrics import DEFAULT_METRIC, METRICS
 from stagetune.optim.rdb import StagetuneStorage
 from stagetune.optim.registry import PRUNERS
-from stagetune.optim.sampling import select_tunable
+from stagetune.optim.sampling import distribution_args, select_tunable
 from stagetune.optim.spec import (
     SAFE_TO_REPLACE,
     SPEC_ATTR,
@@ -187,10 +187,31 @@ def build_spec(
     )
 
 
-def base_params(spec: StudySpec) -> dict[str, object]:
-    """The base config's values of the tuned parameters that are active in it."""
+def base_params(spec: StudySpec, moved: list[str] | None = None) -> dict[str, object]:
+    """The base config's values of the tuned parameters that are active in it.
+
+    A numeric value outside the parameter's search space (its range as the study
+    narrows it; a log range excludes 0, the default of ``training.weight_decay``)
+    is moved to the nearest value inside, since optuna refuses a queued value its
+    distribution does not hold (the trial would fail before training); each move
+    is described in ``moved``.
+    """
     values = flatten(spec.config())
-    return {n: values[n] for n in spec.tuned if active(field_info(n), values)}
+    params: dict[str, object] = {}
+    for name in spec.tuned:
+        info = field_info(name)
+        if not active(info, values):
+            continue
+        kind, bounds = distribution_args(info, values, spec.ranges)
+        value = values[name]
+        if kind != "categorical" and not bounds["low"] <= value <= bounds["high"]:
+            inside = min(max(value, bounds["low"]), bounds["high"])
+            if moved is not None:
+                scale = " log" if bounds["log"] else ""
+                moved.append(f"{name} {value:g} -> {inside:g} (outside [{bounds['low']:g}, {bounds['high']:g}]{scale})")
+            values[name] = value = inside
+        params[name] = value
+    return params
 
 
 def init_study(
@@ -234,7 +255,8 @@ def init_study(
                 study_id = storage.get_study_id_from_name(study_name)
             else:
                 queue: list[dict[str, object]] = []
-                for params in ([base_params(spec)] if enqueue_base else []) + list(enqueue):
+                moved: list[str] = []
+                for params in ([base_params(spec, moved)] if enqueue_base else []) + list(enqueue):
                     if params not in queue:
                         queue.append(params)
                 if queue:
@@ -245,6 +267,8 @@ def init_study(
                     except BaseException:
                         optuna.delete_study(study_name=study_name, storage=storage)
                         raise
+                    if moved:
+                        log(f"queued the base config with {'; '.join(moved)}: a queued value must lie in its space")
                 return InitResult(study_name, "created", spec, [])
         return _check_existing(storage, study_id, study_name, spec, force=force)
 
