@@ -71,7 +71,8 @@ and the compute each strategy needs to reach flat TPE's final IQM dev TER.
 
 Scales: ``smoke`` (a 24/12/12-utterance subset, 1-epoch trials, a tiny fixed-width
 model, a 20-second budget: a check that the script works, seconds per strategy),
-``small`` (2 CPU cores, 2 workers, about 2 hours for 5 seeds: 200/60 train/dev
+``small`` (2 CPU cores, 2 workers; about 50 min per seed for the first six strategies
+(measured), so 4-5 hours for 5 seeds, resumable: 200/60 train/dev
 utterances and the full test set, 5-epoch trials, 10 final epochs, widths fixed
 at 64 recurrent units and 8 conv channels; budget 600 s per run), ``full`` (the
 whole corpus and space, 5-epoch trials, the default 40 final epochs, on a GPU).
