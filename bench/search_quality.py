@@ -419,8 +419,7 @@ class Run:
                           "--threads", "1", *self.device()], self.log)
         result = json.loads(proc.stdout)
         test = _error_of(result)
-        return {"dev_error": min(dev), "test_error": test, "final_train_s": train_s,
-                "trial_dev_error": min(dev[: self.scale.trial_epochs])}
+        return {"dev_error": min(dev), "test_error": test, "final_train_s": train_s}
 
 
 def _dev_history(model_dir: Path) -> list[float]:
@@ -613,11 +612,8 @@ def main() -> int:
                 results[strategy].append(run.go())
             elif (run.dir / "done.json").exists():
                 results[strategy].append(json.loads((run.dir / "done.json").read_text()))
-    for strategy, runs in results.items():  # runs finished before trial_dev_error was recorded
-        for r in runs:
-            if "trial_dev_error" not in r:
-                r["trial_dev_error"] = min(_dev_history(Path(args.out) / strategy / f"seed-{r['seed']}" / "final")
-                                           [: scale.trial_epochs])
+    for r in results.get("default", []):  # the default's one trial: its final training's first epochs
+        r["trial_dev_error"] = min(_dev_history(out / "default" / f"seed-{r['seed']}" / "final")[: scale.trial_epochs])
     results = {s: runs for s, runs in results.items() if runs}
     if not results:
         sys.exit(f"search_quality: no finished run under {out} to report")
