@@ -245,3 +245,21 @@ def test_loader_on_frame_task_pads_labels(tiny_frame_data_dir: Path) -> None:
             n = data.num_frames[utt]
             assert batch.targets[b, :n].tolist() == data.targets(utt).tolist()
             assert (batch.targets[b, n:] == TARGET_PAD).all()
+
+
+def test_sortagrad_epochs_come_shortest_first_then_shuffled() -> None:
+    lengths = np.random.default_rng(0).integers(10, 500, size=200)
+    sampler = BucketBatchSampler(lengths, 8, seed=2, jitter=0.0, ascending_epochs=2)
+    for epoch in (1, 2):
+        sampler.set_epoch(epoch)
+        longest = [int(lengths[b].max()) for b in sampler]
+        assert longest == sorted(longest)
+        assert sorted(i for b in sampler for i in b) == list(range(200))
+    sampler.set_epoch(3)
+    longest = [int(lengths[b].max()) for b in sampler]
+    assert longest != sorted(longest)
+    # ascending_epochs=0 (the default) never sorts, epoch 0 included
+    plain = BucketBatchSampler(lengths, 8, seed=2, jitter=0.0)
+    for epoch in (0, 1):
+        plain.set_epoch(epoch)
+        assert [int(lengths[b].max()) for b in plain] != sorted(int(lengths[b].max()) for b in plain)

@@ -487,6 +487,12 @@ class DataConfig:
         choices=NORMALIZATIONS,
     )
     drop_last: bool = param(False, "Drop the last incomplete batch of each epoch.")
+    sortagrad_epochs: int = param(
+        0,
+        "SortaGrad: the first this many epochs take their batches shortest utterances "
+        "first (batch composition still varies); later epochs in random order.",
+        min=0,
+    )
     subset: float = param(
         0.0,
         "A debug subset: train and validate on only this many utterances of each of the "

@@ -166,6 +166,10 @@ class BucketBatchSampler(Sampler[list[int]]):
         jitter: Relative length noise for bucketing; 0 sorts strictly.
         parts: Item indices per part (each index exactly once); batches never mix
             parts and a part's batches are contiguous. Default: one part.
+        ascending_epochs: With ``shuffle``, epochs ``1..ascending_epochs`` take each
+            part's batches shortest first (SortaGrad, Amodei et al. 2016: short
+            utterances are easier to align, which shortens CTC's all-blank start);
+            batch composition is still drawn per epoch.
     """
 
     def __init__(
@@ -178,6 +182,7 @@ class BucketBatchSampler(Sampler[list[int]]):
         drop_last: bool = False,
         jitter: float = 0.1,
         parts: Sequence[Sequence[int]] | None = None,
+        ascending_epochs: int = 0,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -193,6 +198,7 @@ class BucketBatchSampler(Sampler[list[int]]):
         self.parts = [np.asarray(p, dtype=np.int64) for p in parts if p]
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.drop_last, self.jitter = drop_last, jitter
+        self.ascending_epochs = ascending_epochs
         self.epoch = 0
         self._batches: list[list[int]] | None = None
 
@@ -212,6 +218,8 @@ class BucketBatchSampler(Sampler[list[int]]):
         keys = self.lengths[part] * rng.uniform(1.0, 1.0 + self.jitter, size=len(part))
         order = part[np.argsort(keys, kind="stable")]
         batches = [order[i : i + bs].tolist() for i in range(0, len(order), bs)]
+        if self.ascending_epochs and self.epoch <= self.ascending_epochs:
+            return batches  # cut from the length order: shortest first
         return [batches[i] for i in rng.permutation(len(batches))]
 
     def batches(self) -> list[list[int]]:

@@ -432,6 +432,7 @@ def fit(
         drop_last=config.data.drop_last,
         jitter=config.data.length_jitter,
         parts=parts if len(parts) > 1 else None,
+        ascending_epochs=config.data.sortagrad_epochs,
     )
     dev_sampler = BucketBatchSampler(dev_set.lengths, config.data.batch_size, shuffle=False)
     dev_loader = _loader(dev_set, list(dev_sampler), num_workers, device)
