@@ -16,7 +16,12 @@ Strategies (each run with the project's own CLI: ``optim init/run/best``,
 * ``tpe-base`` and ``staged-base``: ``tpe`` and ``staged-narrow`` with the default
   config queued as the first trial (``optim init --enqueue-base``; in a plan,
   ``enqueue_base = true`` in ``sm``, a plan stage's own default): whether the
-  default as a starting point helps a flat search as much as a staged one.
+  default as a starting point helps a flat search as much as a staged one;
+* ``tpe-local`` and ``staged-local``: ``tpe-base`` and ``staged-base`` searching
+  near the default: every numeric range cut to a window of a quarter of its width
+  (of its logarithm, for log ranges) around the default's value (``optim init
+  --around-base 0.25``; in ``sm``, ``around_base = 0.25``; ``lg`` keeps the
+  window and narrows within it): a local search from a config known to work.
 
 "The full space" is every tunable parameter but ``training.num_epochs`` (fixed to
 the scale's trial length) and ``training.early_stopping_*`` (a drawn patience
@@ -25,7 +30,7 @@ would end a trial early and measure the stopping rule) and ``training.adapt_rho`
 without a base model); the smoke and small
 scales also fix the model's widths (see ``SCALES``).  No search strategy gets the
 default config as a free first trial (``optim init`` without ``--enqueue-base``,
-``enqueue_base = false`` in ``sm``) but the ``-base`` ones; ``lg`` starts from ``sm``'s best (its plan
+``enqueue_base = false`` in ``sm``) but the ``-base`` and ``-local`` ones; ``lg`` starts from ``sm``'s best (its plan
 default).  Every study ranks trials by ``--metric error+loss``; curves and
 tables show the dev token error rate (TER) of the trial's best epoch.
 
@@ -102,11 +107,16 @@ STUDY = "sq"
 METRIC = "error+loss"
 FULL_SPACE_BLACKLIST = [r"training\.num_epochs", r"training\.early_stopping_.*", r"training\.adapt_rho"]
 #: flat strategies: sampler, pruner, the default config queued as the first trial
-FLAT = {"random": ("random", "none", False), "tpe": ("tpe", "none", False),
-        "tpe-hyperband": ("tpe", "hyperband", False), "tpe-base": ("tpe", "none", True)}
+#: ``optim init --around-base`` of the local strategies: each numeric range cut to a quarter around the default
+AROUND = 0.25
+#: flat strategies: (sampler, pruner, the default config queued first, --around-base)
+FLAT = {"random": ("random", "none", False, None), "tpe": ("tpe", "none", False, None),
+        "tpe-hyperband": ("tpe", "hyperband", False, None), "tpe-base": ("tpe", "none", True, None),
+        "tpe-local": ("tpe", "none", True, AROUND)}
 _NARROW = {"narrow": "0.25", "enqueue_best": "2"}
 #: staged strategies: the sm and lg stages' plan options beyond the common ones
-STAGED = {"staged": ({}, {}), "staged-narrow": ({}, _NARROW), "staged-base": ({"enqueue_base": "true"}, _NARROW)}
+STAGED = {"staged": ({}, {}), "staged-narrow": ({}, _NARROW), "staged-base": ({"enqueue_base": "true"}, _NARROW),
+          "staged-local": ({"enqueue_base": "true", "around_base": str(AROUND)}, _NARROW)}
 STRATEGIES = ["default", *FLAT, *STAGED]
 FINISHED = ("COMPLETE", "PRUNED", "FAIL")
 
@@ -330,7 +340,7 @@ class Run:
         return result
 
     def flat(self) -> Path:
-        sampler, pruner, base = FLAT[self.strategy]
+        sampler, pruner, base, around = FLAT[self.strategy]
         blacklist = FULL_SPACE_BLACKLIST + list(self.scale.fixed)
         stagetune(
             [x for s in self.sets() for x in ("--set", s)]
@@ -338,7 +348,8 @@ class Run:
                "optim", "--study-name", STUDY, self.url, "init", str(self.data["train"]),
                "--dev-dir", str(self.data["dev"]), "--blacklist", *blacklist, "--num-trials", "100000",
                "--pruner", pruner, "--sampler", sampler, "--metric", METRIC,
-               "--mem-limit-bytes", str(self.scale.mem_limit_bytes), *(["--enqueue-base"] if base else [])],
+               "--mem-limit-bytes", str(self.scale.mem_limit_bytes), *(["--enqueue-base"] if base else []),
+               *(["--around-base", str(around)] if around else [])],
             self.log,
         )
         state = self.state()
@@ -366,6 +377,7 @@ class Run:
             f"mem_limit_bytes = {self.scale.mem_limit_bytes}\nenqueue_base = {sm_options.get('enqueue_base', 'false')}\n"
             f"seed = {seed}\n"
         )
+        text += "".join(f"{k} = {v}\n" for k, v in sm_options.items() if k != "enqueue_base")
         if lg_trials is not None:
             text += f"\n[lg]\nfrom = sm\ntop_k = {self.scale.top_k}\ntrials = {lg_trials}\nsampler = tpe\nseed = {seed}\n"
             text += "".join(f"{k} = {v}\n" for k, v in lg_options.items())

@@ -432,6 +432,54 @@ def test_narrow_takes_the_ranges_of_the_parents_best_trials(
         assert all(low <= t.params[name] <= high for t in trials), name
 
 
+def test_around_base_cuts_each_numeric_range_to_a_window_around_the_base(
+    parent: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = write_speech_data(tmp_path / "data")
+    url = f"sqlite:///{tmp_path / 'local.db'}"
+    code, _, err = _main(capsys, "--set", "training.learning_rate=0.004", "optim", "--study-name", "local", url,
+                         "init", data, "--whitelist", *LR_DOMINATED, "--around-base", 0.5, "--enqueue-base")
+    assert code == 0, err
+    spec = read_spec(url, "local")
+    # learning rate: log range [3e-4, 3e-2], half of its two decades centred on 0.004;
+    # dropout: [0, 0.4], a window of 0.2 around 0.1 slid to start at 0; the categorical stays whole
+    low, high = spec["ranges"]["training.learning_rate"]
+    assert low == pytest.approx(0.004 / 10**0.5) and high == pytest.approx(0.004 * 10**0.5)
+    assert spec["ranges"]["training.dropout_prob"] == pytest.approx([0.0, 0.2])
+    assert set(spec["ranges"]) == {"training.learning_rate", "training.dropout_prob"}
+    assert spec["narrowed_from"] == {"around_base": 0.5}
+    assert "narrowed training.learning_rate to [0.00126491, 0.0126491] around its base value 0.004" in err
+    code, _, err = _main(capsys, "optim", "--study-name", "local", url, "run", "--objective", "quadratic",
+                         "--n-trials", 6, "--seed", 1)
+    assert code == 0, err
+    with opened_study(url, "local") as study:
+        trials = sorted(study.get_trials(states=(TrialState.COMPLETE,)), key=lambda t: t.number)
+    assert len(trials) == 6 and trials[0].params["training.learning_rate"] == 0.004  # the base, queued first
+    for name, (low, high) in spec["ranges"].items():
+        assert all(low <= t.params[name] <= high for t in trials), name
+
+    # After --narrow, the window keeps only what it overlaps of the narrowed box, and holds the base (PREV's best).
+    best = _ranked_trials(parent, "stage1")[0].params
+    code, _, err = _main(capsys, "optim", "--study-name", "both-cuts", parent, "init", "--from-study", "stage1",
+                         "--whitelist", *LR_DOMINATED, "--narrow", 0.5, "--around-base", 0.1)
+    assert code == 0, err
+    cut = read_spec(parent, "both-cuts")["ranges"]
+    code, _, err = _main(capsys, "optim", "--study-name", "narrow-only", parent, "init", "--from-study", "stage1",
+                         "--whitelist", *LR_DOMINATED, "--narrow", 0.5)
+    assert code == 0, err
+    box = read_spec(parent, "narrow-only")["ranges"]
+    assert set(cut) == set(box)
+    for name, (low, high) in cut.items():
+        assert box[name][0] <= low <= best[name] <= high <= box[name][1], name
+    assert cut != box
+
+    for bad in ("0", "1.5", "-0.2"):
+        code, _, err = _main(capsys, "optim", "--study-name", "refused", url, "init", data, "--around-base", bad)
+        assert code == 2 and err.count("\n") == 1, err
+        assert err.startswith(f"stagetune: error: --around-base must be in (0, 1], got {float(bad):g}"), err
+    assert "refused" not in study_names(url)
+
+
 def test_enqueue_best_queues_the_parents_best_trials_once(
     parent: str, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -19,6 +19,7 @@ from optim_helpers import (
 from stagetune.cli import main
 from stagetune.optim.sampling import sample_values
 from stagetune.optim.spec import store_spec_json
+from stagetune.plan.runner import init_argv
 from stagetune.plan.spec import read_plan
 
 MODEL = "model.convolutional_layers=0 model.recurrent_layers=1 model.recurrent_size=8 data.batch_size=4"
@@ -59,6 +60,14 @@ def test_a_derived_stage_inherits_its_parents_settings_unless_it_sets_them(corpu
     assert plan.study_name("lg") == "p-lg" and plan.url == f"sqlite:///{corpus / 'out'}/optim.db"
 
 
+def test_around_base_is_any_stages_own_and_reaches_its_init(corpus: Path) -> None:
+    plan = read_plan(write(corpus, plan_text(corpus, lg="around_base = 0.25\n")))
+    sm, lg = plan.stages
+    assert (sm.around_base, lg.around_base) == (None, 0.25)  # not inherited: lg narrows around sm's best
+    argv = init_argv(plan, lg)
+    assert argv[argv.index("--around-base") + 1] == "0.25" and "--around-base" not in init_argv(plan, sm)
+
+
 BAD = [
     ("unknown key", "seed = 1\n", "seed = 1\nepoks = 2\n", "[sm]: unknown key 'epoks'"),
     ("from no stage", "from = sm", "from = nope", "[lg] from = 'nope': no such stage; stages: sm, lg"),
@@ -80,6 +89,7 @@ BAD = [
     ("slurm no option", "seed = 1\n", "seed = 1\nsbatch = qos=x\n",
      "[sm] sbatch = 'qos=x': 'qos=x' is no sbatch option"),
     ("slurm workers", "trials = 2\n", "trials = 2\nworkers = 0\n", "[lg] workers = '0': must be >= 1"),
+    ("around_base above 1", "trials = 2\n", "trials = 2\naround_base = 2\n", "[lg] around_base = '2': must be in [1e-06, 1.0]"),
 ]
 
 

@@ -2,7 +2,8 @@
 
 The full bench takes hours and never runs here; this runs one strategy of each
 kind once (the default config, a flat study with a pruner, a staged plan with
-its narrowing options and the default config queued first; 1 seed, a few seconds of trial compute each) through the
+its narrowing options, the default config queued first and its ranges cut around
+it; 1 seed, a few seconds of trial compute each) through the
 real CLI on a small synthetic Kaldi corpus, then checks what a user reads: the
 table, the curves, ``results.json``, and that a rerun resumes (finished runs
 are not run again).  The other strategies differ from these only in the
@@ -21,9 +22,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fixtures_data import TINY_TOKENS, random_feats, write_data_dir
+from optim_helpers import read_spec
 
 REPO = Path(__file__).resolve().parents[1]
-STRATEGIES = ("default", "tpe-hyperband", "staged-base")
+STRATEGIES = ("default", "tpe-hyperband", "staged-local")
 
 pytestmark = pytest.mark.slow
 
@@ -67,14 +69,19 @@ def test_every_strategy_runs_reports_and_a_rerun_resumes(tmp_path: Path) -> None
         assert run["trials"] >= 2 and run["compute_s"] >= 3.0, run
         assert len(run["curve"]["seconds"]) == run["trials"]
         assert run["curve"]["seconds"] == sorted(run["curve"]["seconds"])
-    # the staged run searched in two studies: sm (random, the default config first), then lg (TPE, narrowed)
-    plan = (out / "staged-base" / "seed-0" / "plan.ini").read_text()
+    # the staged run searched in two studies: sm (random near the default config, which runs first),
+    # then lg (TPE, narrowed further)
+    run_dir = out / "staged-local" / "seed-0"
+    plan = (run_dir / "plan.ini").read_text()
     sm, lg = plan.split("[lg]")
-    assert "enqueue_base = true" in sm and "from = sm" in lg and "narrow = 0.25" in lg
-    with sqlite3.connect(out / "staged-base" / "seed-0" / "optim.db") as db:
+    assert "enqueue_base = true" in sm and "around_base = 0.25" in sm
+    assert "from = sm" in lg and "narrow = 0.25" in lg
+    with sqlite3.connect(run_dir / "optim.db") as db:
         per_study = dict(db.execute(
             "SELECT s.study_name, COUNT(*) FROM trials t JOIN studies s USING (study_id) GROUP BY s.study_name"))
     assert per_study.get("sq-sm", 0) >= 2 and per_study.get("sq-lg", 0) >= 1, per_study
+    sm_spec = read_spec(f"sqlite:///{run_dir / 'optim.db'}", "sq-sm")
+    assert sm_spec["narrowed_from"] == {"around_base": 0.25} and "training.learning_rate" in sm_spec["ranges"]
 
     # a report of a bench in progress runs nothing: here two more seeds are asked for, none finished
     report = _bench(out, data, "--report", "--seeds", "3")

@@ -105,6 +105,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "(0 < Q <= 1; at least 2 trials, and those of --enqueue-best); categorical ones stay",
     )
     init.add_argument(
+        "--around-base", type=float, default=None, metavar="W",
+        help="numeric ranges shrink to a window of W of their width (of its log, for log ranges) around the "
+        "base config's values (0 < W <= 1): a local search from a config known to work; categorical ones stay",
+    )
+    init.add_argument(
         "--enqueue-best", type=positive_int, default=None, metavar="N",
         help="with --from-study: a new study's first trials are PREV's N best (their values of the tuned "
         "parameters, each once; after the base with --enqueue-base)",
@@ -285,6 +290,10 @@ def _init(args: argparse.Namespace, study_name: str) -> int:
         )
     if args.narrow is not None and not 0 < args.narrow <= 1:
         raise UsageError(f"--narrow must be in (0, 1], got {args.narrow:g}; e.g. 0.25 for PREV's best quarter")
+    if args.around_base is not None and not 0 < args.around_base <= 1:
+        raise UsageError(
+            f"--around-base must be in (0, 1], got {args.around_base:g}; e.g. 0.25 for a quarter of each range"
+        )
     spec = None
     points: list[dict[str, Any]] = []
     if args.from_study is None:
@@ -366,6 +375,8 @@ def _init(args: argparse.Namespace, study_name: str) -> int:
                 spec = dataclasses.replace(spec, ranges=inherited, narrowed_from=prev_spec.narrowed_from)
             if args.enqueue_best is not None:
                 points = best_points(completed, spec, args.enqueue_best)
+        if args.around_base is not None:
+            spec = _around_base(spec, args.around_base)
         result = init_study(
             storage, study_name, args.url, spec, force=args.force,
             enqueue_base=args.enqueue_base, enqueue=points, log=_err,
@@ -382,6 +393,37 @@ def _init(args: argparse.Namespace, study_name: str) -> int:
             f"{budget}; metric {spec.metric}{adapting}"
         )
     return 0
+
+
+def _around_base(spec: Any, fraction: float) -> Any:
+    """``spec`` with each tuned numeric range cut to a window around the base config's value.
+
+    The window is ``fraction`` of the range (of its logarithm, for a log space; see
+    :func:`~stagetune.optim.sampling.window_range`); a range narrowed already
+    (``--narrow``, or inherited) keeps the part of it the window overlaps.
+    """
+    import dataclasses
+
+    from stagetune.config import field_info, flatten
+    from stagetune.optim.sampling import window_range
+
+    values = flatten(spec.config())
+    ranges = dict(spec.ranges)
+    for name in spec.tuned:
+        window = window_range(field_info(name), values[name], fraction)
+        if window is None:
+            continue
+        if name in ranges:
+            low, high = ranges[name]
+            if window[0] <= high and low <= window[1]:
+                window = [max(window[0], low), min(window[1], high)]
+            else:  # the base lies outside the narrowed box (an --independent best): keep the box
+                continue
+        ranges[name] = window
+        _err(f"narrowed {name} to [{window[0]:g}, {window[1]:g}] around its base value {values[name]:g}")
+    return dataclasses.replace(
+        spec, ranges=ranges, narrowed_from={**(spec.narrowed_from or {}), "around_base": fraction}
+    )
 
 
 def _init_spec(

@@ -23,6 +23,7 @@ __all__ = [
     "sample_config",
     "distribution_args",
     "bounding_range",
+    "window_range",
 ]
 
 #: ``{dotted name: [low, high]}``: narrowed ranges that replace declared bounds.
@@ -202,3 +203,37 @@ def bounding_range(info: FieldInfo, seen: Sequence[int | float]) -> list[int | f
     if info.type is int:
         return [int(low), int(high)]
     return [float(low), float(high)]
+
+
+def window_range(info: FieldInfo, center: int | float, fraction: float) -> list[int | float] | None:
+    """A window of ``fraction`` of a numeric parameter's declared range around ``center``.
+
+    The window's width is ``fraction`` of the declared range's (of its logarithm's, for
+    a log space); it is centred on ``center`` (moved into the range first: a log range
+    excludes 0) and slid, keeping its width, to lie inside the range.  Integer and
+    stepped windows round outwards to the step and span at least one step on each side
+    that the range allows, so they always hold ``center``.  None for a categorical
+    parameter, or one whose bounds depend on another parameter (it keeps its range).
+    """
+    space = info.search_space()
+    if space is None or space.choices is not None or isinstance(space.low, Ref) or isinstance(space.high, Ref):
+        return None
+    low, high = float(space.low), float(space.high)
+    center = min(max(float(center), low), high)
+    to, back = (math.log, math.exp) if space.log else (float, float)
+    lo, hi, mid = to(low), to(high), to(center)
+    half = fraction * (hi - lo) / 2
+    start = min(max(mid - half, lo), hi - 2 * half)
+    w_low, w_high = min(back(start), center), max(back(start + 2 * half), center)  # rounding keeps it in
+    step = space.step if space.step is not None else (1 if info.type is int else None)
+    if step is not None:
+        w_low = low + math.floor((min(w_low, center) - low) / step + 1e-9) * step
+        w_high = low + math.ceil((max(w_high, center) - low) / step - 1e-9) * step
+        if w_low == center:
+            w_low -= step
+        if w_high == center:
+            w_high += step
+    w_low, w_high = max(w_low, low), min(w_high, high)
+    if info.type is int:
+        return [int(round(w_low)), int(round(w_high))]
+    return [w_low, w_high]

@@ -67,6 +67,8 @@ def init_argv(plan: Plan, stage: Stage, *, force: bool = False) -> list[str]:
         head += ["--mem-limit-bytes", str(stage.mem_limit_bytes)]
     if stage.time_limit is not None:
         head += ["--time-limit", str(stage.time_limit)]
+    if stage.around_base is not None:
+        head += ["--around-base", str(stage.around_base)]
     if stage.enqueue_base:
         head.append("--enqueue-base")
     return head + (["--force"] if force else [])

@@ -27,6 +27,7 @@
     from = sm                   # base config: sm's best; tuned: sm's top_k
     top_k = 3
     narrow = 0.25               # ranges: the top quarter of sm's trials
+                                # (around_base = 0.25: any stage's ranges, a quarter around its base)
     trials = 6
     time = 1-00:00:00           # lg's jobs: its own Slurm settings
     sbatch = --mem=16G          #   (sbatch: after [plan]'s)
@@ -77,6 +78,7 @@ class Stage:
     threshold: float | None = None
     independent: bool = False
     narrow: float | None = None
+    around_base: float | None = None
     enqueue_best: int = 0
     enqueue_base: bool = True
     # Inherited from the parent stage unless given:
@@ -255,6 +257,7 @@ def _stage(path: Path, name: str, items: dict[str, str]) -> tuple[Stage, set[str
         "threshold": r.number("threshold", float, 0.0, 1.0),
         "independent": r.flag("independent"),
         "narrow": r.number("narrow", float, 1e-6, 1.0),
+        "around_base": r.number("around_base", float, 1e-6, 1.0),
         "enqueue_best": r.number("enqueue_best", int, 0),
         "workers": r.number("workers", int, 1),
         **r.slurm(),
