@@ -23,6 +23,9 @@ SQLite under ``--out``).
 
     python bench/short_trial_signal.py --train data/fsdd-connected/train \
         --dev data/fsdd-connected/dev --configs 12
+
+``--around-base W`` draws the configurations near the default instead (``optim init
+--around-base W --enqueue-base``: the first is the default itself).
 """
 
 from __future__ import annotations
@@ -90,6 +93,10 @@ def main() -> int:
     p.add_argument("--out", default="exp/short-trial-signal")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="edit the study's base config (a rerun must repeat them)")
+    p.add_argument("--blacklist", nargs="+", default=[], metavar="REGEX",
+                   help="more parameters not to tune (e.g. the widths a --set fixes)")
+    p.add_argument("--around-base", type=float, default=None, metavar="W",
+                   help="draw near the base config: optim init --around-base W (the default config queued first)")
     p.add_argument("--report-only", action="store_true",
                    help="print the table from the model dirs under --out (a run made elsewhere) without training")
     args = p.parse_args()
@@ -108,8 +115,10 @@ def _train(args: argparse.Namespace, out: Path) -> None:
         + [x for item in args.sets for x in ("--set", item)]
         + ["optim", "--study-name", STUDY, url,
          "init", args.train, "--dev-dir", args.dev, "--blacklist", r"training\.num_epochs", r"training\.early_stopping_.*",
+         r"training\.adapt_rho", *args.blacklist,
          "--num-trials", str(args.configs), "--pruner", "none",
          "--mem-limit-bytes", str(args.mem_limit_bytes), "--force"]  # a larger --configs extends it
+        + (["--around-base", str(args.around_base), "--enqueue-base"] if args.around_base is not None else [])
     )
     _run(
         ["optim", "--study-name", STUDY, url, "run", "--workers", str(args.workers),

@@ -19,6 +19,7 @@ from stagetune.optim.sampling import (
     sample_config,
     sample_values,
     select_tunable,
+    window_range,
 )
 from stagetune.space import Ref
 
@@ -174,6 +175,24 @@ def test_a_bounding_range_keeps_the_declared_kind_and_bounds() -> None:
     assert bounding_range(rate, [1e-3, 1e-3]) is None
     assert bounding_range(field_info("model.recurrent_type"), ["gru", "lstm"]) is None
     assert bounding_range(rate, []) is None
+
+
+def test_a_window_around_the_base_holds_it_and_keeps_its_width_inside_the_range() -> None:
+    rate, layers, dropout, decay = (field_info(n) for n in (
+        "training.learning_rate", "model.recurrent_layers", "training.dropout_prob", "training.weight_decay"))
+    # log [3e-4, 3e-2]: a quarter of its two decades is half a decade, centred on the value
+    low, high = window_range(rate, 4e-3, 0.25)
+    assert low == pytest.approx(4e-3 / 10**0.25) and high == pytest.approx(4e-3 * 10**0.25)
+    # near an edge the window slides in, keeping its width: [0, 0.4] -> [0, 0.1] around 0.01
+    assert window_range(dropout, 0.01, 0.25) == pytest.approx([0.0, 0.1])
+    low, high = window_range(rate, 3e-2, 0.25)
+    assert high == pytest.approx(3e-2) and low == pytest.approx(3e-2 / 10**0.5)
+    # integers round outwards and keep a step on each side the range allows
+    assert window_range(layers, 2, 0.25) == [1, 3] and window_range(layers, 0, 0.1) == [0, 1]
+    # a value outside a log range (weight decay 0) is moved into it first, and the window holds that
+    assert window_range(decay, 0.0, 0.25)[0] == pytest.approx(1e-6)
+    assert window_range(layers, 2, 1.0) == [0, 4]
+    assert window_range(field_info("model.recurrent_type"), 0, 0.25) is None
 
 
 def test_narrowed_ranges_are_clipped_to_a_dependent_bound_when_sampling() -> None:
