@@ -135,7 +135,7 @@ def _trials(url: str, name: str) -> list[tuple[int, str, dict]]:
 def test_plan_runs_every_stage_to_its_exact_budget_then_the_final_model_and_resumes(corpus: Path) -> None:
     # lg's trials last long enough to interrupt: an epoch of this corpus takes milliseconds, and on a
     # loaded box Ctrl-C reached 3-epoch trials only after they had finished (the budget then met early)
-    path = write(corpus, plan_text(corpus, lg="epochs = 30\n"))
+    path = write(corpus, plan_text(corpus, lg="epochs = 10\n"))
     url = f"sqlite:///{corpus / 'out'}/optim.db"
     # killed (the whole process group, -9) in the middle of the first stage
     first = start_cli(["plan", path, "run", "--workers", "2"], corpus, corpus / "first.log")
