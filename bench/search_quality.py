@@ -106,7 +106,6 @@ STAGETUNE = [sys.executable, "-c", "import sys; from stagetune.cli import main; 
 STUDY = "sq"
 METRIC = "error+loss"
 FULL_SPACE_BLACKLIST = [r"training\.num_epochs", r"training\.early_stopping_.*", r"training\.adapt_rho"]
-#: flat strategies: sampler, pruner, the default config queued as the first trial
 #: ``optim init --around-base`` of the local strategies: each numeric range cut to a quarter around the default
 AROUND = 0.25
 #: flat strategies: (sampler, pruner, the default config queued first, --around-base)

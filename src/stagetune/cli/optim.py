@@ -398,29 +398,18 @@ def _init(args: argparse.Namespace, study_name: str) -> int:
 def _around_base(spec: Any, fraction: float) -> Any:
     """``spec`` with each tuned numeric range cut to a window around the base config's value.
 
-    The window is ``fraction`` of the range (of its logarithm, for a log space; see
-    :func:`~stagetune.optim.sampling.window_range`); a range narrowed already
-    (``--narrow``, or inherited) keeps the part of it the window overlaps.
+    See :func:`~stagetune.optim.sampling.windows_around`; each cut range is logged.
     """
     import dataclasses
 
-    from stagetune.config import field_info, flatten
-    from stagetune.optim.sampling import window_range
+    from stagetune.config import flatten
+    from stagetune.optim.sampling import windows_around
 
     values = flatten(spec.config())
-    ranges = dict(spec.ranges)
-    for name in spec.tuned:
-        window = window_range(field_info(name), values[name], fraction)
-        if window is None:
-            continue
-        if name in ranges:
-            low, high = ranges[name]
-            if window[0] <= high and low <= window[1]:
-                window = [max(window[0], low), min(window[1], high)]
-            else:  # the base lies outside the narrowed box (an --independent best): keep the box
-                continue
-        ranges[name] = window
-        _err(f"narrowed {name} to [{window[0]:g}, {window[1]:g}] around its base value {values[name]:g}")
+    ranges = windows_around(values, spec.tuned, fraction, spec.ranges)
+    for name, (low, high) in ranges.items():
+        if spec.ranges.get(name) != [low, high]:
+            _err(f"narrowed {name} to [{low:g}, {high:g}] around its base value {values[name]:g}")
     return dataclasses.replace(
         spec, ranges=ranges, narrowed_from={**(spec.narrowed_from or {}), "around_base": fraction}
     )

@@ -24,6 +24,7 @@ __all__ = [
     "distribution_args",
     "bounding_range",
     "window_range",
+    "windows_around",
 ]
 
 #: ``{dotted name: [low, high]}``: narrowed ranges that replace declared bounds.
@@ -227,8 +228,8 @@ def window_range(info: FieldInfo, center: int | float, fraction: float) -> list[
     w_low, w_high = min(back(start), center), max(back(start + 2 * half), center)  # rounding keeps it in
     step = space.step if space.step is not None else (1 if info.type is int else None)
     if step is not None:
-        w_low = low + math.floor((min(w_low, center) - low) / step + 1e-9) * step
-        w_high = low + math.ceil((max(w_high, center) - low) / step - 1e-9) * step
+        w_low = low + math.floor((w_low - low) / step + 1e-9) * step
+        w_high = low + math.ceil((w_high - low) / step - 1e-9) * step
         if w_low == center:
             w_low -= step
         if w_high == center:
@@ -237,3 +238,25 @@ def window_range(info: FieldInfo, center: int | float, fraction: float) -> list[
     if info.type is int:
         return [int(round(w_low)), int(round(w_high))]
     return [w_low, w_high]
+
+
+def windows_around(
+    values: Mapping[str, Any], names: Sequence[str], fraction: float, ranges: Ranges
+) -> dict[str, list[int | float]]:
+    """``ranges`` with each numeric parameter of ``names`` cut to its :func:`window_range` around ``values``.
+
+    A parameter already in ``ranges`` (narrowed) keeps the part of its range the window
+    overlaps, or its range when they do not overlap (its value lies outside it).
+    """
+    cut = {name: list(bounds) for name, bounds in ranges.items()}
+    for name in names:
+        window = window_range(field_info(name), values[name], fraction)
+        if window is None:
+            continue
+        if name in cut:
+            low, high = cut[name]
+            if window[1] < low or high < window[0]:
+                continue
+            window = [max(window[0], low), min(window[1], high)]
+        cut[name] = window
+    return cut
